@@ -1,0 +1,52 @@
+"""Shared benchmark plumbing: timing quantiles and CSV rows with device, torch version and date."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results.csv"
+FIELDS = ["date", "device", "threads", "torch", "benchmark", "case", "provider", "p20_ms", "p50_ms", "p80_ms", "mb"]
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def quantiles_ms(fn, repeats: int = 20, warmup: int = 3) -> tuple[float, float, float]:
+    """p20/p50/p80 wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = torch.tensor(times).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
+    return q[0], q[1], q[2]
+
+
+def append_rows(rows: list[dict]) -> None:
+    new = not RESULTS.exists()
+    with open(RESULTS, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def base_row(benchmark: str) -> dict:
+    return {"date": datetime.date.today().isoformat(), "device": device_name(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "benchmark": benchmark}

@@ -1,0 +1,65 @@
+// Torch binding of the CUDA quantization kernels; compiled only when torch has CUDA (LOWMEM_WITH_CUDA).
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "launch.h"
+
+namespace lowmem {
+namespace {
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "lowmem: CUDA quantization supports float32, float16 and bfloat16, got ", t);
+  }
+}
+
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, "lowmem: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x_in, const at::Tensor& code,
+                                                           int64_t blocksize, bool preserve_sign) {
+  TORCH_CHECK(blocksize > 0, "lowmem: blocksize must be positive");
+  TORCH_CHECK(code.is_cuda() && code.scalar_type() == at::kFloat && code.numel() == 256,
+              "lowmem: code must be a float32 CUDA tensor of 256 values");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  auto absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
+  check_launch(quantize_blockwise_cuda_launch(to_dtype(x.scalar_type()), x.data_ptr(), n,
+                                              code.contiguous().data_ptr<float>(), blocksize, preserve_sign,
+                                              out.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                                              at::cuda::getCurrentCUDAStream()),
+               "quantize_blockwise");
+  return {out, absmax};
+}
+
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes_in, const at::Tensor& absmax, const at::Tensor& code,
+                                     int64_t blocksize, at::ScalarType dtype) {
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte, "lowmem: codes must be uint8");
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t n = codes.numel();
+  TORCH_CHECK(absmax.numel() == (n + blocksize - 1) / blocksize, "lowmem: absmax has the wrong number of blocks");
+  auto out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  check_launch(dequantize_blockwise_cuda_launch(to_dtype(dtype), codes.data_ptr<uint8_t>(),
+                                                absmax.contiguous().to(at::kFloat).data_ptr<float>(),
+                                                code.contiguous().data_ptr<float>(), n, blocksize, out.data_ptr(),
+                                                at::cuda::getCurrentCUDAStream()),
+               "dequantize_blockwise");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowmem, CUDA, m) {
+  m.impl("quantize_blockwise", &quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise", &dequantize_blockwise_cuda);
+}
+
+}  // namespace lowmem

@@ -1,0 +1,155 @@
+"""Atomic checkpoints and the final HF export.
+
+A checkpoint folder ``checkpoint-STEP/`` is a normal HF model folder (``save_pretrained``: safetensors
+weights, config, tokenizer) plus
+    ``optimizer.safetensors``  the strategy's rule state (flat name → tensor),
+    ``rng.safetensors``        torch CPU (and CUDA) generator states,
+    ``trainer_state.json``     step, data position, Python RNG state, format version, the recipe.
+Everything is written to a hidden temporary folder, fsynced, and renamed into place, so a crash never
+leaves a half-written checkpoint that resume would pick. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+STATE_FILE = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_folder(write, dest: Path) -> Path:
+    """Call ``write(tmp_folder)``, then atomically put the folder at ``dest`` (replacing an old one)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if dest.exists():
+            old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            states[f"torch_cuda_{i}"] = torch.cuda.get_rng_state(i)
+    return states
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], python_state) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    for key, value in tensors.items():
+        if key.startswith("torch_cuda_") and torch.cuda.is_available():
+            index = int(key.rsplit("_", 1)[1])
+            if index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(value, index)
+    if python_state is not None:
+        version, internal, gauss = python_state
+        random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, trainer_state: dict, keep_last: int) -> Path:
+    """Write ``output_dir/checkpoint-STEP`` atomically and delete all but the newest ``keep_last``."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in strategy.state_dict().items()},
+                  tmp / "optimizer.safetensors")
+        save_file(rng_tensors(), tmp / "rng.safetensors")
+        state = {**trainer_state, "format_version": FORMAT_VERSION, "step": step,
+                 "python_rng": list(random.getstate())}
+        # Written last: a folder holding it is complete (and the rename makes that atomic anyway).
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    path = publish_folder(write, output_dir / f"checkpoint-{step}")
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    from lowmem.errors import UserError
+
+    state_file = checkpoint / STATE_FILE
+    if not state_file.is_file():
+        raise UserError(f"checkpoint {checkpoint} has no {STATE_FILE} (not a complete lowmem checkpoint)")
+    state = json.loads(state_file.read_text())
+    if state.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(
+            f"checkpoint {checkpoint} has format version {state['format_version']}, newer than this lowmem "
+            f"reads ({FORMAT_VERSION}); upgrade lowmem"
+        )
+    return state
+
+
+def load_strategy_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint / "optimizer.safetensors"
+    return load_file(path) if path.exists() else {}
+
+
+def load_rng(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "rng.safetensors")
+
+
+def export_final(output_dir: Path, model, tokenizer) -> Path:
+    """``output_dir/final``: an HF folder that ``from_pretrained`` loads, written atomically."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return publish_folder(write, output_dir / "final")

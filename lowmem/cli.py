@@ -1,0 +1,202 @@
+"""The ``lowmem`` command: thin wrappers over the package. Bad input exits 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import click
+
+from lowmem.errors import UserError, did_you_mean
+
+log = logging.getLogger("lowmem")
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: ``recipes/`` of the source checkout lowmem is installed from."""
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    folder = recipes_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a shipped recipe (``lowmem ls``)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    recipes = shipped_recipes()
+    if name_or_path in recipes:
+        return recipes[name_or_path]
+    raise UserError(
+        f"recipe '{name_or_path}' is neither a file nor a shipped recipe{did_you_mean(name_or_path, recipes)}"
+        " (see `lowmem ls`)"
+    )
+
+
+def setup_logging(verbose: bool) -> None:
+    class TqdmHandler(logging.Handler):
+        def emit(self, record):
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s lowmem: %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # their own bars (shard writing, dataset building) would interleave with lowmem's
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    except Exception:  # cosmetic only
+        pass
+
+
+def user_errors(fn):
+    """Turn a UserError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """lowmem: memory-efficient full-parameter fine-tuning of LLMs."""
+    setup_logging(verbose)
+
+
+@main.command()
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@user_errors
+def train(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Fine-tune from RECIPE (a YAML file or a shipped recipe name), with section.key=value OVERRIDES.
+
+    \b
+    Example:
+      lowmem train tiny-llama-pydoc train.max_steps=20 update.lr=1e-3
+    """
+    from lowmem.config import load_config
+    from lowmem.trainer import train as run_training
+
+    config = load_config(resolve_recipe(recipe), overrides)
+    result = run_training(config)
+    summary = {"output_dir": str(result.output_dir), "steps": result.steps, "final": str(result.final_dir)}
+    if result.first_eval and result.last_eval:
+        summary["val_ppl_before"] = round(result.first_eval["val_ppl"], 3)
+        summary["val_ppl_after"] = round(result.last_eval["val_ppl"], 3)
+    click.echo(json.dumps(summary))
+
+
+@main.command(name="eval")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_path", required=True, help="Dataset: .json/.jsonl/.txt file, folder or hub id.")
+@click.option("--format", "fmt", default="text", show_default=True,
+              type=click.Choice(["text", "alpaca", "sharegpt", "messages"]))
+@click.option("--max-seq-len", default=512, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--max-batches", default=None, type=int, help="Evaluate only the first N batches.")
+@user_errors
+def eval_command(checkpoint, data_path, fmt, max_seq_len, batch_size, dtype, max_batches) -> None:
+    """Loss and perplexity of the model in CHECKPOINT (an HF folder) on a whole dataset."""
+    from lowmem.config import DataConfig
+    from lowmem.data import build_datasets, eval_batches
+    from lowmem.loss import evaluate
+    from lowmem.model import load_model, load_tokenizer, pick_device
+
+    device = pick_device("auto")
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint, dtype, device)
+    data = build_datasets(DataConfig(path=data_path, format=fmt, max_seq_len=max_seq_len, val_fraction=0.0),
+                          tokenizer, seed=0)
+    scores = evaluate(model, eval_batches(data.train, batch_size, tokenizer.pad_token_id, max_batches), device)
+    if not scores:
+        raise UserError(f"eval: {data_path} has no label tokens to evaluate")
+    click.echo(json.dumps({"loss": scores["val_loss"], "perplexity": scores["val_ppl"], "tokens": scores["val_tokens"]}))
+
+
+@main.command(name="ls")
+def ls_command() -> None:
+    """List the shipped recipes with the first line of their description."""
+    recipes = shipped_recipes()
+    if not recipes:
+        click.echo(f"no recipes found in {recipes_dir()}")
+        return
+    width = max(len(name) for name in recipes)
+    for name, path in recipes.items():
+        lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+        click.echo(f"{name:<{width}}  {lines[0] if lines else ''}")
+
+
+@main.command(name="cp")
+@click.argument("name")
+@click.argument("dest", type=click.Path())
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@user_errors
+def cp_command(name: str, dest: str, force: bool) -> None:
+    """Copy the shipped recipe NAME to DEST (a file or a folder) to edit it."""
+    recipes = shipped_recipes()
+    if name not in recipes:
+        raise UserError(f"recipe '{name}' is not shipped{did_you_mean(name, recipes)} (see `lowmem ls`)")
+    target = Path(dest)
+    if target.is_dir():
+        target = target / recipes[name].name
+    if target.exists() and not force:
+        raise UserError(f"{target} exists (pass --force to overwrite)")
+    shutil.copyfile(recipes[name], target)
+    click.echo(str(target))
+
+
+@main.command(name="env")
+def env_command() -> None:
+    """Versions, devices, and whether the native extension is built (or why not)."""
+    import torch
+
+    from lowmem.ops import build
+    from lowmem.ops.native import status
+
+    native = status()
+    with_cuda, why = build.want_cuda(torch.version.cuda)
+    rows = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch threads": torch.get_num_threads(),
+        "cuda available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "nvcc": build.find_nvcc() or "not found",
+        "native ops": f"{native.source} ({native.reason})",
+        "native CUDA kernels": "built" if native.with_cuda else f"not built ({why if not with_cuda else 'rebuild lowmem'})",
+    }
+    for package in ("transformers", "datasets", "bitsandbytes", "safetensors", "tokenizers"):
+        try:
+            rows[package] = __import__(package).__version__
+        except Exception as err:  # report, never fail: env is the diagnosis command
+            rows[package] = f"unavailable ({type(err).__name__})"
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        click.echo(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

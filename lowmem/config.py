@@ -1,0 +1,297 @@
+"""The recipe schema: dataclasses, YAML loading, ``a.b=value`` overrides typed by the schema, and
+one-line errors (exit code 2 in the CLI) naming the key, the bad value and the fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from lowmem.errors import ConfigError, did_you_mean
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # HF folder, hub id, or lowmem:tiny-llama (built on first use)
+    dtype: DTypeName = "float32"
+    gradient_checkpointing: bool = False  # saves activations of every layer; costs one extra forward
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # .json/.jsonl/.txt file, folder, hub id, or lowmem:pydoc (written on first use)
+    format: Literal["text", "alpaca", "sharegpt", "messages"] = "text"
+    max_seq_len: int = 512
+    packing: Optional[bool] = None  # None: on for text, off for chat formats
+    val_fraction: float = 0.05
+    split: str = "train"
+    text_field: str = "text"
+    mask_prompt: bool = True  # prompt and user tokens are not trained on
+
+
+@dataclass
+class UpdateConfig:
+    strategy: str = "standard"
+    rule: str = "adamw"
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    clip_grad_norm: Optional[float] = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_steps: Optional[int] = None  # overrides epochs when set
+    epochs: int = 1
+    seed: int = 42
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = 0.0
+    eval_every_n_steps: Optional[int] = None  # None: evaluate before training and at the end only
+    eval_max_batches: Optional[int] = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "outputs/run"
+    save_every_n_steps: Optional[int] = None
+    resume: str = "auto"  # auto | never | path of a checkpoint folder
+    keep_last: int = 2  # older step checkpoints are deleted; final/ is always kept
+
+
+@dataclass
+class LogConfig:
+    every_n_steps: int = 1
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe (or start from defaults when ``path`` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    config = _build(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config: recipe file {path} does not exist (see `lowmem ls` for shipped recipes)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {path}{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must be a mapping of sections (model:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` → (``a.b``, value parsed as YAML: ``null`` → None, ``true`` → True, ``8`` → 8)."""
+    if "=" not in item:
+        raise ConfigError(f"config: override '{item}' must look like section.key=value (e.g. update.lr=1e-5)")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"config: cannot set '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str):
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: {where} must be a mapping of keys, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}{key}"
+            hint = did_you_mean(full, [f"{prefix}{n}" for n in names]) or did_you_mean_leaf(key)
+            raise ConfigError(f"config: unknown key '{full}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name] if raw[name] is not None else {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(f"{prefix}{name}", raw[name], hint)
+    return cls(**kwargs)
+
+
+def all_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, e.g. ``checkpoint.resume``."""
+    cls = cls or Config
+    keys = []
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def did_you_mean_leaf(key: str) -> str:
+    """Suggest a full key for a bare or misplaced one: 'resume' → 'checkpoint.resume'."""
+    leaf = key.rsplit(".", 1)[-1]
+    for full in all_keys():
+        if full.rsplit(".", 1)[-1] == leaf:
+            return f" (did you mean '{full}'?)"
+    return did_you_mean(key, all_keys())
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert ``value`` to the schema type ``hint``; raise a one-line ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(
+                f"config: {key} {_show(value)} is not one of {', '.join(map(str, args))}{did_you_mean(value, args)}"
+            )
+        return value
+    if value is None:
+        raise ConfigError(f"config: {key} must not be null (set a {getattr(hint, '__name__', hint)})")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config: {key} must be true or false, got {_show(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config: {key} must be an integer, got {_show(value)} (e.g. {key}=8)")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads 1e-5 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config: {key} must be a number, got {_show(value)} (e.g. {key}=1e-5)")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config: {key} must be a string, got {_show(value)}")
+    raise TypeError(f"config: no coercion for {key} of type {hint}")
+
+
+def _show(value: Any) -> str:
+    return f"'{value}'" if isinstance(value, str) else repr(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks that span more than one value's type
+
+
+def validate(config: Config) -> None:
+    """Range and cross-field checks; the registries of rules and strategies name what exists."""
+    from lowmem.rules import RULES
+    from lowmem.strategies import STRATEGIES
+
+    if not config.model.path:
+        raise ConfigError("config: model.path is required (an HF folder, a hub id, or lowmem:tiny-llama)")
+    if not config.data.path:
+        raise ConfigError("config: data.path is required (a .jsonl/.json/.txt file, a folder, or a hub id)")
+    if config.update.rule not in RULES:
+        raise ConfigError(
+            f"config: update.rule '{config.update.rule}' is not known{did_you_mean(config.update.rule, RULES)}"
+            f" (known: {', '.join(RULES)})"
+        )
+    if config.update.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"config: update.strategy '{config.update.strategy}' is not known"
+            f"{did_you_mean(config.update.strategy, STRATEGIES)} (known: {', '.join(STRATEGIES)})"
+        )
+    resume = config.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise ConfigError(
+            f"config: checkpoint.resume '{resume}' is not auto, never, or an existing checkpoint folder"
+        )
+    positive = {
+        "data.max_seq_len": config.data.max_seq_len,
+        "train.batch_size": config.train.batch_size,
+        "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
+        "train.epochs": config.train.epochs,
+        "log.every_n_steps": config.log.every_n_steps,
+        "checkpoint.keep_last": config.checkpoint.keep_last,
+        "update.lr": config.update.lr,
+    }
+    optional_positive = {
+        "train.max_steps": config.train.max_steps,
+        "train.eval_every_n_steps": config.train.eval_every_n_steps,
+        "train.eval_max_batches": config.train.eval_max_batches,
+        "checkpoint.save_every_n_steps": config.checkpoint.save_every_n_steps,
+        "update.clip_grad_norm": config.update.clip_grad_norm,
+    }
+    for key, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
+        if value <= 0:
+            raise ConfigError(f"config: {key} must be positive, got {value}")
+    ranges = {
+        "data.val_fraction": (config.data.val_fraction, 0.0, 0.9),
+        "train.warmup_ratio": (config.train.warmup_ratio, 0.0, 1.0),
+        "update.beta1": (config.update.beta1, 0.0, 1.0),
+        "update.beta2": (config.update.beta2, 0.0, 1.0),
+    }
+    for key, (value, lo, hi) in ranges.items():
+        if not lo <= value <= hi:
+            raise ConfigError(f"config: {key} must be between {lo} and {hi}, got {value}")
+    if config.update.weight_decay < 0:
+        raise ConfigError(f"config: update.weight_decay must be >= 0, got {config.update.weight_decay}")

@@ -1,0 +1,314 @@
+"""Data: text / alpaca / sharegpt / messages rows → token ids and labels (-100 = not trained on).
+
+Rows come through the ``datasets`` library from a local .json/.jsonl/.txt file, a folder, or a hub id.
+Chat formats are rendered with the tokenizer's chat template (or lowmem's default when it has none);
+the tokens of assistant turns are found by character offsets, so prompt masking works for any fast
+tokenizer and any template whose rendering of a conversation prefix is a prefix of the full rendering.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowmem import assets
+from lowmem.errors import DataError
+
+log = logging.getLogger("lowmem")
+
+IGNORE = -100
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "system": "system"}
+MESSAGE_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class Datasets:
+    train: list[Example]
+    val: list[Example]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
+    """Rows of a local file/folder or hub dataset, and a short name for error messages."""
+    import datasets
+
+    local = assets.resolve(path)
+    p = Path(local)
+    name = p.name if p.exists() else path
+    try:
+        if p.is_file():
+            builder = {".json": "json", ".jsonl": "json", ".txt": "text"}.get(p.suffix)
+            if builder is None:
+                raise DataError(f"data.path {path}: unsupported file type '{p.suffix}' (use .json, .jsonl or .txt)")
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+        elif p.exists() or not (path.startswith((".", "/", "~")) or p.suffix):
+            ds = datasets.load_dataset(local, split=split)  # a folder, or a hub id
+        else:
+            raise DataError(f"data.path {path} does not exist (a .json/.jsonl/.txt file, a folder, or a hub id)")
+    except DataError:
+        raise
+    except Exception as err:  # datasets raises many types for unreadable files; all mean bad input here
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"data.path {path}: could not be read as a dataset ({first})") from None
+    return [dict(row) for row in ds], name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows → conversations
+
+
+def _field(row: dict, key: str, index: int, source: str, need: str) -> object:
+    value = row.get(key)
+    if value is None:
+        raise DataError(f"data: row {index} of {source}: field '{key}' is missing ({need})")
+    return value
+
+
+def _text(row: dict, key: str, index: int, source: str, need: str) -> str:
+    value = _field(row, key, index, source, need)
+    if not isinstance(value, str):
+        raise DataError(f"data: row {index} of {source}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def to_messages(row: dict, fmt: str, index: int, source: str) -> list[dict[str, str]]:
+    """One row of a chat format as a list of ``{"role", "content"}`` messages."""
+    if fmt == "alpaca":
+        need = "alpaca rows need 'instruction' and 'output', optionally 'input'"
+        instruction = _text(row, "instruction", index, source, need)
+        output = _text(row, "output", index, source, need)
+        extra = row.get("input") or ""
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+    if fmt == "sharegpt":
+        need = "sharegpt rows need 'conversations': a list of {from, value}"
+        turns = _field(row, "conversations", index, source, need)
+        messages = []
+        for j, turn in enumerate(turns if isinstance(turns, list) else []):
+            if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+                raise DataError(f"data: row {index} of {source}: conversations[{j}] needs 'from' and 'value'")
+            role = SHAREGPT_ROLES.get(turn["from"])
+            if role is None:
+                raise DataError(
+                    f"data: row {index} of {source}: conversations[{j}].from '{turn['from']}' is not one of "
+                    f"{', '.join(SHAREGPT_ROLES)}"
+                )
+            messages.append({"role": role, "content": str(turn["value"])})
+        return _check_conversation(messages, "conversations", index, source)
+    if fmt == "messages":
+        turns = _field(row, "messages", index, source, "messages rows need 'messages': a list of {role, content}")
+        messages = []
+        for j, turn in enumerate(turns if isinstance(turns, list) else []):
+            if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+                raise DataError(f"data: row {index} of {source}: messages[{j}] needs 'role' and 'content'")
+            if turn["role"] not in MESSAGE_ROLES:
+                raise DataError(
+                    f"data: row {index} of {source}: messages[{j}].role '{turn['role']}' is not one of "
+                    f"{', '.join(MESSAGE_ROLES)}"
+                )
+            messages.append({"role": turn["role"], "content": str(turn["content"])})
+        return _check_conversation(messages, "messages", index, source)
+    raise ValueError(f"not a chat format: {fmt}")
+
+
+def _check_conversation(messages: list[dict], key: str, index: int, source: str) -> list[dict]:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"data: row {index} of {source}: field '{key}' has no assistant turn to train on")
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def tokenize_text(texts: list[str], tokenizer) -> list[Example]:
+    """Each document gets the tokenizer's special tokens and ends with EOS; every token is a label."""
+    encoded = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    examples = []
+    for ids in encoded:
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids = [*ids, tokenizer.eos_token_id]
+        examples.append(Example(ids, list(ids)))
+    return examples
+
+
+def chat_template(tokenizer) -> str:
+    return tokenizer.chat_template or assets.DEFAULT_CHAT_TEMPLATE
+
+
+def tokenize_chat(conversations: list[list[dict]], tokenizer, mask_prompt: bool = True) -> list[Example]:
+    """Render with the chat template; with ``mask_prompt`` only assistant turns are labels."""
+    template = chat_template(tokenizer)
+
+    def render(messages, generation_prompt=False) -> str:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    texts, spans = [], []
+    for messages in conversations:
+        full = render(messages)
+        ranges = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = render(messages[:i], generation_prompt=True) if i else render([], generation_prompt=True)
+            upto = render(messages[: i + 1])
+            if not full.startswith(upto) or not upto.startswith(prefix):
+                raise DataError(
+                    "data: the tokenizer's chat template does not render conversations prefix-consistently, "
+                    "so assistant tokens cannot be located (set data.mask_prompt=false)"
+                )
+            ranges.append((len(prefix), len(upto)))
+        texts.append(full)
+        spans.append(ranges)
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for ids, offsets, ranges in zip(encoded["input_ids"], encoded["offset_mapping"], spans):
+        if mask_prompt:
+            labels = [
+                tok if any(lo <= start < hi for lo, hi in ranges) else IGNORE
+                for tok, (start, _end) in zip(ids, offsets)
+            ]
+        else:
+            labels = list(ids)
+        examples.append(Example(list(ids), labels))
+    return examples
+
+
+def pack(examples: list[Example], block_size: int) -> list[Example]:
+    """Concatenate examples and cut fixed-length blocks; the last partial block is dropped."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    n_blocks = len(ids) // block_size
+    return [
+        Example(ids[i * block_size : (i + 1) * block_size], labels[i * block_size : (i + 1) * block_size])
+        for i in range(n_blocks)
+    ]
+
+
+def truncate(examples: list[Example], max_len: int) -> list[Example]:
+    """Cut each example to ``max_len`` tokens; drop those left with nothing to learn."""
+    kept = [Example(e.input_ids[:max_len], e.labels[:max_len]) for e in examples]
+    kept = [e for e in kept if any(t != IGNORE for t in e.labels[1:])]
+    if len(kept) < len(examples):
+        log.warning("data: %d examples have no label tokens within data.max_seq_len and are skipped",
+                    len(examples) - len(kept))
+    return kept
+
+
+def build_datasets(data_config, tokenizer, seed: int) -> Datasets:
+    """Read, split (by row, before tokenizing, so no document is in both), tokenize, pack."""
+    rows, source = read_rows(data_config.path, data_config.split)
+    if not rows:
+        raise DataError(f"data.path {data_config.path}: no rows")
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = 0
+    if data_config.val_fraction > 0 and len(rows) > 1:
+        n_val = max(1, round(data_config.val_fraction * len(rows)))
+    val_rows = sorted(order[:n_val])
+    train_rows = sorted(order[n_val:])
+    packing = data_config.packing if data_config.packing is not None else data_config.format == "text"
+
+    def encode(indices: list[int]) -> list[Example]:
+        if not indices:
+            return []
+        if data_config.format == "text":
+            key = data_config.text_field
+            need = f"text rows need '{key}' (set data.text_field)"
+            examples = tokenize_text([_text(rows[i], key, i, source, need) for i in indices], tokenizer)
+        else:
+            conversations = [to_messages(rows[i], data_config.format, i, source) for i in indices]
+            examples = tokenize_chat(conversations, tokenizer, data_config.mask_prompt)
+        return pack(examples, data_config.max_seq_len) if packing else truncate(examples, data_config.max_seq_len)
+
+    result = Datasets(train=encode(train_rows), val=encode(val_rows))
+    log.info("data: %s (%s): %d train and %d validation sequences of up to %d tokens%s", data_config.path,
+             data_config.format, len(result.train), len(result.val), data_config.max_seq_len,
+             ", packed" if packing else "")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batching
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked from attention and loss."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class BatchStream:
+    """Micro-batches in a seeded order, reshuffled each epoch; its position checkpoints and resumes.
+
+    The order depends only on the seed and the epoch, never on the batch size, so batch 4 and 2×2
+    accumulation see the same examples.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+        if len(examples) < batch_size:
+            raise DataError(
+                f"data: only {len(examples)} training sequences, fewer than train.batch_size={batch_size}"
+            )
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        return torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return len(self.examples) // self.batch_size
+
+    def next(self) -> dict[str, torch.Tensor]:
+        if self.position + self.batch_size > len(self.examples):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        picked = [self.examples[i] for i in self._order[self.position : self.position + self.batch_size]]
+        self.position += self.batch_size
+        return collate(picked, self.pad_id)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int, max_batches: int | None = None):
+    """The validation set in order, in batches."""
+    count = 0
+    for i in range(0, len(examples), batch_size):
+        if max_batches is not None and count >= max_batches:
+            return
+        count += 1
+        yield collate(examples[i : i + batch_size], pad_id)

@@ -1,0 +1,79 @@
+"""What a run shows and records: peak memory, the progress bar, and ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lowmem")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory on a GPU; the process peak RSS on CPU (what the user sees)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl``.
+
+    On resume, records after the resumed step are dropped first, so the file reads as one run.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Progress:
+    """A tqdm bar with loss, tokens/s, peak memory and ETA; plain log lines when disabled or not a TTY."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay readable).
+        self.bar = tqdm(total=total, initial=initial, disable=None if enabled else True, unit="step",
+                        dynamic_ncols=True, desc="train")
+        self.active = not self.bar.disable
+
+    def update(self, record: dict, logged: bool) -> None:
+        if self.active:
+            self.bar.set_postfix_str(
+                f"loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s | "
+                f"mem {format_bytes(record['peak_mem_bytes'])}", refresh=False
+            )
+            self.bar.update(1)
+        elif logged:
+            log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  mem %s", record["step"], self.bar.total,
+                     record["loss"], record["lr"], record["tokens_per_s"], format_bytes(record["peak_mem_bytes"]))
+
+    def message(self, text: str) -> None:
+        if self.active:
+            self.bar.write(text)
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        self.bar.close()

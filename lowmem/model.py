@@ -1,0 +1,74 @@
+"""Loading an HF causal LM and its tokenizer from a folder, a hub id, or a built-in tiny model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lowmem import assets
+from lowmem.errors import UserError
+
+log = logging.getLogger("lowmem")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but torch sees no CUDA GPU (use train.device=cpu or auto)")
+    return torch.device(name)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    local = assets.resolve(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path '{path}': no tokenizer could be loaded ({_first_line(err)})") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked from attention and loss, so any token serves.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu", gradient_checkpointing: bool = False):
+    """Load a causal LM in ``dtype`` on ``device``, in training mode.
+
+    Args:
+        path: local HF folder, hub id, or ``lowmem:tiny-llama``.
+        dtype: float32 | bfloat16 | float16: the dtype the weights are stored and trained in.
+        gradient_checkpointing: recompute each layer's activations in backward instead of storing them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    local = assets.resolve(path)
+    if not Path(local).exists() and _looks_like_path(path):
+        raise UserError(f"model.path '{path}' does not exist (a local HF folder or a hub id like org/name)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path '{path}' could not be loaded as a causal LM ({_first_line(err)})") from None
+    model.to(device)
+    model.config.use_cache = False  # the KV cache is for generation only
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %.2fM parameters, %s on %s", path, n_params / 1e6, dtype, device)
+    return model
+
+
+def _looks_like_path(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix != ""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

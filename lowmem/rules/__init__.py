@@ -1,0 +1,34 @@
+"""Update rules: the per-tensor math and its state, usable by every strategy.
+
+A rule is an object with
+    ``init_state(param) -> dict[str, Tensor]``: the state for one tensor (may be empty), and
+    ``update(param, grad, state, lr) -> None``: apply one step in place, under ``torch.no_grad``.
+State tensors live in the strategy's state dict, which checkpoints as safetensors; the per-tensor step
+count is ``state["step"]`` (a float32 scalar tensor) so it checkpoints with the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from lowmem.rules.adamw import AdamW
+from lowmem.rules.sgd import SGD
+
+
+class Rule(Protocol):
+    name: str
+
+    def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None: ...
+
+
+RULES = {"sgd": SGD, "adamw": AdamW}
+
+
+def make_rule(update_config) -> Rule:
+    """Build the rule named by ``update.rule`` from the recipe's ``update`` section."""
+    cls = RULES[update_config.rule]
+    return cls.from_config(update_config)

@@ -1,0 +1,50 @@
+"""AdamW, the baseline: follows torch.optim.AdamW (single-tensor path) operation for operation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AdamW:
+    """Decoupled weight decay Adam; float32 moments (8 bytes per parameter), math in float32.
+
+    Weights in bfloat16/float16 are updated in float32 and written back (no master copy: small updates
+    may round away, which is the price of 2-byte weights; later rules add stochastic rounding).
+    """
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    name: str = "adamw"
+
+    @classmethod
+    def from_config(cls, update) -> "AdamW":
+        return cls(beta1=update.beta1, beta2=update.beta2, eps=update.eps, weight_decay=update.weight_decay)
+
+    def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format),
+        }
+
+    @torch.no_grad()
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
+        state["step"] += 1
+        step = int(state["step"].item())
+        work = param if param.dtype == torch.float32 else param.float()
+        grad = grad.to(torch.float32)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        work.mul_(1 - lr * self.weight_decay)
+        exp_avg.lerp_(grad, 1 - self.beta1)
+        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        bias_correction1 = 1 - self.beta1**step
+        bias_correction2 = 1 - self.beta2**step
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(self.eps)
+        work.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        if work is not param:
+            param.copy_(work)

@@ -1,0 +1,165 @@
+"""The training loop, and nothing else: recipe → model + data → strategy(rule) → steps → checkpoints.
+
+Per optimizer step: the lr for this step, ``gradient_accumulation_steps`` micro-batches whose summed
+token losses are divided by the label tokens of the whole step (so 2×2 equals a batch of 4 exactly),
+the strategy's backward per micro-batch and its ``step()`` at the end; then metrics, validation and
+checkpoints at their intervals.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowmem import checkpoint as ckpt
+from lowmem.config import Config
+from lowmem.data import BatchStream, build_datasets, eval_batches
+from lowmem.errors import UserError
+from lowmem.loss import count_label_tokens, evaluate, loss_sum
+from lowmem.metrics import MetricsLog, Progress, format_bytes, peak_memory_bytes
+from lowmem.model import load_model, load_tokenizer, pick_device
+from lowmem.ops.native import ensure_loaded
+from lowmem.rules import make_rule
+from lowmem.schedule import learning_rate
+from lowmem.strategies import make_strategy
+
+log = logging.getLogger("lowmem")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, of this invocation
+    first_eval: dict | None = None
+    last_eval: dict | None = None
+    final_dir: Path | None = None
+
+
+def total_steps(config: Config, n_train: int) -> int:
+    per_step = config.train.batch_size * config.train.gradient_accumulation_steps
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    steps = config.train.epochs * (n_train // per_step)
+    if steps == 0:
+        raise UserError(
+            f"data: {n_train} training sequences are fewer than one step needs (train.batch_size × "
+            f"train.gradient_accumulation_steps = {per_step}); lower them or set train.max_steps"
+        )
+    return steps
+
+
+def find_resume_point(config: Config) -> Path | None:
+    resume = config.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return ckpt.latest_checkpoint(Path(config.checkpoint.output_dir))
+    return Path(resume)
+
+
+def train(config: Config) -> TrainResult:
+    output_dir = Path(config.checkpoint.output_dir)
+    device = pick_device(config.train.device)
+    native = ensure_loaded()
+    log.info("native ops: %s", native.source)
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+
+    resume_from = find_resume_point(config)
+    resume_state = ckpt.load_trainer_state(resume_from) if resume_from else None
+    # A resumed run loads the weights saved in the checkpoint, which is itself an HF model folder.
+    weights = str(resume_from) if resume_from else config.model.path
+    tokenizer = load_tokenizer(config.model.path)
+    model = load_model(weights, config.model.dtype, device, config.model.gradient_checkpointing)
+    data = build_datasets(config.data, tokenizer, config.train.seed)
+    stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
+    steps = total_steps(config, len(data.train))
+
+    rule = make_rule(config.update)
+    strategy = make_strategy(config.update.strategy, model, rule, config.update)
+    start_step = 0
+    if resume_from:
+        strategy.load_state_dict(ckpt.load_strategy_state(resume_from))
+        stream.load_state_dict(resume_state["data"])
+        ckpt.restore_rng(ckpt.load_rng(resume_from), resume_state.get("python_rng"))
+        start_step = resume_state["step"]
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",
+             strategy.name, rule.name, config.update.lr, config.train.lr_schedule, 100 * config.train.warmup_ratio,
+             steps, config.train.batch_size, config.train.gradient_accumulation_steps)
+
+    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
+    result = TrainResult(output_dir=output_dir, steps=steps)
+
+    def validate(step: int) -> dict | None:
+        if not data.val:
+            return None
+        scores = evaluate(model, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id,
+                                              config.train.eval_max_batches), device)
+        if result.first_eval is None:
+            result.first_eval = scores
+        result.last_eval = scores
+        return scores
+
+    progress = Progress(steps, start_step, config.log.progress)
+    if start_step == 0:
+        scores = validate(0)
+        if scores:
+            metrics.write({"step": 0, **scores})
+            progress.message(f"step 0: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
+
+    def save(step: int) -> None:
+        trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict()}
+        ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last)
+
+    accum = config.train.gradient_accumulation_steps
+    for step in range(start_step, steps):
+        started = time.perf_counter()
+        lr = learning_rate(step, config.update.lr, steps, config.train.warmup_ratio, config.train.lr_schedule)
+        micro_batches = [{k: v.to(device) for k, v in stream.next().items()} for _ in range(accum)]
+        step_tokens = sum(count_label_tokens(b) for b in micro_batches)
+        strategy.prepare(lr)
+        step_loss = 0.0
+        for batch in micro_batches:
+            loss = loss_sum(model, batch) / max(step_tokens, 1)
+            strategy.backward(loss)
+            step_loss += float(loss.detach())
+        stats = strategy.step()
+        elapsed = time.perf_counter() - started
+
+        done = step + 1
+        result.losses.append(step_loss)
+        seen_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        record = {"step": done, "loss": step_loss, "lr": lr, "tokens_per_s": seen_tokens / max(elapsed, 1e-9),
+                  "peak_mem_bytes": peak_memory_bytes(device), "epoch": stream.epoch, **stats}
+        eval_now = config.train.eval_every_n_steps and done % config.train.eval_every_n_steps == 0 and done < steps
+        scores = validate(done) if eval_now or done == steps else None
+        if scores:
+            record.update(scores)
+            progress.message(f"step {done}: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
+        logged = done % config.log.every_n_steps == 0 or done == steps or scores is not None
+        if logged:
+            metrics.write(record)
+        progress.update(record, logged)
+        if not torch.isfinite(torch.tensor(step_loss)):
+            progress.close()
+            raise UserError(f"train: loss is {step_loss} at step {done} (lower update.lr or use model.dtype=float32)")
+        every = config.checkpoint.save_every_n_steps
+        if every and done % every == 0 and done < steps:
+            save(done)
+
+    progress.close()
+    if start_step < steps or not (output_dir / "final").exists():
+        save(steps)
+        result.final_dir = ckpt.export_final(output_dir, model, tokenizer)
+    else:
+        result.final_dir = output_dir / "final"
+    log.info("done: %d steps; final model in %s; peak memory %s", steps, result.final_dir,
+             format_bytes(peak_memory_bytes(device)))
+    return result

@@ -1,0 +1,63 @@
+"""The lowmem command as a user runs it: train from a shipped recipe, eval, ls, cp, env, --help."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lowmem.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_train_shipped_recipe_by_name_then_eval(tmp_path, micro_model_path, text_data):
+    out = tmp_path / "out"
+    result = run("train", "tiny-llama-pydoc", f"model.path={micro_model_path}", f"data.path={text_data}",
+                 "data.max_seq_len=32", "train.max_steps=3", "train.eval_every_n_steps=null",
+                 "checkpoint.save_every_n_steps=null", f"checkpoint.output_dir={out}", "log.progress=false")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["val_ppl_after"] < summary["val_ppl_before"]
+    result = run("eval", str(out / "final"), "--data", text_data, "--max-seq-len", "32", "--max-batches", "2")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6) and scores["tokens"] > 0
+
+
+def test_eval_rejects_bad_data_with_one_line(tmp_path, micro_model_path):
+    result = run("eval", micro_model_path, "--data", str(tmp_path / "missing.jsonl"))
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def test_ls_and_cp(tmp_path):
+    listing = run("ls")
+    assert listing.exit_code == 0 and "tiny-llama-pydoc" in listing.output
+    copied = run("cp", "tiny-llama-pydoc", str(tmp_path))
+    assert copied.exit_code == 0 and (tmp_path / "tiny-llama-pydoc.yaml").exists()
+    again = run("cp", "tiny-llama-pydoc", str(tmp_path))
+    assert again.exit_code == 2 and "--force" in again.stderr
+    typo = run("cp", "tiny-lama-pydoc", str(tmp_path))
+    assert typo.exit_code == 2 and "did you mean 'tiny-llama-pydoc'" in typo.stderr
+
+
+def test_env_reports_the_extension():
+    result = run("env")
+    assert result.exit_code == 0
+    assert "torch" in result.output and "native ops" in result.output and "prebuilt" in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["ls"], ["cp"], ["env"]])
+def test_help(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "lowmem"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout

@@ -1,0 +1,126 @@
+"""The standard loop end to end on a tiny Llama: accumulation, determinism, resume, export, metrics."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem import checkpoint as ckpt
+from lowmem.config import load_config
+from lowmem.trainer import train
+
+
+def make_config(tmp_path, micro_model_path, text_data, *overrides, name="run"):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {{path: {micro_model_path}, dtype: float32}}\n"
+        f"data: {{path: {text_data}, max_seq_len: 48, val_fraction: 0.1}}\n"
+        "update: {rule: adamw, lr: 3.0e-3, weight_decay: 0.01, clip_grad_norm: 1.0}\n"
+        "train: {batch_size: 2, max_steps: 4, lr_schedule: cosine, warmup_ratio: 0.25, seed: 7}\n"
+        f"checkpoint: {{output_dir: {tmp_path / name}}}\n"
+        "log: {progress: false}\n"
+    )
+    return load_config(recipe, list(overrides))
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def test_accumulation_2x2_equals_batch_4(tmp_path, micro_model_path, text_data):
+    # text blocks all have 48 tokens; chat-style padding is covered by the equal-token normalization
+    a = train(make_config(tmp_path, micro_model_path, text_data, "train.batch_size=4", name="b4"))
+    b = train(make_config(tmp_path, micro_model_path, text_data, "train.batch_size=2",
+                          "train.gradient_accumulation_steps=2", name="b2x2"))
+    assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-6)
+    wa, wb = weights(a.final_dir), weights(b.final_dir)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_accumulation_with_padding_normalizes_by_label_tokens(tmp_path, micro_model_path):
+    from conftest import write_jsonl
+
+    rows = [{"instruction": "q " * (i % 5 + 1), "output": "answer " * (i % 7 + 1)} for i in range(24)]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    common = [f"data.path={path}", "data.format=alpaca", "data.val_fraction=0", "update.clip_grad_norm=null"]
+    a = train(make_config(tmp_path, micro_model_path, path, *common, "train.batch_size=4", name="c4"))
+    b = train(make_config(tmp_path, micro_model_path, path, *common, "train.batch_size=2",
+                          "train.gradient_accumulation_steps=2", name="c2x2"))
+    assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-6)
+
+
+def test_same_seed_same_losses_and_loss_falls(tmp_path, micro_model_path, text_data):
+    a = train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=12", name="s1"))
+    b = train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=12", name="s2"))
+    assert a.losses == b.losses
+    assert sum(a.losses[-3:]) < sum(a.losses[:3])
+    assert a.last_eval["val_loss"] < a.first_eval["val_loss"]
+
+
+@pytest.mark.parametrize("rule", ["adamw", "sgd"])
+def test_resume_equals_uninterrupted_run(tmp_path, micro_model_path, text_data, rule):
+    full = train(make_config(tmp_path, micro_model_path, text_data, f"update.rule={rule}", name="full"))
+    first = train(make_config(tmp_path, micro_model_path, text_data, f"update.rule={rule}", "train.max_steps=2",
+                              name="split"))
+    # same output_dir, resume=auto: continues from checkpoint-2 with the 4-step schedule
+    second = train(make_config(tmp_path, micro_model_path, text_data, f"update.rule={rule}", name="split"))
+    assert first.losses + second.losses == full.losses
+    wa, wb = weights(full.final_dir), weights(second.final_dir)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+
+
+def test_resume_restores_rule_state_and_data_position(tmp_path, micro_model_path, text_data):
+    train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=2", name="r"))
+    latest = ckpt.latest_checkpoint(tmp_path / "r")
+    state = ckpt.load_trainer_state(latest)
+    assert latest.name == "checkpoint-2" and state["step"] == 2 and state["data"] == {"epoch": 0, "position": 4}
+    optimizer = load_file(latest / "optimizer.safetensors")
+    assert any(k.endswith("::exp_avg_sq") for k in optimizer)
+
+
+def test_export_loads_in_transformers_and_generates(tmp_path, micro_model_path, text_data):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=2", name="exp"))
+    model = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    tokenizer = AutoTokenizer.from_pretrained(result.final_dir)
+    inputs = tokenizer("def f(x):", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+    trained = weights(result.final_dir)
+    original = load_file(f"{micro_model_path}/model.safetensors")
+    assert any(not torch.equal(trained[k], original[k]) for k in original)
+
+
+def test_metrics_jsonl_has_the_documented_fields(tmp_path, micro_model_path, text_data):
+    train(make_config(tmp_path, micro_model_path, text_data, "train.eval_every_n_steps=2", name="m"))
+    records = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "val_ppl" in records[0]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for record in steps:
+        assert {"step", "loss", "lr", "tokens_per_s", "peak_mem_bytes", "grad_norm", "state_bytes"} <= set(record)
+        assert record["peak_mem_bytes"] > 0 and record["tokens_per_s"] > 0
+    assert "val_loss" in steps[1] and "val_ppl" in steps[3]
+
+
+def test_crash_while_saving_leaves_no_checkpoint(tmp_path, micro_model_path, text_data, monkeypatch):
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=2", name="crash"))
+    leftovers = list((tmp_path / "crash").iterdir())
+    assert ckpt.latest_checkpoint(tmp_path / "crash") is None
+    assert not [p for p in leftovers if p.name.startswith(("checkpoint", ".tmp"))]
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path, micro_model_path, text_data):
+    train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=4", "checkpoint.save_every_n_steps=1",
+                      "checkpoint.keep_last=2", name="k"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "k")] == ["checkpoint-3", "checkpoint-4"]
