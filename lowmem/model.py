@@ -58,7 +58,12 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     model.to(device)
     model.config.use_cache = False  # the KV cache is for generation only
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the switch; older releases (still allowed by our pin) have only the old one.
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters, %s on %s", path, n_params / 1e6, dtype, device)

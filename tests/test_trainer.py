@@ -124,3 +124,10 @@ def test_keep_last_prunes_old_checkpoints(tmp_path, micro_model_path, text_data)
     train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=4", "checkpoint.save_every_n_steps=1",
                       "checkpoint.keep_last=2", name="k"))
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "k")] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_gradient_checkpointing_trains_the_same(tmp_path, micro_model_path, text_data):
+    plain = train(make_config(tmp_path, micro_model_path, text_data, name="plain"))
+    checkpointed = train(make_config(tmp_path, micro_model_path, text_data, "model.gradient_checkpointing=true",
+                                     name="gc"))
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
