@@ -37,15 +37,47 @@ class DataConfig:
 
 
 @dataclass
+class AdafactorConfig:
+    relative_step: bool = False  # rho_t = min(lr, 1/sqrt(t)) as torch.optim.Adafactor; use a constant schedule
+    scale_parameter: bool = True  # step scaled by max(eps2, RMS(weight))
+    beta1: Optional[float] = None  # first moment (transformers); costs 4 bytes per parameter
+    clip_threshold: float = 1.0  # update clipped to this RMS
+    decay_rate: float = -0.8  # beta2_t = 1 - t^decay_rate
+    eps1: float = 1e-30
+    eps2: float = 1e-3
+
+
+@dataclass
+class AdalomoConfig:
+    clip_threshold: float = 1.0
+    decay_rate: float = -0.8
+    eps1: float = 1e-30
+    eps2: float = 1e-3
+
+
+@dataclass
+class LossScaleConfig:
+    init_scale: float = 65536.0  # float16 only: loss multiplier, halved on overflow
+    growth_interval: int = 1000  # steps without overflow before the scale doubles again
+    min_scale: float = 1.0
+
+
+@dataclass
 class UpdateConfig:
     strategy: str = "standard"
     rule: str = "adamw"
     lr: float = 1e-5
     weight_decay: float = 0.0
     clip_grad_norm: Optional[float] = 1.0
+    # fused only: per_tensor clips each gradient by itself (no extra pass); two_pass computes the global
+    # norm with a first backward, as LOMO does (about 2x backward time)
+    clip_mode: Literal["per_tensor", "two_pass"] = "per_tensor"
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
+    adalomo: AdalomoConfig = field(default_factory=AdalomoConfig)
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
 
 
 @dataclass
@@ -295,3 +327,17 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config: {key} must be between {lo} and {hi}, got {value}")
     if config.update.weight_decay < 0:
         raise ConfigError(f"config: update.weight_decay must be >= 0, got {config.update.weight_decay}")
+    beta1 = config.update.adafactor.beta1
+    if beta1 is not None and not 0.0 <= beta1 < 1.0:
+        raise ConfigError(f"config: update.adafactor.beta1 must be in [0, 1) or null, got {beta1}")
+    if config.update.strategy == "fused":
+        if config.train.gradient_accumulation_steps > 1:
+            raise ConfigError(
+                "config: update.strategy fused applies each gradient inside backward and keeps none, so "
+                "train.gradient_accumulation_steps must be 1 (raise train.batch_size, or use update.strategy=standard)"
+            )
+        if config.model.dtype == "float16" and config.update.clip_mode != "two_pass":
+            raise ConfigError(
+                "config: model.dtype float16 with update.strategy fused needs update.clip_mode=two_pass "
+                "(an overflow found mid-backward cannot undo updates already applied; or use model.dtype=bfloat16)"
+            )

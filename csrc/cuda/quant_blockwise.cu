@@ -6,23 +6,13 @@
 #include <cuda_runtime.h>
 
 #include "../quant_common.h"
+#include "dtype.cuh"
 #include "launch.h"
 
 namespace lowmem {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // One CUDA block per quantization block: reduce the absmax in shared memory, then each thread maps
 // its values to the nearest code by binary search over the midpoints held in shared memory.

@@ -2,7 +2,9 @@
 
 A rule is an object with
     ``init_state(param) -> dict[str, Tensor]``: the state for one tensor (may be empty), and
-    ``update(param, grad, state, lr) -> None``: apply one step in place, under ``torch.no_grad``.
+    ``update(param, grad, state, lr, grad_scale=1.0) -> None``: apply one step in place, under
+    ``torch.no_grad``, to the gradient ``grad_scale · grad`` (the scale folds loss-scale unscaling and a
+    clipping coefficient into the rule's own pass, so no scaled copy of the gradient is made).
 State tensors live in the strategy's state dict, which checkpoints as safetensors; the per-tensor step
 count is ``state["step"]`` (a float32 scalar tensor) so it checkpoints with the rest.
 """
@@ -14,6 +16,7 @@ from typing import Protocol
 import torch
 
 from lowmem.rules.adamw import AdamW
+from lowmem.rules.factored import Adafactor, AdaLomo
 from lowmem.rules.sgd import SGD
 
 
@@ -22,10 +25,11 @@ class Rule(Protocol):
 
     def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
-    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None: ...
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+               grad_scale: float = 1.0) -> None: ...
 
 
-RULES = {"sgd": SGD, "adamw": AdamW}
+RULES = {"sgd": SGD, "adamw": AdamW, "adafactor": Adafactor, "adalomo": AdaLomo}
 
 
 def make_rule(update_config) -> Rule:

@@ -33,11 +33,12 @@ class AdamW:
         }
 
     @torch.no_grad()
-    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+               grad_scale: float = 1.0) -> None:
         state["step"] += 1
         step = int(state["step"].item())
         work = param if param.dtype == torch.float32 else param.float()
-        grad = grad.to(torch.float32)
+        grad = grad.to(torch.float32) if grad_scale == 1.0 else grad.to(torch.float32) * grad_scale
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         work.mul_(1 - lr * self.weight_decay)
         exp_avg.lerp_(grad, 1 - self.beta1)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem.ops.update import sgd_update_
+
 
 @dataclass
 class SGD:
@@ -25,10 +27,6 @@ class SGD:
         return {}
 
     @torch.no_grad()
-    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float) -> None:
-        work = param if param.dtype == torch.float32 else param.float()
-        if self.weight_decay:
-            work.mul_(1 - lr * self.weight_decay)
-        work.add_(grad.to(torch.float32), alpha=-lr)
-        if work is not param:
-            param.copy_(work)
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+               grad_scale: float = 1.0) -> None:
+        sgd_update_(param, grad, lr, self.weight_decay, grad_scale)

@@ -10,9 +10,10 @@ plus ``state_bytes()``.
 
 from __future__ import annotations
 
+from lowmem.strategies.fused import FusedStrategy
 from lowmem.strategies.standard import StandardStrategy
 
-STRATEGIES = {"standard": StandardStrategy}
+STRATEGIES = {"standard": StandardStrategy, "fused": FusedStrategy}
 
 
 def make_strategy(name: str, model, rule, update_config):

@@ -1,0 +1,150 @@
+"""Peak memory and step time of full fine-tuning strategies on a ~100M-parameter Llama, on one machine:
+
+    standard+adamw, fused+sgd, fused+adalomo (lowmem)  vs  lomo-optim's Lomo and AdaLomo (the original code)
+
+    pip install --no-deps lomo-optim      # optional peer; --no-deps so it cannot pull another torch
+    python benchmarks/bench_strategies.py [--steps 5] [--threads 2]
+
+Every provider runs in its own process, twice: once with MALLOC_MMAP_THRESHOLD_=131072 so freed tensors
+return to the OS and the RSS peak tracks live tensors (DESIGN.md §5), once without it for step time (the
+threshold slows steps). "train peak" is the RSS high-water mark during the steps minus the RSS after the
+model and data were loaded. Rows are appended to benchmarks/results.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROVIDERS = {
+    "standard+adamw": dict(strategy="standard", rule="adamw", lr=1e-3),
+    "fused+sgd": dict(strategy="fused", rule="sgd", lr=0.3),
+    "fused+adalomo": dict(strategy="fused", rule="adalomo", lr=2e-2),
+    "lomo-optim Lomo": dict(peer="Lomo", lr=0.3),
+    "lomo-optim AdaLomo": dict(peer="AdaLomo", lr=2e-2),
+}
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def build_model_and_batches(steps: int, batch: int, seq: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem.data import collate, pack, tokenize_text
+    from lowmem.model import load_tokenizer
+    from lowmem.assets import pydoc_texts
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    tokenizer = load_tokenizer("lowmem:tiny-llama")
+    blocks = pack(tokenize_text(pydoc_texts(), tokenizer), seq)
+    batches = [collate(blocks[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(steps)]
+    return model, batches
+
+
+def worker(name: str, steps: int) -> dict:
+    import torch
+
+    from lowmem.config import UpdateConfig
+    from lowmem.loss import count_label_tokens, loss_sum
+    from lowmem.rules import make_rule
+    from lowmem.strategies import make_strategy
+
+    spec = PROVIDERS[name]
+    model, batches = build_model_and_batches(steps, batch=2, seq=256)
+    n_params = sum(p.numel() for p in model.parameters())
+    loaded = rss_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
+    times, losses, stats = [], [], {}
+    if "peer" in spec:
+        import lomo_optim
+
+        optimizer = getattr(lomo_optim, spec["peer"])(model, lr=spec["lr"])
+        for batch in batches:
+            start = time.perf_counter()
+            loss = loss_sum(model, batch) / count_label_tokens(batch)
+            optimizer.fused_backward(loss, spec["lr"])
+            times.append(time.perf_counter() - start)
+            losses.append(float(loss))
+    else:
+        update = UpdateConfig(strategy=spec["strategy"], rule=spec["rule"], lr=spec["lr"], clip_grad_norm=None)
+        strategy = make_strategy(spec["strategy"], model, make_rule(update), update)
+        for batch in batches:
+            start = time.perf_counter()
+            strategy.prepare(spec["lr"])
+            loss = loss_sum(model, batch) / count_label_tokens(batch)
+            strategy.backward(loss)
+            stats = strategy.step()
+            times.append(time.perf_counter() - start)
+            losses.append(float(loss))
+    steady = sorted(times[1:]) or times  # the first step pays one-time allocations
+    return {"provider": name, "params": n_params, "rss_loaded": loaded, "train_peak": rss_bytes("VmHWM") - loaded,
+            "step_s": steady[len(steady) // 2], "losses": losses, "grad_bytes_peak": stats.get("grad_bytes_peak"),
+            "state_bytes": stats.get("state_bytes"), "threads": torch.get_num_threads()}
+
+
+def run_worker(name: str, steps: int, threads: int, memory_mode: bool) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    if memory_mode:
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--steps", str(steps)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return {"provider": name, "error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default=None, help="comma-separated provider names")
+    args = parser.parse_args()
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        print(json.dumps(worker(args.worker, args.steps)))
+        return
+
+    from common import append_rows, base_row
+
+    names = args.only.split(",") if args.only else list(PROVIDERS)
+    mib = 2**20
+    print(f"{'provider':<20} {'train peak MiB':>14} {'RSS loaded MiB':>14} {'step s':>7} {'grads MiB':>9} "
+          f"{'state MiB':>9}  loss first→last")
+    rows = []
+    for name in names:
+        memory = run_worker(name, args.steps, args.threads, memory_mode=True)
+        timing = run_worker(name, args.steps, args.threads, memory_mode=False)
+        if "error" in memory or "error" in timing:
+            print(f"{name:<20} failed: {memory.get('error') or timing.get('error')}")
+            continue
+        fmt = lambda v: f"{v / mib:9.1f}" if v is not None else f"{'n/a':>9}"  # noqa: E731
+        print(f"{name:<20} {memory['train_peak'] / mib:14.1f} {memory['rss_loaded'] / mib:14.1f} "
+              f"{timing['step_s']:7.2f} {fmt(memory['grad_bytes_peak'])} {fmt(memory['state_bytes'])}  "
+              f"{timing['losses'][0]:.3f}→{timing['losses'][-1]:.3f}")
+        rows.append({**base_row("strategies_100m"), "case": f"{memory['params'] / 1e6:.0f}M params, 2x256 tokens",
+                     "provider": name, "p50_ms": round(timing["step_s"] * 1e3, 1),
+                     "mb": round(memory["train_peak"] / mib, 1)})
+    append_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+// Fused per-tensor update rules on CPU: LOMO's SGD apply and the factored Adafactor/AdaLomo update.
+//
+// Specification: lowmem/ops/update.py (sgd_update_ref, factored_update_ref). The float32 operations
+// follow the reference's order; sums are accumulated in double (the reference's float32 means use
+// cascaded sums), so results agree to float32 rounding, not bit for bit.
+//
+// The factored update never allocates a gradient-sized temporary: pass 1 reads the gradient once for
+// the row and column statistics (column sums in per-thread accumulators) and the weight's RMS; pass 2
+// recomputes u = g·r_i·c_j for its RMS; pass 3 recomputes it again to apply.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../torch_utils.h"
+
+namespace lowmem {
+namespace {
+
+constexpr int64_t kGrain = 4096;
+
+template <typename p_t, typename g_t>
+void sgd_cpu_impl(p_t* param, const g_t* grad, int64_t n, float lr, float weight_decay, float grad_scale) {
+  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+  const float neg_lr = -lr;
+  const bool scaled = grad_scale != 1.f;
+  const bool decayed = weight_decay != 0.f;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+#pragma omp simd
+    for (int64_t i = begin; i < end; ++i) {
+      float w = static_cast<float>(param[i]);
+      float g = static_cast<float>(grad[i]);
+      if (scaled) g = g * grad_scale;
+      if (decayed) w = w * decay;
+      param[i] = static_cast<p_t>(w + neg_lr * g);
+    }
+  });
+}
+
+struct FactoredArgs {
+  float grad_scale, beta2t, eps1, clip_threshold, rho, eps2, weight_decay, beta1;
+  bool scale_parameter;
+};
+
+// Sum of x² over a tensor, in double.
+template <typename t>
+double sum_squares(const t* x, int64_t n) {
+  return at::parallel_reduce(0, n, kGrain, 0.0, [&](int64_t begin, int64_t end, double acc) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double v = static_cast<float>(x[i]);
+      acc += v * v;
+    }
+    return acc;
+  }, std::plus<double>());
+}
+
+template <typename p_t, typename g_t>
+void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, float* exp_avg, int64_t batch,
+                       int64_t rows, int64_t cols, bool factored, const FactoredArgs& a) {
+  const int64_t n = batch * rows * cols;
+  if (n == 0) return;
+  const bool scaled = a.grad_scale != 1.f;
+  auto g_at = [&](int64_t i) {
+    const float g = static_cast<float>(grad[i]);
+    return scaled ? g * a.grad_scale : g;
+  };
+  double alpha = a.rho;
+  if (a.scale_parameter) alpha = a.rho * std::max(static_cast<double>(a.eps2), std::sqrt(sum_squares(param, n) / n));
+  const float keep = a.beta2t, take = static_cast<float>(1.0 - a.beta2t);
+
+  // Row factor r (per batch row) and column factor c; for a vector, r is the full second moment.
+  std::vector<float> r_factor, c_factor;
+  if (factored) {
+    const int n_threads = at::get_num_threads();
+    std::vector<double> col_acc(static_cast<size_t>(n_threads) * batch * cols, 0.0);
+    at::parallel_for(0, batch * rows, 1, [&](int64_t begin, int64_t end) {
+      double* mine = col_acc.data() + static_cast<size_t>(at::get_thread_num()) * batch * cols;
+      for (int64_t br = begin; br < end; ++br) {
+        const int64_t b = br / rows;
+        const g_t* g_row = grad + br * cols;
+        double* acc = mine + b * cols;
+        double sum = 0.0;
+        for (int64_t j = 0; j < cols; ++j) {
+          float g = static_cast<float>(g_row[j]);
+          if (scaled) g = g * a.grad_scale;
+          const float sq = g * g + a.eps1;
+          sum += sq;
+          acc[j] += sq;
+        }
+        row[br] = row[br] * keep + take * static_cast<float>(sum / cols);
+      }
+    });
+    for (int64_t k = 0; k < batch * cols; ++k) {
+      double sum = 0.0;
+      for (int t = 0; t < n_threads; ++t) sum += col_acc[static_cast<size_t>(t) * batch * cols + k];
+      col[k] = col[k] * keep + take * static_cast<float>(sum / rows);
+    }
+    r_factor.resize(batch * rows);
+    c_factor.resize(batch * cols);
+    for (int64_t b = 0; b < batch; ++b) {
+      double row_sum = 0.0;
+      for (int64_t i = 0; i < rows; ++i) row_sum += row[b * rows + i];
+      const float row_mean = static_cast<float>(row_sum / rows);
+      for (int64_t i = 0; i < rows; ++i) r_factor[b * rows + i] = 1.f / std::sqrt(row[b * rows + i] / row_mean);
+    }
+    for (int64_t k = 0; k < batch * cols; ++k) c_factor[k] = 1.f / std::sqrt(col[k]);
+  } else {
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float g = g_at(i);
+        row[i] = row[i] * keep + take * (g * g + a.eps1);
+      }
+    });
+  }
+  // u = g·(r_i·c_j) for matrices (the reference's multiplication order), rsqrt(v)·g for vectors.
+  auto u_at = [&](int64_t i) {
+    if (!factored) return (1.f / std::sqrt(row[i])) * g_at(i);
+    const int64_t j = i % cols, br = i / cols, b = br / rows;
+    return g_at(i) * (r_factor[br] * c_factor[b * cols + j]);
+  };
+  const double sum_u2 = at::parallel_reduce(0, n, kGrain, 0.0, [&](int64_t begin, int64_t end, double acc) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double u = u_at(i);
+      acc += u * u;
+    }
+    return acc;
+  }, std::plus<double>());
+  const float denom = static_cast<float>(std::max(1.0, std::sqrt(sum_u2 / n) / a.clip_threshold));
+  const float alpha_f = static_cast<float>(alpha);
+  const float decay = static_cast<float>(-static_cast<double>(a.weight_decay) * alpha);
+  const float beta1 = a.beta1, one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float update = (u_at(i) / denom) * alpha_f;
+      if (exp_avg != nullptr) {
+        exp_avg[i] = exp_avg[i] * beta1 + one_minus_beta1 * update;
+        update = exp_avg[i];
+      }
+      float w = static_cast<float>(param[i]);
+      if (a.weight_decay != 0.f) w = w + decay * w;
+      param[i] = static_cast<p_t>(w - update);
+    }
+  });
+}
+
+void sgd_update_cpu(at::Tensor param, const at::Tensor& grad_in, double lr, double weight_decay, double grad_scale) {
+  TORCH_CHECK(param.numel() == grad_in.numel(), "lowmem: sgd_update_: grad and param sizes differ");
+  const at::Tensor grad = (grad_in.scalar_type() == param.scalar_type() ? grad_in : grad_in.to(at::kFloat)).contiguous();
+  on_contiguous(param, [&](at::Tensor& p) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_update_cpu", [&] {
+      if (grad.scalar_type() == p.scalar_type()) {
+        sgd_cpu_impl<scalar_t, scalar_t>(p.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), p.numel(), lr,
+                                         weight_decay, grad_scale);
+      } else {
+        sgd_cpu_impl<scalar_t, float>(p.data_ptr<scalar_t>(), grad.data_ptr<float>(), p.numel(), lr, weight_decay,
+                                      grad_scale);
+      }
+    });
+  });
+}
+
+void factored_update_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor row, at::Tensor col,
+                         at::Tensor exp_avg, double grad_scale, double beta2t, double eps1, double clip_threshold,
+                         double rho, double eps2, bool scale_parameter, double weight_decay, double beta1) {
+  TORCH_CHECK(param.numel() == grad_in.numel(), "lowmem: factored_update_: grad and param sizes differ");
+  TORCH_CHECK(row.scalar_type() == at::kFloat && row.is_contiguous() && col.scalar_type() == at::kFloat &&
+                  col.is_contiguous(), "lowmem: factored_update_: row/col state must be contiguous float32");
+  const bool factored = col.numel() > 0;
+  const int64_t cols = factored ? param.size(-1) : 1;
+  const int64_t rows = factored ? param.size(-2) : 1;
+  const int64_t batch = factored ? param.numel() / std::max<int64_t>(rows * cols, 1) : param.numel();
+  TORCH_CHECK(!factored || (param.dim() >= 2 && row.numel() == batch * rows && col.numel() == batch * cols),
+              "lowmem: factored_update_: row/col state shapes do not match the parameter");
+  TORCH_CHECK(factored || row.numel() == param.numel(), "lowmem: factored_update_: state size does not match");
+  const bool momentum = exp_avg.numel() > 0;
+  TORCH_CHECK(!momentum || (exp_avg.numel() == param.numel() && exp_avg.scalar_type() == at::kFloat &&
+                            exp_avg.is_contiguous()), "lowmem: factored_update_: exp_avg must match param (float32)");
+  const FactoredArgs args{static_cast<float>(grad_scale), static_cast<float>(beta2t), static_cast<float>(eps1),
+                          static_cast<float>(clip_threshold), static_cast<float>(rho), static_cast<float>(eps2),
+                          static_cast<float>(weight_decay), static_cast<float>(beta1), scale_parameter};
+  const at::Tensor grad = (grad_in.scalar_type() == param.scalar_type() ? grad_in : grad_in.to(at::kFloat)).contiguous();
+  float* m = momentum ? exp_avg.data_ptr<float>() : nullptr;
+  on_contiguous(param, [&](at::Tensor& p) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "factored_update_cpu", [&] {
+      if (grad.scalar_type() == p.scalar_type()) {
+        factored_cpu_impl<scalar_t, scalar_t>(p.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), row.data_ptr<float>(),
+                                              col.data_ptr<float>(), m, batch, rows, cols, factored, args);
+      } else {
+        factored_cpu_impl<scalar_t, float>(p.data_ptr<scalar_t>(), grad.data_ptr<float>(), row.data_ptr<float>(),
+                                           col.data_ptr<float>(), m, batch, rows, cols, factored, args);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowmem, CPU, m) {
+  m.impl("sgd_update_", &sgd_update_cpu);
+  m.impl("factored_update_", &factored_update_cpu);
+}
+
+}  // namespace lowmem

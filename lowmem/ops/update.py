@@ -1,0 +1,118 @@
+"""Fused per-tensor update ops: their schemas and pure-PyTorch references (the specification and the
+fallback). Native kernels in ``csrc/cpu/update_*.cpp`` and ``csrc/cuda/update_*.cu`` override them.
+
+``sgd_update_``       θ ← θ·(1 − lr·wd) − lr·(s·g)                      (LOMO's rule; s = unscale × clip)
+``factored_update_``  Adafactor/AdaLomo: second-moment statistics of (s·g)² + ε₁ (row and column means
+                      for matrices, full for vectors), u = g/√v̂, u /= max(1, RMS(u)/d), α = ρ·max(ε₂, RMS(θ))
+                      (or ρ), optional first moment m ← β₁m + (1−β₁)αu, θ ← θ − α·wd·θ − (m or αu).
+All math is float32; the weight is written back in its own dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.ops.quant import _lib  # the one "lowmem" library
+
+_lib.define("sgd_update_(Tensor(a!) param, Tensor grad, float lr, float weight_decay, float grad_scale) -> ()")
+_lib.define(
+    "factored_update_(Tensor(a!) param, Tensor grad, Tensor(b!) row, Tensor(c!) col, Tensor(d!) exp_avg, "
+    "float grad_scale, float beta2t, float eps1, float clip_threshold, float rho, float eps2, "
+    "bool scale_parameter, float weight_decay, float beta1) -> ()"
+)
+
+
+def sgd_update_ref(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float, grad_scale: float) -> None:
+    """Reference of ``sgd_update_``: in place on ``param``."""
+    work = param if param.dtype == torch.float32 else param.float()
+    g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
+    if weight_decay:
+        work.mul_(1 - lr * weight_decay)
+    work.add_(g, alpha=-lr)
+    if work is not param:
+        param.copy_(work)
+
+
+def factored_shapes(shape: torch.Size) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """State shapes: (row, col) for a tensor of ≥ 2 dims, (full, (0,)) for a vector."""
+    if len(shape) >= 2:
+        return tuple(shape[:-1]), tuple(shape[:-2]) + (shape[-1],)
+    return tuple(shape), (0,)
+
+
+def factored_update_ref(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    row: torch.Tensor,
+    col: torch.Tensor,
+    exp_avg: torch.Tensor,
+    grad_scale: float,
+    beta2t: float,
+    eps1: float,
+    clip_threshold: float,
+    rho: float,
+    eps2: float,
+    scale_parameter: bool,
+    weight_decay: float,
+    beta1: float,
+) -> None:
+    """Reference of ``factored_update_``: updates ``param``, ``row``, ``col`` and ``exp_avg`` in place.
+
+    ``exp_avg`` with no elements means no first moment; ``col`` with no elements means ``row`` is the full
+    second moment of a vector. Follows transformers' Adafactor operation for operation.
+    """
+    work = param.float()
+    g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
+    alpha = rho * max(eps2, float(work.pow(2).mean().sqrt())) if scale_parameter else rho
+    sq = g * g + eps1
+    if col.numel() > 0:
+        row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+        c_factor = col.unsqueeze(-2).rsqrt()
+        update = g * (r_factor * c_factor)
+    else:
+        row.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+        update = row.rsqrt() * g
+    update.div_((update.pow(2).mean().sqrt() / clip_threshold).clamp(min=1.0))
+    update.mul_(alpha)
+    if exp_avg.numel() > 0:
+        exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
+        update = exp_avg
+    if weight_decay:
+        work.add_(work, alpha=-weight_decay * alpha)
+    work.add_(-update)
+    param.copy_(work)
+
+
+_lib.impl("sgd_update_", sgd_update_ref, "CompositeExplicitAutograd")
+_lib.impl("factored_update_", factored_update_ref, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lowmem::sgd_update_")
+def _sgd_fake(param, grad, lr, weight_decay, grad_scale):
+    return None
+
+
+@torch.library.register_fake("lowmem::factored_update_")
+def _factored_fake(param, grad, row, col, exp_avg, *args):
+    return None
+
+
+def sgd_update_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0, grad_scale: float = 1.0):
+    """Apply LOMO's SGD step to ``param`` in place (native kernel when loaded)."""
+    from lowmem.ops.native import ensure_loaded
+
+    ensure_loaded()
+    torch.ops.lowmem.sgd_update_(param, grad, float(lr), float(weight_decay), float(grad_scale))
+
+
+def factored_update_(param, grad, row, col, exp_avg, *, grad_scale=1.0, beta2t, eps1, clip_threshold, rho, eps2,
+                     scale_parameter, weight_decay, beta1=0.0) -> None:
+    """Apply one Adafactor/AdaLomo step in place (native kernel when loaded)."""
+    from lowmem.ops.native import ensure_loaded
+
+    ensure_loaded()
+    torch.ops.lowmem.factored_update_(param, grad, row, col, exp_avg, float(grad_scale), float(beta2t), float(eps1),
+                                      float(clip_threshold), float(rho), float(eps2), bool(scale_parameter),
+                                      float(weight_decay), float(beta1))

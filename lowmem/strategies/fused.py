@@ -1,0 +1,121 @@
+"""The fused strategy (LOMO): the rule runs inside backward, on each parameter as soon as its gradient is
+complete, and the gradient is freed at once, so no full set of gradients ever exists.
+
+``Tensor.register_post_accumulate_grad_hook`` fires once per parameter per backward, after every
+contribution has been summed into ``.grad`` (a tied weight has one accumulator, so it fires once, after both
+uses). That avoids the reference LOMO's per-parameter hooks that scan all parameters (O(P²)).
+
+Clipping (``update.clip_mode``):
+    ``per_tensor`` (default): each gradient is clipped by its own norm; no extra pass.
+    ``two_pass``: a first backward only measures the global norm (each gradient freed after its norm is
+        taken), a second applies the updates with the clipping coefficient, as LOMO does (~2× backward).
+Float16 weights use the two-pass mode with dynamic loss scaling: an overflow found in the first pass skips
+the step before any weight changed, then the scale halves; it doubles again after enough good steps.
+Gradient accumulation is refused by the config check: a fused update keeps no gradient to accumulate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowmem.strategies.state import (
+    LossScaler,
+    RuleState,
+    clip_coefficient,
+    load_strategy_state,
+    strategy_state_dict,
+)
+
+
+class FusedStrategy:
+    name = "fused"
+
+    def __init__(self, model: torch.nn.Module, rule, update_config):
+        self.rule = rule
+        self.clip_grad_norm = update_config.clip_grad_norm
+        self.scaler = LossScaler.for_model(model, update_config)
+        self.two_pass = self.scaler.enabled or (update_config.clip_mode == "two_pass" and self.clip_grad_norm is not None)
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.state = RuleState(rule)
+        self.lr = 0.0
+        self._measuring = False
+        self._grad_scale = 1.0
+        self._sq_norms: list[torch.Tensor] = []
+        self._live_grad_bytes = 0
+        self._peak_grad_bytes = 0
+        self._skipped = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook_for(n)) for n, p in self.params.items()]
+
+    def _hook_for(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            nbytes = grad.numel() * grad.element_size()
+            self._live_grad_bytes += nbytes
+            self._peak_grad_bytes = max(self._peak_grad_bytes, self._live_grad_bytes)
+            norm = torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
+            self._sq_norms.append(norm.square())
+            if not self._measuring:
+                scale = self._grad_scale
+                if not self.two_pass and self.clip_grad_norm is not None:
+                    scale *= clip_coefficient(float(norm), self.clip_grad_norm)  # per-tensor clipping
+                with torch.no_grad():
+                    self.rule.update(param, grad, self.state.get(name, param), self.lr, grad_scale=scale)
+            param.grad = None
+            self._live_grad_bytes -= nbytes
+
+        return hook
+
+    def prepare(self, lr: float) -> None:
+        self.lr = lr
+        self._sq_norms = []
+        self._peak_grad_bytes = 0
+        self._skipped = False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if not self.two_pass:
+            self._measuring, self._grad_scale = False, 1.0
+            loss.backward()
+            return
+        scaled = loss * self.scaler.scale if self.scaler.enabled else loss
+        self._measuring = True
+        scaled.backward(retain_graph=True)
+        norm = self._global_norm() / self.scaler.scale
+        self._sq_norms = []
+        if not math.isfinite(norm):
+            self._skipped = True  # nothing was applied yet: skipping leaves the weights untouched
+            self.scaler.update(found_inf=True)
+            return
+        self._measuring = False
+        self._grad_scale = clip_coefficient(norm, self.clip_grad_norm) / self.scaler.scale
+        self._measured_norm = norm
+        scaled.backward()
+        self.scaler.update(found_inf=False)
+
+    def _global_norm(self) -> float:
+        return float(torch.stack(self._sq_norms).sum().sqrt()) if self._sq_norms else 0.0
+
+    def step(self) -> dict[str, float]:
+        if self.two_pass:
+            norm = float("nan") if self._skipped else self._measured_norm
+        else:
+            norm = self._global_norm()
+        stats = {"grad_norm": norm, "grad_bytes_peak": self._peak_grad_bytes, "state_bytes": self.state.nbytes()}
+        if self.scaler.enabled:
+            stats.update(loss_scale=self.scaler.scale, skipped=int(self._skipped))
+        return stats
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return strategy_state_dict(self.state, self.scaler)
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
+        load_strategy_state(flat, self.state, self.scaler, self.params)
+
+    def state_bytes(self) -> int:
+        return self.state.nbytes()
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,112 @@
+"""Per-parameter rule state and the loss scaler: what a strategy checkpoints (flat name → tensor)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STATE_SEPARATOR = "::"
+
+
+class RuleState:
+    """Per-parameter rule state keyed by parameter name, flattened to ``name::key`` for safetensors."""
+
+    def __init__(self, rule):
+        self.rule = rule
+        self.by_param: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.by_param.get(name)
+        if state is None:
+            state = {k: v.to(param.device) for k, v in self.rule.init_state(param).items()}
+            self.by_param[name] = state
+        return state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}{STATE_SEPARATOR}{key}": tensor
+            for name, state in self.by_param.items()
+            for key, tensor in state.items()
+        }
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+        self.by_param = {}
+        for full, tensor in flat.items():
+            name, key = full.rsplit(STATE_SEPARATOR, 1)
+            if name not in params:
+                raise ValueError(f"optimizer state names parameter '{name}', which the model does not have")
+            self.by_param.setdefault(name, {})[key] = tensor.to(params[name].device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.by_param.values() for t in s.values())
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 weights: the loss is multiplied by ``scale`` so small gradients do
+    not flush to zero; a step whose gradients overflow is skipped and the scale halved; after
+    ``growth_interval`` good steps in a row it doubles again. Disabled (scale 1) for other dtypes."""
+
+    PREFIX = "__loss_scaler__"
+
+    def __init__(self, enabled: bool, init_scale: float = 65536.0, growth_interval: int = 1000, min_scale: float = 1.0):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.min_scale = min_scale
+        self.good_steps = 0
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, update_config) -> "LossScaler":
+        enabled = any(p.dtype == torch.float16 for p in model.parameters() if p.requires_grad)
+        c = update_config.loss_scale
+        return cls(enabled, c.init_scale, c.growth_interval, c.min_scale)
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale = max(self.min_scale, self.scale / 2)
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if not self.enabled:
+            return {}
+        return {f"{self.PREFIX}{STATE_SEPARATOR}scale": torch.tensor(self.scale, dtype=torch.float64),
+                f"{self.PREFIX}{STATE_SEPARATOR}good_steps": torch.tensor(self.good_steps, dtype=torch.int64)}
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
+        key = f"{self.PREFIX}{STATE_SEPARATOR}"
+        if f"{key}scale" in flat:
+            self.scale = float(flat[f"{key}scale"])
+            self.good_steps = int(flat[f"{key}good_steps"])
+
+
+def strategy_state_dict(rule_state: RuleState, scaler: LossScaler) -> dict[str, torch.Tensor]:
+    """What a strategy checkpoints: its rule state and its loss scaler, as one flat dict."""
+    return {**rule_state.state_dict(), **scaler.state_dict()}
+
+
+def load_strategy_state(flat: dict[str, torch.Tensor], rule_state: RuleState, scaler: LossScaler,
+                        params: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`strategy_state_dict`."""
+    prefix = LossScaler.PREFIX + STATE_SEPARATOR
+    scaler.load_state_dict({k: v for k, v in flat.items() if k.startswith(prefix)})
+    rule_state.load_state_dict({k: v for k, v in flat.items() if not k.startswith(prefix)}, params)
+
+
+def grad_norm(grads) -> torch.Tensor:
+    """Global L2 norm of ``grads`` in float32 (norm of per-tensor norms, as torch's clip_grad_norm_)."""
+    norms = [torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
+
+
+def clip_coefficient(norm: float, max_norm: float | None) -> float:
+    """torch's clip_grad_norm_ coefficient: min(1, max_norm / (norm + 1e-6))."""
+    if max_norm is None or not math.isfinite(norm):
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
