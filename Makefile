@@ -31,8 +31,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# On a quiet machine: a benchmark beside another process on 2 cores runs ~10x slower.
 bench: install
-	$(PY) benchmarks/bench_quant.py
+	$(PY) -m pip install -q --no-deps lomo-optim
+	cd benchmarks && ../$(PY) bench_quant.py && ../$(PY) bench_update_ops.py && ../$(PY) bench_strategies.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info lowmem/_C*.so outputs

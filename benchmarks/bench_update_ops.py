@@ -67,9 +67,9 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             case = f"{text} {str(dtype).split('.')[1]}"
             found = providers(shape, dtype)
-            ref = {op: quantiles_ms(fn, repeats=args.repeats)[1] for (op, name), fn in found.items() if name == "reference"}
-            for (op, name), fn in found.items():
-                p20, p50, p80 = quantiles_ms(fn, repeats=args.repeats)
+            timed = {key: quantiles_ms(fn, repeats=args.repeats) for key, fn in found.items()}
+            for (op, name), (p20, p50, p80) in timed.items():
+                ref = {op: timed[(op, "reference")][1]}
                 print(f"{op:<8} {case:<22} {name:<24} {p20:8.2f} {p50:8.2f} {p80:8.2f} {ref[op] / p50:6.1f}x")
                 rows.append({**base_row(f"update_{op}"), "case": case, "provider": name, "p20_ms": round(p20, 3),
                              "p50_ms": round(p50, 3), "p80_ms": round(p80, 3),

@@ -21,20 +21,17 @@ namespace {
 
 constexpr int64_t kGrain = 4096;
 
+// Multiplying by grad_scale = 1 or decay = 1 is exact, so the loops stay branch-free (and vectorize)
+// while matching the reference, which skips those multiplications.
 template <typename p_t, typename g_t>
 void sgd_cpu_impl(p_t* param, const g_t* grad, int64_t n, float lr, float weight_decay, float grad_scale) {
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
   const float neg_lr = -lr;
-  const bool scaled = grad_scale != 1.f;
-  const bool decayed = weight_decay != 0.f;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
-      float w = static_cast<float>(param[i]);
-      float g = static_cast<float>(grad[i]);
-      if (scaled) g = g * grad_scale;
-      if (decayed) w = w * decay;
-      param[i] = static_cast<p_t>(w + neg_lr * g);
+      const float g = static_cast<float>(grad[i]) * grad_scale;
+      param[i] = static_cast<p_t>(static_cast<float>(param[i]) * decay + neg_lr * g);
     }
   });
 }
@@ -61,11 +58,6 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
                        int64_t rows, int64_t cols, bool factored, const FactoredArgs& a) {
   const int64_t n = batch * rows * cols;
   if (n == 0) return;
-  const bool scaled = a.grad_scale != 1.f;
-  auto g_at = [&](int64_t i) {
-    const float g = static_cast<float>(grad[i]);
-    return scaled ? g * a.grad_scale : g;
-  };
   double alpha = a.rho;
   if (a.scale_parameter) alpha = a.rho * std::max(static_cast<double>(a.eps2), std::sqrt(sum_squares(param, n) / n));
   const float keep = a.beta2t, take = static_cast<float>(1.0 - a.beta2t);
@@ -83,8 +75,7 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
         double* acc = mine + b * cols;
         double sum = 0.0;
         for (int64_t j = 0; j < cols; ++j) {
-          float g = static_cast<float>(g_row[j]);
-          if (scaled) g = g * a.grad_scale;
+          const float g = static_cast<float>(g_row[j]) * a.grad_scale;
           const float sq = g * g + a.eps1;
           sum += sq;
           acc[j] += sq;
@@ -109,38 +100,62 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
   } else {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const float g = g_at(i);
+        const float g = static_cast<float>(grad[i]) * a.grad_scale;
         row[i] = row[i] * keep + take * (g * g + a.eps1);
       }
     });
   }
-  // u = g·(r_i·c_j) for matrices (the reference's multiplication order), rsqrt(v)·g for vectors.
-  auto u_at = [&](int64_t i) {
-    if (!factored) return (1.f / std::sqrt(row[i])) * g_at(i);
-    const int64_t j = i % cols, br = i / cols, b = br / rows;
-    return g_at(i) * (r_factor[br] * c_factor[b * cols + j]);
+  // Passes 2 and 3 walk rows × columns (no per-element division); u = g·(r_i·c_j) for matrices, in the
+  // reference's multiplication order, rsqrt(v)·g for vectors (one "row" of n values).
+  const int64_t n_rows = factored ? batch * rows : 1;
+  const int64_t width = factored ? cols : n;
+  auto for_rows = [&](auto&& body) {
+    at::parallel_for(0, n_rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(width, 1)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t br = begin; br < end; ++br) body(br);
+                     });
   };
-  const double sum_u2 = at::parallel_reduce(0, n, kGrain, 0.0, [&](int64_t begin, int64_t end, double acc) {
-    for (int64_t i = begin; i < end; ++i) {
-      const double u = u_at(i);
-      acc += u * u;
+  std::vector<double> row_u2(n_rows, 0.0);
+  for_rows([&](int64_t br) {
+    const int64_t base = br * width;
+    double acc = 0.0;
+    if (factored) {
+      const float r = r_factor[br];
+      const float* c = c_factor.data() + (br / rows) * cols;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < width; ++j) {
+        const float u = (static_cast<float>(grad[base + j]) * a.grad_scale) * (r * c[j]);
+        acc += static_cast<double>(u) * u;
+      }
+    } else {
+      for (int64_t j = 0; j < width; ++j) {
+        const float u = (1.f / std::sqrt(row[j])) * (static_cast<float>(grad[j]) * a.grad_scale);
+        acc += static_cast<double>(u) * u;
+      }
     }
-    return acc;
-  }, std::plus<double>());
+    row_u2[br] = acc;
+  });
+  double sum_u2 = 0.0;
+  for (double v : row_u2) sum_u2 += v;
   const float denom = static_cast<float>(std::max(1.0, std::sqrt(sum_u2 / n) / a.clip_threshold));
   const float alpha_f = static_cast<float>(alpha);
   const float decay = static_cast<float>(-static_cast<double>(a.weight_decay) * alpha);
   const float beta1 = a.beta1, one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      float update = (u_at(i) / denom) * alpha_f;
+  for_rows([&](int64_t br) {
+    const int64_t base = br * width;
+    const float r = factored ? r_factor[br] : 0.f;
+    const float* c = factored ? c_factor.data() + (br / rows) * cols : nullptr;
+    for (int64_t j = 0; j < width; ++j) {
+      const float g = static_cast<float>(grad[base + j]) * a.grad_scale;
+      const float u = factored ? g * (r * c[j]) : (1.f / std::sqrt(row[base + j])) * g;
+      float update = (u / denom) * alpha_f;
       if (exp_avg != nullptr) {
-        exp_avg[i] = exp_avg[i] * beta1 + one_minus_beta1 * update;
-        update = exp_avg[i];
+        exp_avg[base + j] = exp_avg[base + j] * beta1 + one_minus_beta1 * update;
+        update = exp_avg[base + j];
       }
-      float w = static_cast<float>(param[i]);
+      float w = static_cast<float>(param[base + j]);
       if (a.weight_decay != 0.f) w = w + decay * w;
-      param[i] = static_cast<p_t>(w - update);
+      param[base + j] = static_cast<p_t>(w - update);
     }
   });
 }

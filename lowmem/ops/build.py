@@ -11,7 +11,12 @@ import shutil
 from pathlib import Path
 
 EXTENSION_NAME = "lowmem._C"
-CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+# The extension is built on the machine that runs it (pip --no-build-isolation or just in time), so, like
+# DeepSpeed's op_builder, it targets that CPU: AVX2/FMA where present (torch picks such kernels at run time).
+# LOWMEM_PORTABLE=1 builds for baseline x86-64 instead (e.g. a build machine that differs from the runner).
+CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"] + (
+    [] if os.environ.get("LOWMEM_PORTABLE") == "1" else ["-march=native"]
+)
 LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 

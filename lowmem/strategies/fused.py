@@ -54,8 +54,11 @@ class FusedStrategy:
             nbytes = grad.numel() * grad.element_size()
             self._live_grad_bytes += nbytes
             self._peak_grad_bytes = max(self._peak_grad_bytes, self._live_grad_bytes)
-            norm = torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
-            self._sq_norms.append(norm.square())
+            # Measuring a norm is one more pass over the gradient: only when clipping or the first pass needs it.
+            norm = None
+            if self._measuring or self.clip_grad_norm is not None:
+                norm = torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
+                self._sq_norms.append(norm.square())
             if not self._measuring:
                 scale = self._grad_scale
                 if not self.two_pass and self.clip_grad_norm is not None:
@@ -97,11 +100,11 @@ class FusedStrategy:
         return float(torch.stack(self._sq_norms).sum().sqrt()) if self._sq_norms else 0.0
 
     def step(self) -> dict[str, float]:
+        stats = {"grad_bytes_peak": self._peak_grad_bytes, "state_bytes": self.state.nbytes()}
         if self.two_pass:
-            norm = float("nan") if self._skipped else self._measured_norm
-        else:
-            norm = self._global_norm()
-        stats = {"grad_norm": norm, "grad_bytes_peak": self._peak_grad_bytes, "state_bytes": self.state.nbytes()}
+            stats["grad_norm"] = float("nan") if self._skipped else self._measured_norm
+        elif self.clip_grad_norm is not None:
+            stats["grad_norm"] = self._global_norm()  # pre-clipping norm of all gradients
         if self.scaler.enabled:
             stats.update(loss_scale=self.scaler.scale, skipped=int(self._skipped))
         return stats
