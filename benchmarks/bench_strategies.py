@@ -1,6 +1,7 @@
 """Peak memory and step time of full fine-tuning strategies on a ~100M-parameter Llama, on one machine:
 
-    standard+adamw, fused+sgd, fused+adalomo (lowmem)  vs  lomo-optim's Lomo and AdaLomo (the original code)
+    standard+adamw, fused+sgd, fused+adalomo, hift (k = 4, 11) with adamw and adafactor (lowmem)
+    vs lomo-optim's Lomo and AdaLomo, and the hift package (the original implementations)
 
     pip install --no-deps lomo-optim      # optional peer; --no-deps so it cannot pull another torch
     python benchmarks/bench_strategies.py [--steps 5] [--threads 2]
@@ -27,6 +28,12 @@ PROVIDERS = {
     "fused+adalomo": dict(strategy="fused", rule="adalomo", lr=2e-2),
     "lomo-optim Lomo": dict(peer="Lomo", lr=0.3),
     "lomo-optim AdaLomo": dict(peer="AdaLomo", lr=2e-2),
+    # 11 units (embeddings, 8 layers, norm, lm_head): group_size 3 → k = 4 groups, 1 → k = 11.
+    "hift k=4 +adamw": dict(strategy="hift", rule="adamw", lr=1e-3, group_size=3),
+    "hift k=11 +adamw": dict(strategy="hift", rule="adamw", lr=1e-3, group_size=1),
+    "hift k=4 +adafactor": dict(strategy="hift", rule="adafactor", lr=1e-2, group_size=3),
+    "hift k=11 +adafactor": dict(strategy="hift", rule="adafactor", lr=1e-2, group_size=1),
+    "hift package": dict(peer="hift"),
 }
 
 
@@ -65,6 +72,10 @@ def worker(name: str, steps: int) -> dict:
     from lowmem.strategies import make_strategy
 
     spec = PROVIDERS[name]
+    if spec.get("peer") == "hift":
+        import hift  # noqa: F401  (the original HiFT package; reported as failing if it cannot import)
+    if spec.get("strategy") == "hift":
+        steps = max(steps, 11 // spec["group_size"] + (11 % spec["group_size"] > 0) + 1)  # one full cycle + 1
     model, batches = build_model_and_batches(steps, batch=2, seq=256)
     n_params = sum(p.numel() for p in model.parameters())
     loaded = rss_bytes("VmRSS")
@@ -81,8 +92,13 @@ def worker(name: str, steps: int) -> dict:
             times.append(time.perf_counter() - start)
             losses.append(float(loss))
     else:
+        from lowmem.config import Config, HiftConfig, MemoryConfig
+
         update = UpdateConfig(strategy=spec["strategy"], rule=spec["rule"], lr=spec["lr"], clip_grad_norm=None)
-        strategy = make_strategy(spec["strategy"], model, make_rule(update), update)
+        config = Config(update=update, hift=HiftConfig(group_size=spec.get("group_size", 1)),
+                        memory=MemoryConfig(offload_states=spec["strategy"] == "hift"))
+        strategy = make_strategy(spec["strategy"], model, make_rule(update), update, config)
+        resident, grad_peaks = [], []
         for batch in batches:
             start = time.perf_counter()
             strategy.prepare(spec["lr"])
@@ -91,10 +107,15 @@ def worker(name: str, steps: int) -> dict:
             stats = strategy.step()
             times.append(time.perf_counter() - start)
             losses.append(float(loss))
+            resident.append(stats.get("device_resident_bytes", 0))
+            grad_peaks.append(stats["grad_bytes_peak"])
+            stats["device_resident_peak"] = max(resident)
+            stats["grad_bytes_peak"] = max(grad_peaks)  # under hift it depends on the active group
     steady = sorted(times[1:]) or times  # the first step pays one-time allocations
     return {"provider": name, "params": n_params, "rss_loaded": loaded, "train_peak": rss_bytes("VmHWM") - loaded,
             "step_s": steady[len(steady) // 2], "losses": losses, "grad_bytes_peak": stats.get("grad_bytes_peak"),
-            "state_bytes": stats.get("state_bytes"), "threads": torch.get_num_threads()}
+            "state_bytes": stats.get("state_bytes"), "threads": torch.get_num_threads(),
+            "device_resident_peak": stats.get("device_resident_peak") or None}
 
 
 def run_worker(name: str, steps: int, threads: int, memory_mode: bool) -> dict:
@@ -128,7 +149,7 @@ def main() -> None:
     names = args.only.split(",") if args.only else list(PROVIDERS)
     mib = 2**20
     print(f"{'provider':<20} {'train peak MiB':>14} {'RSS loaded MiB':>14} {'step s':>7} {'grads MiB':>9} "
-          f"{'state MiB':>9}  loss first→last")
+          f"{'state MiB':>9} {'resident MiB':>12}  loss first→last")
     rows = []
     for name in names:
         memory = run_worker(name, args.steps, args.threads, memory_mode=True)
@@ -138,7 +159,8 @@ def main() -> None:
             continue
         fmt = lambda v: f"{v / mib:9.1f}" if v is not None else f"{'n/a':>9}"  # noqa: E731
         print(f"{name:<20} {memory['train_peak'] / mib:14.1f} {memory['rss_loaded'] / mib:14.1f} "
-              f"{timing['step_s']:7.2f} {fmt(memory['grad_bytes_peak'])} {fmt(memory['state_bytes'])}  "
+              f"{timing['step_s']:7.2f} {fmt(memory['grad_bytes_peak'])} {fmt(memory['state_bytes'])} "
+              f"{fmt(memory.get('device_resident_peak')):>12}  "
               f"{timing['losses'][0]:.3f}→{timing['losses'][-1]:.3f}")
         rows.append({**base_row("strategies_100m"), "case": f"{memory['params'] / 1e6:.0f}M params, 2x256 tokens",
                      "provider": name, "p50_ms": round(timing["step_s"] * 1e3, 1),

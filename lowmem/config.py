@@ -81,6 +81,19 @@ class UpdateConfig:
 
 
 @dataclass
+class HiftConfig:
+    group_size: int = 1  # units per group; units = embeddings, each decoder layer, final norm, lm_head
+    order: Literal["bottom_up", "top_down", "random"] = "bottom_up"  # random: drawn once from train.seed
+    fused: bool = False  # apply the active group's gradients inside backward (LOMO) instead of after it
+
+
+@dataclass
+class MemoryConfig:
+    offload_states: bool = False  # hift: rule state of inactive groups in (pinned) host memory
+    offload_frozen_weights: bool = False  # hift: frozen units below the active group stream in for forward
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -113,6 +126,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    hift: HiftConfig = field(default_factory=HiftConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -330,14 +345,25 @@ def validate(config: Config) -> None:
     beta1 = config.update.adafactor.beta1
     if beta1 is not None and not 0.0 <= beta1 < 1.0:
         raise ConfigError(f"config: update.adafactor.beta1 must be in [0, 1) or null, got {beta1}")
+    if config.hift.group_size < 1:
+        raise ConfigError(f"config: hift.group_size must be positive, got {config.hift.group_size}")
+    if config.update.strategy != "hift" and (config.memory.offload_states or config.memory.offload_frozen_weights):
+        raise ConfigError("config: memory.offload_states and memory.offload_frozen_weights need update.strategy=hift")
+    fused = config.update.strategy == "fused" or (config.update.strategy == "hift" and config.hift.fused)
+    if fused and config.update.strategy == "hift" and config.train.gradient_accumulation_steps > 1:
+        raise ConfigError(
+            "config: hift.fused applies each gradient inside backward, so train.gradient_accumulation_steps must "
+            "be 1 (hift.fused=false accumulates exactly, holding only the active group's gradients)"
+        )
+    if fused and config.model.dtype == "float16" and config.update.clip_mode != "two_pass":
+        raise ConfigError(
+            "config: model.dtype float16 with fused updates needs update.clip_mode=two_pass "
+            "(an overflow found mid-backward cannot undo updates already applied; or use model.dtype=bfloat16)"
+        )
     if config.update.strategy == "fused":
         if config.train.gradient_accumulation_steps > 1:
             raise ConfigError(
                 "config: update.strategy fused applies each gradient inside backward and keeps none, so "
                 "train.gradient_accumulation_steps must be 1 (raise train.batch_size, or use update.strategy=standard)"
             )
-        if config.model.dtype == "float16" and config.update.clip_mode != "two_pass":
-            raise ConfigError(
-                "config: model.dtype float16 with update.strategy fused needs update.clip_mode=two_pass "
-                "(an overflow found mid-backward cannot undo updates already applied; or use model.dtype=bfloat16)"
-            )
+

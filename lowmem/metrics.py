@@ -27,6 +27,37 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+class SavedTensorBytes:
+    """Bytes of the distinct tensor storages autograd saves for backward inside the ``with`` block.
+
+    This is the activation memory a forward leaves for backward: storages of ``params`` (weights saved by
+    reference, or views of them) are excluded. Frozen layers below every trainable one save nothing,
+    which this makes visible.
+    """
+
+    def __init__(self, params=()):
+        self.nbytes = 0
+        self._seen: set[int] = {p.untyped_storage().data_ptr() for p in params}
+        self._hooks = None
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self._seen:
+                self._seen.add(key)
+                self.nbytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to ``metrics.jsonl``.
 

@@ -21,7 +21,7 @@ from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches
 from lowmem.errors import UserError
 from lowmem.loss import count_label_tokens, evaluate, loss_sum
-from lowmem.metrics import MetricsLog, Progress, format_bytes, peak_memory_bytes
+from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
 from lowmem.rules import make_rule
@@ -82,7 +82,7 @@ def train(config: Config) -> TrainResult:
     steps = total_steps(config, len(data.train))
 
     rule = make_rule(config.update)
-    strategy = make_strategy(config.update.strategy, model, rule, config.update)
+    strategy = make_strategy(config.update.strategy, model, rule, config.update, config)
     start_step = 0
     if resume_from:
         strategy.load_state_dict(ckpt.load_strategy_state(resume_from))
@@ -121,13 +121,17 @@ def train(config: Config) -> TrainResult:
     accum = config.train.gradient_accumulation_steps
     for step in range(start_step, steps):
         started = time.perf_counter()
-        lr = learning_rate(step, config.update.lr, steps, config.train.warmup_ratio, config.train.lr_schedule)
+        position, span = strategy.schedule_step(step, steps) if hasattr(strategy, "schedule_step") else (step, steps)
+        lr = learning_rate(position, config.update.lr, span, config.train.warmup_ratio, config.train.lr_schedule)
         micro_batches = [{k: v.to(device) for k, v in stream.next().items()} for _ in range(accum)]
         step_tokens = sum(count_label_tokens(b) for b in micro_batches)
         strategy.prepare(lr)
         step_loss = 0.0
+        activation_bytes = 0
         for batch in micro_batches:
-            loss = loss_sum(model, batch) / max(step_tokens, 1)
+            with SavedTensorBytes(model.parameters()) as saved:
+                loss = loss_sum(model, batch) / max(step_tokens, 1)
+            activation_bytes = max(activation_bytes, saved.nbytes)
             strategy.backward(loss)
             step_loss += float(loss.detach())
         stats = strategy.step()
@@ -137,7 +141,8 @@ def train(config: Config) -> TrainResult:
         result.losses.append(step_loss)
         seen_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         record = {"step": done, "loss": step_loss, "lr": lr, "tokens_per_s": seen_tokens / max(elapsed, 1e-9),
-                  "peak_mem_bytes": peak_memory_bytes(device), "epoch": stream.epoch, **stats}
+                  "peak_mem_bytes": peak_memory_bytes(device), "epoch": stream.epoch,
+                  "activation_bytes": activation_bytes, **stats}
         eval_now = config.train.eval_every_n_steps and done % config.train.eval_every_n_steps == 0 and done < steps
         scores = validate(done) if eval_now or done == steps else None
         if scores:

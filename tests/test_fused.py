@@ -12,7 +12,7 @@ from lowmem.model import load_model
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy
 from test_rules import batches
-from test_trainer import make_config, weights
+from test_trainer import assert_resume_is_exact, make_config
 
 
 def run(model, strategy_name, update, data, lrs):
@@ -183,15 +183,8 @@ def test_float16_overflow_skips_the_step_untouched_and_the_scale_recovers(micro_
 @pytest.mark.parametrize("strategy", ["standard", "fused"])
 @pytest.mark.parametrize("rule", ["sgd", "adamw", "adafactor", "adalomo"])
 def test_resume_equals_uninterrupted_for_every_rule_and_strategy(tmp_path, micro_model_path, text_data, rule, strategy):
-    from lowmem.trainer import train
-
-    common = [f"update.rule={rule}", f"update.strategy={strategy}", "update.lr=1e-2"]
-    full = train(make_config(tmp_path, micro_model_path, text_data, *common, name="full"))
-    first = train(make_config(tmp_path, micro_model_path, text_data, *common, "train.max_steps=2", name="split"))
-    second = train(make_config(tmp_path, micro_model_path, text_data, *common, name="split"))
-    assert first.losses + second.losses == full.losses
-    wa, wb = weights(full.final_dir), weights(second.final_dir)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_resume_is_exact(tmp_path, micro_model_path, text_data, f"update.rule={rule}",
+                           f"update.strategy={strategy}", "update.lr=1e-2")
 
 
 def test_fused_config_refuses_accumulation_and_fp16_per_tensor(tmp_path, micro_model_path, text_data):

@@ -1,0 +1,109 @@
+"""The HiFT strategy (Liu et al. 2024): each optimizer step trains one group of units; the rest are frozen.
+
+Units are found generically (``lowmem.units``); ``hift.group_size`` units form a group, visited
+bottom_up, top_down or in an order drawn once at random. Only the active group has ``requires_grad``:
+
+* its gradients are the only ones that exist, and rule state is needed for it alone (the residency
+  scheduler keeps the others in host memory);
+* the group advances per optimizer step, never per micro-batch, so gradient accumulation is exact (the
+  reference rotates per micro-batch, so with accumulation only some groups ever train);
+* layers below the lowest trainable unit get inputs and weights that need no gradient, so autograd
+  records no graph and saves no activations for them: backward stops at the active group;
+* the learning-rate schedule advances once per full cycle and is built over cycles (``schedule_step``),
+  so warmup and decay span the whole run and every group of a cycle sees the same lr.
+
+The per-step update is delegated to the ``standard`` strategy, or to ``fused`` with ``hift.fused``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowmem.residency import ResidencyScheduler
+from lowmem.strategies.fused import FusedStrategy
+from lowmem.strategies.standard import StandardStrategy
+from lowmem.units import discover_units, make_groups
+
+POSITION_KEY = "__hift__::position"
+
+
+class HiftStrategy:
+    name = "hift"
+
+    def __init__(self, model: torch.nn.Module, rule, update_config, config):
+        hift, memory = config.hift, config.memory
+        self.units = discover_units(model)
+        self.groups = make_groups(self.units, hift.group_size, hift.order, config.train.seed)
+        # The inner strategy is built while every unit is trainable, so it knows (and hooks) all of them.
+        inner_cls = FusedStrategy if hift.fused else StandardStrategy
+        self.inner = inner_cls(model, rule, update_config)
+        self.rule = rule
+        self.position = 0  # optimizer steps taken: the active group is groups[position % k]
+        device = next(model.parameters()).device
+        modules = self._unit_modules(model)
+        self.residency = ResidencyScheduler(self.units, self.inner.state, device, memory.offload_states,
+                                            memory.offload_frozen_weights, modules)
+        self._activate(self.groups[0])
+
+    @staticmethod
+    def _unit_modules(model) -> dict[str, torch.nn.Module]:
+        from lowmem.units import decoder_layers
+
+        modules = {"embeddings": model.get_input_embeddings()}
+        layers = decoder_layers(model)
+        for i, layer in enumerate(layers if layers is not None else []):
+            modules[f"layers.{i}"] = layer
+        return modules
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def active(self):
+        return self.groups[self.position % self.n_groups]
+
+    def _activate(self, group) -> None:
+        active = {n for unit in group for n in unit.params}
+        for unit in self.units:
+            for name, param in unit.params.items():
+                param.requires_grad_(name in active)
+
+    def schedule_step(self, step: int, total_steps: int) -> tuple[int, int]:
+        """The delayed schedule: position ``step // k`` of ``ceil(total / k)`` cycles."""
+        return step // self.n_groups, math.ceil(total_steps / self.n_groups)
+
+    def prepare(self, lr: float) -> None:
+        self._activate(self.active)
+        self.residency.before_step(self.active)
+        self.inner.prepare(lr)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.inner.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        group = self.active
+        stats = self.inner.step()
+        self.position += 1
+        self.residency.after_step(group, self.active)
+        stats.update(
+            hift_group=(self.position - 1) % self.n_groups,
+            hift_units=f"{group[0].name}..{group[-1].name}" if len(group) > 1 else group[0].name,
+            device_resident_bytes=self.residency.device_resident_bytes(),
+            moved_bytes=sum(m.nbytes for m in self.residency.last_plan),
+        )
+        return stats
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**self.inner.state_dict(), POSITION_KEY: torch.tensor(self.position, dtype=torch.int64)}
+
+    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
+        flat = dict(flat)
+        self.position = int(flat.pop(POSITION_KEY, torch.tensor(0)))
+        self.inner.load_state_dict(flat)
+        self._activate(self.active)
+
+    def state_bytes(self) -> int:
+        return self.inner.state_bytes()
