@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 #if defined(__CUDACC__)
 #define LOWMEM_HD __host__ __device__ __forceinline__
@@ -92,5 +93,15 @@ struct CodeLut {
     return static_cast<uint8_t>(lo);
   }
 };
+
+#if !defined(__CUDACC__)
+// The table for a code map, rebuilt only when the map changes (callers pass the same map every step).
+inline const CodeLut& lut_for(const float* code) {
+  thread_local std::unique_ptr<CodeLut> cached;
+  if (!cached || std::memcmp(cached->code, code, sizeof(cached->code)) != 0) cached = std::make_unique<CodeLut>(code);
+  return *cached;
+}
+
+#endif
 
 }  // namespace lowmem

@@ -56,6 +56,14 @@ class AdalomoConfig:
 
 
 @dataclass
+class LionConfig:
+    beta1: float = 0.9
+    beta2: float = 0.99
+    min_8bit_size: int = 4096  # lion8bit: smaller tensors keep float32 momentum
+    quantize_embeddings: bool = False  # lion8bit: embeddings keep float32 momentum unless true
+
+
+@dataclass
 class LossScaleConfig:
     init_scale: float = 65536.0  # float16 only: loss multiplier, halved on overflow
     growth_interval: int = 1000  # steps without overflow before the scale doubles again
@@ -77,6 +85,7 @@ class UpdateConfig:
     eps: float = 1e-8
     adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
     adalomo: AdalomoConfig = field(default_factory=AdalomoConfig)
+    lion: LionConfig = field(default_factory=LionConfig)
     loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
 
 

@@ -17,13 +17,6 @@ namespace lowmem {
 
 namespace {
 
-// The table for a code map, rebuilt only when the map changes (callers pass the same map every step).
-const CodeLut& lut_for(const float* code) {
-  thread_local std::unique_ptr<CodeLut> cached;
-  if (!cached || std::memcmp(cached->code, code, sizeof(cached->code)) != 0) cached = std::make_unique<CodeLut>(code);
-  return *cached;
-}
-
 template <typename scalar_t>
 void quantize_cpu_impl(const scalar_t* x, int64_t n, const float* code, int64_t blocksize, bool preserve_sign,
                        uint8_t* out, float* absmax) {

@@ -38,4 +38,14 @@ int factored_update_cuda_launch(DType dtype, void* param, const void* grad, floa
                                 int64_t batch, int64_t rows, int64_t cols, bool factored, FactoredScalars scalars,
                                 FactoredWorkspace workspace, cudaStream_t stream);
 
+// Scalars of one Lion step; decay = 1 − lr·wd.
+struct LionScalars {
+  float lr, beta1, beta2, decay, grad_scale;
+};
+
+// One fused Lion8bit step per quantization block (blocksize ≤ 4096).
+int lion8bit_update_cuda_launch(DType dtype, void* param, const void* grad, uint8_t* codes, float* absmax,
+                                const float* code, int64_t n, int64_t blocksize, LionScalars scalars,
+                                cudaStream_t stream);
+
 }  // namespace lowmem

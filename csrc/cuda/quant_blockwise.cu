@@ -7,6 +7,7 @@
 
 #include "../quant_common.h"
 #include "dtype.cuh"
+#include "reduce.cuh"
 #include "launch.h"
 
 namespace lowmem {
@@ -22,7 +23,6 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, const float*
                                 float* __restrict__ absmax) {
   __shared__ float code[256];
   __shared__ float mids[255];
-  __shared__ float partial[kThreads];
   const int64_t b = blockIdx.x;
   const int64_t lo = b * blocksize;
   const int64_t hi = min(lo + blocksize, n);
@@ -31,15 +31,9 @@ __global__ void quantize_kernel(const T* __restrict__ x, int64_t n, const float*
   for (int i = threadIdx.x; i < 255; i += blockDim.x) mids[i] = (code[i] + code[i + 1]) * 0.5f;
   float amax = 0.f;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) amax = fmaxf(amax, fabsf(to_float(x[i])));
-  partial[threadIdx.x] = amax;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) partial[threadIdx.x] = fmaxf(partial[threadIdx.x], partial[threadIdx.x + s]);
-    __syncthreads();
-  }
-  const float block_max = partial[0];
-  if (threadIdx.x == 0) absmax[b] = block_max;
-  const float scale = block_max > 0.f ? block_max : 1.f;
+  const float max_of_block = block_max(amax);
+  if (threadIdx.x == 0) absmax[b] = max_of_block;
+  const float scale = max_of_block > 0.f ? max_of_block : 1.f;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     // __fdiv_rn: IEEE division, identical to the reference even under --use_fast_math.
     out[i] = nearest_code(__fdiv_rn(to_float(x[i]), scale), code, mids, preserve_sign);

@@ -116,3 +116,51 @@ def factored_update_(param, grad, row, col, exp_avg, *, grad_scale=1.0, beta2t, 
     torch.ops.lowmem.factored_update_(param, grad, row, col, exp_avg, float(grad_scale), float(beta2t), float(eps1),
                                       float(clip_threshold), float(rho), float(eps2), bool(scale_parameter),
                                       float(weight_decay), float(beta1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lion with an int8 blockwise-quantized momentum (QFT)
+
+_lib.define(
+    "lion8bit_update_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor code, float lr, "
+    "float beta1, float beta2, float weight_decay, float grad_scale, int blocksize) -> ()"
+)
+
+
+def lion8bit_update_ref(param, grad, codes, absmax, code, lr, beta1, beta2, weight_decay, grad_scale, blocksize):
+    """Reference of ``lion8bit_update_``: dequantize the momentum m, c = β₁m + (1−β₁)g,
+    θ ← θ(1 − lr·wd) − lr·sign(c), m ← β₂m + (1−β₂)g, requantize m keeping each value's sign."""
+    from lowmem.ops.quant import dequantize_blockwise_ref, quantize_blockwise_ref
+
+    m = dequantize_blockwise_ref(codes, absmax, code, blocksize, torch.float32).view(param.shape)
+    g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
+    c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
+    work = param.float()
+    if weight_decay:
+        work.mul_(1.0 - lr * weight_decay)
+    work.add_(torch.sign(c), alpha=-lr)
+    param.copy_(work)
+    m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    new_codes, new_absmax = quantize_blockwise_ref(m, code, blocksize, True)
+    codes.copy_(new_codes.view(codes.shape))
+    absmax.copy_(new_absmax)
+
+
+_lib.impl("lion8bit_update_", lion8bit_update_ref, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lowmem::lion8bit_update_")
+def _lion8bit_fake(*args):
+    return None
+
+
+def lion8bit_update_(param, grad, codes, absmax, *, lr, beta1, beta2, weight_decay=0.0, grad_scale=1.0,
+                     blocksize=256, code=None) -> None:
+    """One Lion step with the momentum stored as uint8 codes + float32 absmax per block (native when loaded)."""
+    from lowmem.ops.native import ensure_loaded
+    from lowmem.ops.quant import dynamic_map
+
+    ensure_loaded()
+    code = dynamic_map(param.device) if code is None else code
+    torch.ops.lowmem.lion8bit_update_(param, grad, codes, absmax, code, float(lr), float(beta1), float(beta2),
+                                      float(weight_decay), float(grad_scale), int(blocksize))

@@ -1,7 +1,8 @@
 """Update rules: the per-tensor math and its state, usable by every strategy.
 
 A rule is an object with
-    ``init_state(param) -> dict[str, Tensor]``: the state for one tensor (may be empty), and
+    ``init_state(param, name) -> dict[str, Tensor]``: the state for one tensor (may be empty; ``name``
+    lets a rule treat e.g. embeddings differently), and
     ``update(param, grad, state, lr, grad_scale=1.0) -> None``: apply one step in place, under
     ``torch.no_grad``, to the gradient ``grad_scale · grad`` (the scale folds loss-scale unscaling and a
     clipping coefficient into the rule's own pass, so no scaled copy of the gradient is made).
@@ -17,19 +18,20 @@ import torch
 
 from lowmem.rules.adamw import AdamW
 from lowmem.rules.factored import Adafactor, AdaLomo
+from lowmem.rules.lion import Lion
 from lowmem.rules.sgd import SGD
 
 
 class Rule(Protocol):
     name: str
 
-    def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]: ...
 
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
                grad_scale: float = 1.0) -> None: ...
 
 
-RULES = {"sgd": SGD, "adamw": AdamW, "adafactor": Adafactor, "adalomo": AdaLomo}
+RULES = {"sgd": SGD, "adamw": AdamW, "adafactor": Adafactor, "adalomo": AdaLomo, "lion": Lion, "lion8bit": Lion}
 
 
 def make_rule(update_config) -> Rule:

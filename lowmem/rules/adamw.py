@@ -25,7 +25,7 @@ class AdamW:
     def from_config(cls, update) -> "AdamW":
         return cls(beta1=update.beta1, beta2=update.beta2, eps=update.eps, weight_decay=update.weight_decay)
 
-    def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
         return {
             "step": torch.zeros((), dtype=torch.float32),
             "exp_avg": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format),

@@ -36,7 +36,7 @@ class Factored:
     weight_decay: float = 0.0
     name: str = "adafactor"
 
-    def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
         row_shape, col_shape = factored_shapes(param.shape)
         state = {
             "step": torch.zeros((), dtype=torch.float32),

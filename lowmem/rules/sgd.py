@@ -23,7 +23,7 @@ class SGD:
     def from_config(cls, update) -> "SGD":
         return cls(weight_decay=update.weight_decay)
 
-    def init_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
         return {}
 
     @torch.no_grad()

@@ -19,7 +19,7 @@ class RuleState:
     def get(self, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.by_param.get(name)
         if state is None:
-            state = {k: v.to(param.device) for k, v in self.rule.init_state(param).items()}
+            state = {k: v.to(param.device) for k, v in self.rule.init_state(param, name).items()}
             self.by_param[name] = state
         return state
 

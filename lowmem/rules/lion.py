@@ -1,0 +1,68 @@
+"""Lion (Chen et al. 2023) and QFT's Lion with an int8 momentum (Li et al. 2023).
+
+    c = β₁·m + (1−β₁)·g;   θ ← θ·(1 − lr·wd) − lr·sign(c);   m ← β₂·m + (1−β₂)·g
+
+Sign updates are robust to quantization error, which is why QFT stores the momentum in 8 bits: uint8
+codes of the signed dynamic map, one float32 absmax per block of 256 (1 + 4/256 ≈ 1.016 bytes per
+parameter), requantized to the nearest code keeping each value's sign. Tensors under ``min_8bit_size``
+elements and embeddings keep float32 state (4 bytes per parameter), as in QFT and bitsandbytes.
+Lion's lr is typically 3–10× smaller than AdamW's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowmem.ops.quant import BLOCKSIZE
+from lowmem.ops.update import lion8bit_update_
+
+EMBEDDING_NAMES = ("embed", "wte", "wpe")
+
+
+@dataclass
+class Lion:
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    quantize: bool = False
+    min_8bit_size: int = 4096
+    quantize_embeddings: bool = False
+    name: str = "lion"
+
+    @classmethod
+    def from_config(cls, update) -> "Lion":
+        c = update.lion
+        return cls(beta1=c.beta1, beta2=c.beta2, weight_decay=update.weight_decay, quantize=update.rule == "lion8bit",
+                   min_8bit_size=c.min_8bit_size, quantize_embeddings=c.quantize_embeddings, name=update.rule)
+
+    def quantized(self, param: torch.Tensor, name: str) -> bool:
+        if not self.quantize or param.numel() < self.min_8bit_size:
+            return False
+        return self.quantize_embeddings or not any(key in name for key in EMBEDDING_NAMES)
+
+    def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
+        if self.quantized(param, name):
+            n_blocks = -(-param.numel() // BLOCKSIZE)
+            return {"exp_avg_codes": torch.full((param.numel(),), 127, dtype=torch.uint8, device=param.device),
+                    "exp_avg_absmax": torch.zeros(n_blocks, dtype=torch.float32, device=param.device)}
+        return {"exp_avg": torch.zeros(param.shape, dtype=torch.float32, device=param.device)}
+
+    @torch.no_grad()
+    def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+               grad_scale: float = 1.0) -> None:
+        if "exp_avg_codes" in state:
+            lion8bit_update_(param, grad, state["exp_avg_codes"], state["exp_avg_absmax"], lr=lr, beta1=self.beta1,
+                             beta2=self.beta2, weight_decay=self.weight_decay, grad_scale=grad_scale)
+            return
+        m = state["exp_avg"]
+        g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
+        c = m.mul(self.beta1).add_(g, alpha=1.0 - self.beta1)
+        work = param if param.dtype == torch.float32 else param.float()
+        if self.weight_decay:
+            work.mul_(1.0 - lr * self.weight_decay)
+        work.add_(torch.sign(c), alpha=-lr)
+        if work is not param:
+            param.copy_(work)
+        m.mul_(self.beta2).add_(g, alpha=1.0 - self.beta2)

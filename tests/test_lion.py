@@ -1,0 +1,178 @@
+"""lion and lion8bit: against an independent Lion formula, against each other, against bitsandbytes'
+Lion8bit, native kernel against reference, counted state bytes, and exact resume."""
+
+import pytest
+import torch
+
+from lowmem.config import UpdateConfig
+from lowmem.ops.native import ensure_loaded
+from lowmem.ops.quant import dynamic_map
+from lowmem.ops.update import lion8bit_update_, lion8bit_update_ref
+from lowmem.rules import make_rule
+
+
+def rule(name="lion", **lion):
+    update = UpdateConfig(rule=name, weight_decay=lion.pop("weight_decay", 0.0))
+    for key, value in lion.items():
+        setattr(update.lion, key, value)
+    return make_rule(update)
+
+
+def grads(shape, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(steps)]
+
+
+def run(r, theta, gs, lr, name="layers.0.weight"):
+    state = r.init_state(theta, name)
+    for grad in gs:
+        r.update(theta, grad, state, lr)
+    return state
+
+
+def lion_formula(theta, gs, lr, beta1, beta2, wd):
+    """Chen et al. 2023, in float64: c = β1·m + (1−β1)·g; θ ← θ − lr·(sign(c) + wd·θ); m ← β2·m + (1−β2)·g."""
+    theta, m = theta.double().clone(), torch.zeros_like(theta, dtype=torch.float64)
+    for g in gs:
+        g = g.double()
+        c = beta1 * m + (1 - beta1) * g
+        theta = theta - lr * (torch.sign(c) + wd * theta)
+        m = beta2 * m + (1 - beta2) * g
+    return theta.float()
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_lion_equals_the_formula(wd):
+    theta = torch.randn(40, 70)
+    gs = grads(theta.shape, 10)
+    ours = theta.clone()
+    run(rule("lion", weight_decay=wd), ours, gs, lr=1e-2)
+    torch.testing.assert_close(ours, lion_formula(theta, gs, 1e-2, 0.9, 0.99, wd), rtol=1e-6, atol=1e-6)
+
+
+def test_lion8bit_without_quantization_equals_lion():
+    theta = torch.randn(64, 128)
+    gs = grads(theta.shape, 10, seed=1)
+    a, b = theta.clone(), theta.clone()
+    run(rule("lion"), a, gs, lr=1e-2)
+    state = run(rule("lion8bit", min_8bit_size=10**12), b, gs, lr=1e-2)
+    assert "exp_avg" in state and torch.equal(a, b)
+
+
+def test_lion8bit_state_is_1_016_bytes_per_parameter_and_small_tensors_stay_float32():
+    r = rule("lion8bit")
+    big = r.init_state(torch.zeros(1000, 4096), "layers.0.mlp.up_proj.weight")
+    n = 1000 * 4096
+    assert sum(t.numel() * t.element_size() for t in big.values()) == n + 4 * (n // 256)
+    assert (n + 4 * (n // 256)) / n == pytest.approx(1.0156, abs=1e-4)
+    assert set(r.init_state(torch.zeros(4095), "layers.0.norm.weight")) == {"exp_avg"}
+    assert set(r.init_state(torch.zeros(1000, 64), "model.embed_tokens.weight")) == {"exp_avg"}
+    assert set(rule("lion8bit", quantize_embeddings=True).init_state(torch.zeros(1000, 64), "embed")) == {
+        "exp_avg_codes", "exp_avg_absmax"}
+
+
+def test_native_lion8bit_owns_the_cpu_dispatch():
+    assert ensure_loaded().loaded
+    table = torch._C._dispatch_dump("lowmem::lion8bit_update_")
+    assert any(line.startswith("CPU:") and "csrc/cpu/lion8bit.cpp" in line for line in table.splitlines()), table
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", [(1,), (123,), (4097,), (37, 129)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.1, 0.5)], ids=["plain", "wd-scaled"])
+def test_native_lion8bit_equals_reference(dtype, shape, weight_decay, grad_scale):
+    g = torch.Generator().manual_seed(2)
+    param = torch.randn(shape, generator=g).to(dtype)
+    grad = torch.randn(shape, generator=g).to(dtype)
+    n = param.numel()
+    m0 = torch.randn(n, generator=g) * 0.1
+    from lowmem.ops.quant import quantize_blockwise_ref
+
+    codes0, absmax0 = quantize_blockwise_ref(m0, dynamic_map(), 256, True)
+    ours, ref = param.clone(), param.clone()
+    codes_a, absmax_a, codes_b, absmax_b = codes0.clone(), absmax0.clone(), codes0.clone(), absmax0.clone()
+    args = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=weight_decay, grad_scale=grad_scale)
+    lion8bit_update_(ours, grad, codes_a, absmax_a, **args)
+    lion8bit_update_ref(ref, grad, codes_b, absmax_b, dynamic_map(), args["lr"], args["beta1"], args["beta2"],
+                        weight_decay, grad_scale, 256)
+    assert ours.dtype == dtype
+    # both round once to the dtype; a c within one float32 ulp of zero could take another sign (never here)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(absmax_a, absmax_b, rtol=1e-6, atol=0)
+    assert (codes_a.int() - codes_b.int()).abs().max() <= 1  # nearest code, up to one at a float32 tie
+
+
+def test_lion8bit_tracks_lion_over_50_steps_on_a_tiny_model(micro_model_path):
+    from lowmem.loss import count_label_tokens, loss_sum
+    from lowmem.model import load_model
+    from lowmem.strategies import make_strategy
+    from test_rules import batches
+
+    losses = {}
+    for name in ("lion", "lion8bit"):
+        model = load_model(micro_model_path, "float32")
+        update = UpdateConfig(rule=name, lr=1e-3, clip_grad_norm=None)
+        strategy = make_strategy("fused", model, make_rule(update), update)
+        data = batches(5, model.config.vocab_size, seed=4)
+        losses[name] = []
+        for s in range(50):
+            batch = data[s % 5]
+            strategy.prepare(1e-3)
+            loss = loss_sum(model, batch) / count_label_tokens(batch)
+            strategy.backward(loss)
+            strategy.step()
+            losses[name].append(float(loss.detach()))
+        if name == "lion8bit":
+            quantized = [n for n, s in strategy.state.by_param.items() if "exp_avg_codes" in s]
+            assert quantized, "no tensor used the 8-bit state"
+    assert losses["lion8bit"][-1] < 0.8 * losses["lion8bit"][0]  # it trains
+    # stated tolerance: every loss of the 50 within 2% of float32 Lion's
+    for a, b in zip(losses["lion8bit"], losses["lion"]):
+        assert a == pytest.approx(b, rel=0.02)
+
+
+def test_lion8bit_close_to_bitsandbytes_lion8bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    theta = torch.randn(64, 128)
+    gs = grads(theta.shape, 20, seed=5)
+    ours = theta.clone()
+    run(rule("lion8bit"), ours, gs, lr=1e-3)
+    p = torch.nn.Parameter(theta.clone())
+    optimizer = bnb.optim.Lion8bit([p], lr=1e-3, betas=(0.9, 0.99), min_8bit_size=4096)
+    for g in gs:
+        p.grad = g.clone()
+        optimizer.step()
+    exact = lion_formula(theta, gs, 1e-3, 0.9, 0.99, 0.0)
+    # sign updates: each weight moves by ±lr per step; disagreements come from momenta near zero
+    ours_err = (ours - exact).abs().mean()
+    bnb_err = (p.detach() - exact).abs().mean()
+    assert ours_err <= 1.5 * bnb_err + 1e-6
+    assert ((ours - p.detach()).abs() > 1e-6).float().mean() < 0.05
+
+
+def test_resume_is_exact_with_lion8bit(tmp_path, micro_model_path, text_data):
+    from test_trainer import assert_resume_is_exact
+
+    assert_resume_is_exact(tmp_path, micro_model_path, text_data, "update.rule=lion8bit", "update.lr=1e-3",
+                           "update.strategy=fused", "update.lion.min_8bit_size=1024")
+
+
+def test_opcheck_lion8bit():
+    param, grad = torch.randn(300), torch.randn(300)
+    codes, absmax = torch.full((300,), 127, dtype=torch.uint8), torch.zeros(2)
+    torch.library.opcheck(torch.ops.lowmem.lion8bit_update_.default,
+                          (param, grad, codes, absmax, dynamic_map(), 1e-3, 0.9, 0.99, 0.0, 1.0, 256))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_cuda_lion8bit_equals_reference(dtype):
+    assert ensure_loaded().with_cuda
+    param, grad = torch.randn(4097).to(dtype), torch.randn(4097).to(dtype)
+    codes, absmax = torch.full((4097,), 127, dtype=torch.uint8), torch.zeros(17)
+    ours, ref = param.clone().cuda(), param.clone()
+    ca, aa = codes.clone().cuda(), absmax.clone().cuda()
+    lion8bit_update_(ours, grad.cuda(), ca, aa, lr=1e-2, beta1=0.9, beta2=0.99)
+    lion8bit_update_ref(ref, grad, codes, absmax, dynamic_map(), 1e-2, 0.9, 0.99, 0.0, 1.0, 256)
+    torch.testing.assert_close(ours.cpu(), ref)
+    assert (ca.cpu().int() - codes.int()).abs().max() <= 1
