@@ -1,6 +1,7 @@
 """Peak memory and step time of full fine-tuning strategies on a ~100M-parameter Llama, on one machine:
 
-    standard+adamw, fused+sgd, fused+adalomo, hift (k = 4, 11) with adamw and adafactor (lowmem)
+    standard+adamw, fused+sgd, fused+adalomo, fused+lion8bit, hift (k = 4, 11) with adamw, adafactor and
+    lion8bit (lowmem)
     vs lomo-optim's Lomo and AdaLomo, and the hift package (the original implementations)
 
     pip install --no-deps lomo-optim      # optional peer; --no-deps so it cannot pull another torch
@@ -33,6 +34,9 @@ PROVIDERS = {
     "hift k=11 +adamw": dict(strategy="hift", rule="adamw", lr=1e-3, group_size=1),
     "hift k=4 +adafactor": dict(strategy="hift", rule="adafactor", lr=1e-2, group_size=3),
     "hift k=11 +adafactor": dict(strategy="hift", rule="adafactor", lr=1e-2, group_size=1),
+    "fused+lion8bit": dict(strategy="fused", rule="lion8bit", lr=1e-4),
+    "hift k=4 +lion8bit": dict(strategy="hift", rule="lion8bit", lr=1e-4, group_size=3),
+    "hift k=11 +lion8bit": dict(strategy="hift", rule="lion8bit", lr=1e-4, group_size=1),
     "hift package": dict(peer="hift"),
 }
 

@@ -15,7 +15,15 @@ import transformers
 
 from common import append_rows, base_row, quantiles_ms
 from lowmem.ops.native import ensure_loaded
-from lowmem.ops.update import factored_update_, factored_update_ref, sgd_update_, sgd_update_ref
+from lowmem.ops.quant import dynamic_map, quantize_blockwise_ref
+from lowmem.ops.update import (
+    factored_update_,
+    factored_update_ref,
+    lion8bit_update_,
+    lion8bit_update_ref,
+    sgd_update_,
+    sgd_update_ref,
+)
 
 
 def optimizer_step(optimizer_cls, param, grad, **kwargs):
@@ -45,11 +53,23 @@ def providers(shape, dtype):
             transformers.Adafactor, param, grad, lr=1e-3, relative_step=False, scale_parameter=True, warmup_init=False),
         ("adalomo", "torch.optim.Adafactor"): optimizer_step(torch.optim.Adafactor, param, grad, lr=1e-3, foreach=False),
     }
+    codes, absmax = quantize_blockwise_ref(torch.randn(shape, generator=g) * 0.01, dynamic_map(), 256, True)
+    lion = dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, grad_scale=1.0)
+    out[("lion8bit", "reference")] = lambda: lion8bit_update_ref(param, grad, codes, absmax, dynamic_map(),
+                                                                 *lion.values(), 256)
+    try:
+        import bitsandbytes as bnb
+
+        out[("lion8bit", "bitsandbytes Lion8bit")] = optimizer_step(bnb.optim.Lion8bit, param, grad, lr=1e-4,
+                                                                    betas=(0.9, 0.99))
+    except Exception as err:  # optional peer
+        print(f"bitsandbytes unavailable: {err}")
     if ensure_loaded().loaded:
+        out[("lion8bit", "native")] = lambda: lion8bit_update_(param, grad, codes, absmax, **lion)
         out[("sgd", "native")] = lambda: sgd_update_(param, grad, 1e-3, 0.01, 1.0)
         out[("adalomo", "native")] = lambda: factored_update_(param, grad, row, col, empty, **factored)
     if dtype != torch.float32:  # the optimizers keep fp32 math on the given dtype; skip them for bf16
-        out = {k: v for k, v in out.items() if "optim" not in k[1] and "transformers" not in k[1]}
+        out = {k: v for k, v in out.items() if not any(peer in k[1] for peer in ("optim", "transformers", "bitsandbytes"))}
     return dict(sorted(out.items()))
 
 
