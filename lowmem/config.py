@@ -358,21 +358,20 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config: hift.group_size must be positive, got {config.hift.group_size}")
     if config.update.strategy != "hift" and (config.memory.offload_states or config.memory.offload_frozen_weights):
         raise ConfigError("config: memory.offload_states and memory.offload_frozen_weights need update.strategy=hift")
-    fused = config.update.strategy == "fused" or (config.update.strategy == "hift" and config.hift.fused)
-    if fused and config.update.strategy == "hift" and config.train.gradient_accumulation_steps > 1:
+    hift_fused = config.update.strategy == "hift" and config.hift.fused
+    fused = config.update.strategy == "fused" or hift_fused
+    if fused and config.train.gradient_accumulation_steps > 1:
+        if hift_fused:
+            raise ConfigError(
+                "config: hift.fused applies each gradient inside backward, so train.gradient_accumulation_steps "
+                "must be 1 (hift.fused=false accumulates exactly, holding only the active group's gradients)"
+            )
         raise ConfigError(
-            "config: hift.fused applies each gradient inside backward, so train.gradient_accumulation_steps must "
-            "be 1 (hift.fused=false accumulates exactly, holding only the active group's gradients)"
+            "config: update.strategy fused applies each gradient inside backward and keeps none, so "
+            "train.gradient_accumulation_steps must be 1 (raise train.batch_size, or use update.strategy=standard)"
         )
     if fused and config.model.dtype == "float16" and config.update.clip_mode != "two_pass":
         raise ConfigError(
             "config: model.dtype float16 with fused updates needs update.clip_mode=two_pass "
             "(an overflow found mid-backward cannot undo updates already applied; or use model.dtype=bfloat16)"
         )
-    if config.update.strategy == "fused":
-        if config.train.gradient_accumulation_steps > 1:
-            raise ConfigError(
-                "config: update.strategy fused applies each gradient inside backward and keeps none, so "
-                "train.gradient_accumulation_steps must be 1 (raise train.batch_size, or use update.strategy=standard)"
-            )
-

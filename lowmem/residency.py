@@ -39,7 +39,7 @@ class Move:
 
 class ResidencyScheduler:
     def __init__(self, units: list[Unit], rule_state, device: torch.device, offload_states: bool,
-                 offload_frozen_weights: bool, modules: dict[str, torch.nn.Module] | None = None):
+                 offload_frozen_weights: bool):
         self.units = units
         self.unit_index = {u.name: i for i, u in enumerate(units)}
         self.rule_state = rule_state
@@ -47,7 +47,6 @@ class ResidencyScheduler:
         self.real = device.type == "cuda"
         self.offload_states = offload_states
         self.offload_frozen_weights = offload_frozen_weights
-        self.modules = modules or {}
         self.state_location: dict[str, str] = {}
         self.weight_location: dict[str, str] = {u.name: DEVICE for u in units}
         self.stream = torch.cuda.Stream(device) if self.real else None
@@ -66,7 +65,7 @@ class ResidencyScheduler:
         if self.offload_frozen_weights:
             lowest = min(self.unit_index[u.name] for u in active)
             for i, unit in enumerate(self.units):
-                want = HOST if i < lowest and unit.name in self.modules else DEVICE
+                want = HOST if i < lowest and unit.module is not None else DEVICE
                 if self.weight_location[unit.name] != want:
                     moves.append(Move("weights", unit.name, want, unit.nbytes))
         return moves
@@ -91,7 +90,7 @@ class ResidencyScheduler:
 
     def before_step(self, active: list[Unit]) -> list[Move]:
         moves = self.plan_before(active)
-        if self.real and self.stream is not None:
+        if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)  # prefetches have landed
         self._apply(moves)
         self.last_plan = moves
@@ -134,7 +133,7 @@ class ResidencyScheduler:
     def _move_weights(self, move: Move) -> None:
         if not self.real:
             return
-        module = self.modules[move.name]
+        module = self.units[self.unit_index[move.name]].module
         target = self.device if move.dst == DEVICE else torch.device("cpu")
         for param in module.parameters():
             param.data = param.data.to(target)

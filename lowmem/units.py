@@ -14,6 +14,7 @@ import torch
 class Unit:
     name: str
     params: dict[str, torch.nn.Parameter]  # parameter name → parameter (trainable ones only)
+    module: torch.nn.Module | None = None  # the module holding them; None for the "norm" remainder
 
     @property
     def nbytes(self) -> int:
@@ -44,30 +45,27 @@ def discover_units(model: torch.nn.Module) -> list[Unit]:
     taken: set[str] = set()
     units: list[Unit] = []
 
-    def add(name: str, modules) -> None:
+    def add(name: str, module: torch.nn.Module | None) -> None:
         params = {}
-        for module in modules:
-            if module is None:
-                continue
-            for p in module.parameters():
-                n = name_of.get(id(p))
-                if n is not None and n not in taken:
-                    params[n] = p
-                    taken.add(n)
+        for p in module.parameters() if module is not None else []:
+            n = name_of.get(id(p))
+            if n is not None and n not in taken:
+                params[n] = p
+                taken.add(n)
         if params:
-            units.append(Unit(name, params))
+            units.append(Unit(name, params, module))
 
     head = model.get_output_embeddings()
-    add("embeddings", [model.get_input_embeddings()])
+    add("embeddings", model.get_input_embeddings())
     layers = decoder_layers(model)
     for i, layer in enumerate(layers if layers is not None else []):
-        add(f"layers.{i}", [layer])
+        add(f"layers.{i}", layer)
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     rest = {n: p for n, p in named.items() if n not in taken and id(p) not in head_ids}
     if rest:
         units.append(Unit("norm", rest))
         taken.update(rest)
-    add("lm_head", [head])
+    add("lm_head", head)
     missing = set(named) - taken
     if missing:  # cannot happen with the rules above; a silent gap would leave weights untrained
         raise AssertionError(f"parameters in no HiFT unit: {sorted(missing)[:5]}")

@@ -1,10 +1,12 @@
 """Fused per-tensor update ops: their schemas and pure-PyTorch references (the specification and the
-fallback). Native kernels in ``csrc/cpu/update_*.cpp`` and ``csrc/cuda/update_*.cu`` override them.
+fallback). Native kernels in ``csrc/cpu/{update,lion8bit}.cpp`` and ``csrc/cuda/{update,lion8bit}.cu``
+override them.
 
 ``sgd_update_``       θ ← θ·(1 − lr·wd) − lr·(s·g)                      (LOMO's rule; s = unscale × clip)
 ``factored_update_``  Adafactor/AdaLomo: second-moment statistics of (s·g)² + ε₁ (row and column means
                       for matrices, full for vectors), u = g/√v̂, u /= max(1, RMS(u)/d), α = ρ·max(ε₂, RMS(θ))
                       (or ρ), optional first moment m ← β₁m + (1−β₁)αu, θ ← θ − α·wd·θ − (m or αu).
+``lion8bit_update_``  Lion with the momentum as uint8 codes + float32 absmax per block (QFT).
 All math is float32; the weight is written back in its own dtype.
 """
 
@@ -22,10 +24,16 @@ _lib.define(
 )
 
 
+def scaled_grad(grad: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """``grad_scale · grad`` in float32 (no multiplication, and for a float32 grad no copy, when it is 1)."""
+    g = grad.to(torch.float32)
+    return g if grad_scale == 1.0 else g * grad_scale
+
+
 def sgd_update_ref(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float, grad_scale: float) -> None:
     """Reference of ``sgd_update_``: in place on ``param``."""
     work = param if param.dtype == torch.float32 else param.float()
-    g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
+    g = scaled_grad(grad, grad_scale)
     if weight_decay:
         work.mul_(1 - lr * weight_decay)
     work.add_(g, alpha=-lr)
@@ -62,7 +70,7 @@ def factored_update_ref(
     second moment of a vector. Follows transformers' Adafactor operation for operation.
     """
     work = param.float()
-    g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
+    g = scaled_grad(grad, grad_scale)
     alpha = rho * max(eps2, float(work.pow(2).mean().sqrt())) if scale_parameter else rho
     sq = g * g + eps1
     if col.numel() > 0:
@@ -127,20 +135,27 @@ _lib.define(
 )
 
 
-def lion8bit_update_ref(param, grad, codes, absmax, code, lr, beta1, beta2, weight_decay, grad_scale, blocksize):
-    """Reference of ``lion8bit_update_``: dequantize the momentum m, c = β₁m + (1−β₁)g,
-    θ ← θ(1 − lr·wd) − lr·sign(c), m ← β₂m + (1−β₂)g, requantize m keeping each value's sign."""
-    from lowmem.ops.quant import dequantize_blockwise_ref, quantize_blockwise_ref
-
-    m = dequantize_blockwise_ref(codes, absmax, code, blocksize, torch.float32).view(param.shape)
-    g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
-    c = m.mul(beta1).add_(g, alpha=1.0 - beta1)
-    work = param.float()
+def lion_update_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale) -> None:
+    """One Lion step with a float32 momentum ``exp_avg`` (shaped like ``param``), in place: c = β₁m + (1−β₁)g,
+    θ ← θ(1 − lr·wd) − lr·sign(c), m ← β₂m + (1−β₂)g. The ``lion`` rule and the lion8bit reference share it."""
+    g = scaled_grad(grad, grad_scale)
+    c = exp_avg.mul(beta1).add_(g, alpha=1.0 - beta1)
+    work = param if param.dtype == torch.float32 else param.float()
     if weight_decay:
         work.mul_(1.0 - lr * weight_decay)
     work.add_(torch.sign(c), alpha=-lr)
-    param.copy_(work)
-    m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+    if work is not param:
+        param.copy_(work)
+    exp_avg.mul_(beta2).add_(g, alpha=1.0 - beta2)
+
+
+def lion8bit_update_ref(param, grad, codes, absmax, code, lr, beta1, beta2, weight_decay, grad_scale, blocksize):
+    """Reference of ``lion8bit_update_``: dequantize the momentum, take one :func:`lion_update_` step,
+    requantize the momentum keeping each value's sign."""
+    from lowmem.ops.quant import dequantize_blockwise_ref, quantize_blockwise_ref
+
+    m = dequantize_blockwise_ref(codes, absmax, code, blocksize, torch.float32).view(param.shape)
+    lion_update_(param, grad, m, lr, beta1, beta2, weight_decay, grad_scale)
     new_codes, new_absmax = quantize_blockwise_ref(m, code, blocksize, True)
     codes.copy_(new_codes.view(codes.shape))
     absmax.copy_(new_absmax)

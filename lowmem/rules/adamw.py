@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem.ops.update import scaled_grad
+
 
 @dataclass
 class AdamW:
@@ -38,7 +40,7 @@ class AdamW:
         state["step"] += 1
         step = int(state["step"].item())
         work = param if param.dtype == torch.float32 else param.float()
-        grad = grad.to(torch.float32) if grad_scale == 1.0 else grad.to(torch.float32) * grad_scale
+        grad = scaled_grad(grad, grad_scale)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         work.mul_(1 - lr * self.weight_decay)
         exp_avg.lerp_(grad, 1 - self.beta1)

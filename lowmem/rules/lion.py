@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.ops.quant import BLOCKSIZE
-from lowmem.ops.update import lion8bit_update_
+from lowmem.ops.update import lion8bit_update_, lion_update_
 
 EMBEDDING_NAMES = ("embed", "wte", "wpe")
 
@@ -56,13 +56,4 @@ class Lion:
             lion8bit_update_(param, grad, state["exp_avg_codes"], state["exp_avg_absmax"], lr=lr, beta1=self.beta1,
                              beta2=self.beta2, weight_decay=self.weight_decay, grad_scale=grad_scale)
             return
-        m = state["exp_avg"]
-        g = grad.float() if grad_scale == 1.0 else grad.float() * grad_scale
-        c = m.mul(self.beta1).add_(g, alpha=1.0 - self.beta1)
-        work = param if param.dtype == torch.float32 else param.float()
-        if self.weight_decay:
-            work.mul_(1.0 - lr * self.weight_decay)
-        work.add_(torch.sign(c), alpha=-lr)
-        if work is not param:
-            param.copy_(work)
-        m.mul_(self.beta2).add_(g, alpha=1.0 - self.beta2)
+        lion_update_(param, grad, state["exp_avg"], lr, self.beta1, self.beta2, self.weight_decay, grad_scale)

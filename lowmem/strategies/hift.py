@@ -39,23 +39,11 @@ class HiftStrategy:
         # The inner strategy is built while every unit is trainable, so it knows (and hooks) all of them.
         inner_cls = FusedStrategy if hift.fused else StandardStrategy
         self.inner = inner_cls(model, rule, update_config)
-        self.rule = rule
         self.position = 0  # optimizer steps taken: the active group is groups[position % k]
         device = next(model.parameters()).device
-        modules = self._unit_modules(model)
         self.residency = ResidencyScheduler(self.units, self.inner.state, device, memory.offload_states,
-                                            memory.offload_frozen_weights, modules)
+                                            memory.offload_frozen_weights)
         self._activate(self.groups[0])
-
-    @staticmethod
-    def _unit_modules(model) -> dict[str, torch.nn.Module]:
-        from lowmem.units import decoder_layers
-
-        modules = {"embeddings": model.get_input_embeddings()}
-        layers = decoder_layers(model)
-        for i, layer in enumerate(layers if layers is not None else []):
-            modules[f"layers.{i}"] = layer
-        return modules
 
     @property
     def n_groups(self) -> int:

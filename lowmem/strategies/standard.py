@@ -3,6 +3,8 @@ over every gradient. Every gradient exists at once; this is the baseline the oth
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lowmem.strategies.state import (
@@ -13,6 +15,7 @@ from lowmem.strategies.state import (
     load_strategy_state,
     strategy_state_dict,
 )
+
 
 class StandardStrategy:
     name = "standard"
@@ -36,7 +39,7 @@ class StandardStrategy:
         with_grad = {n: p for n, p in self.params.items() if p.grad is not None}
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in with_grad.values())
         norm = float(grad_norm([p.grad for p in with_grad.values()])) / self.scaler.scale
-        skipped = self.scaler.enabled and not torch.isfinite(torch.tensor(norm))
+        skipped = self.scaler.enabled and not math.isfinite(norm)
         # Unscaling and clipping fold into the rule's own pass: no scaled copy of any gradient is made.
         grad_scale = clip_coefficient(norm, self.clip_grad_norm) / self.scaler.scale
         with torch.no_grad():
