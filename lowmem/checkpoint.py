@@ -4,7 +4,9 @@ A checkpoint folder ``checkpoint-STEP/`` is a normal HF model folder (``save_pre
 weights, config, tokenizer) plus
     ``optimizer.safetensors``  the strategy's rule state (flat name → tensor),
     ``rng.safetensors``        torch CPU (and CUDA) generator states,
-    ``trainer_state.json``     step, data position, Python RNG state, format version, the recipe.
+    ``trainer_state.json``     step, data position, Python RNG state, format version, the recipe,
+    ``weights_int8.safetensors`` (int8 weights only) codes, scales, outliers and rounding-RNG states; the HF
+                               weights beside it are their dequantized values (format version 2).
 Everything is written to a hidden temporary folder, fsynced, and renamed into place, so a crash never
 leaves a half-written checkpoint that resume would pick. Nothing is ever unpickled.
 """
@@ -22,8 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+from lowmem.int8_weights import dequantized_state_dict, int8_state_dict, int8_weights, load_int8_state_dict
+
+FORMAT_VERSION = 2  # 2: adds weights_int8.safetensors; version 1 checkpoints still load
 STATE_FILE = "trainer_state.json"
+INT8_FILE = "weights_int8.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -88,7 +93,9 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, tra
     """Write ``output_dir/checkpoint-STEP`` atomically and delete all but the newest ``keep_last``."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_model(model, tmp)
+        if int8_weights(model):
+            save_file(int8_state_dict(model), tmp / INT8_FILE)
         tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in strategy.state_dict().items()},
                   tmp / "optimizer.safetensors")
@@ -149,7 +156,24 @@ def export_final(output_dir: Path, model, tokenizer) -> Path:
     """``output_dir/final``: an HF folder that ``from_pretrained`` loads, written atomically."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
 
     return publish_folder(write, output_dir / "final")
+
+
+def save_model(model, folder: Path) -> None:
+    """``save_pretrained`` into ``folder``; int8 weights are written dequantized, in the model's dtype."""
+    if int8_weights(model):
+        model.save_pretrained(folder, state_dict=dequantized_state_dict(model))
+    else:
+        model.save_pretrained(folder)
+
+
+def load_int8_weights(checkpoint: Path, model) -> bool:
+    """Restore int8 weights exactly from ``checkpoint`` if it holds them; False if it has none."""
+    path = checkpoint / INT8_FILE
+    if not path.exists():
+        return False
+    load_int8_state_dict(model, load_file(path))
+    return True

@@ -18,10 +18,21 @@ DTypeName = Literal["float32", "bfloat16", "float16"]
 
 
 @dataclass
+class Int8WeightConfig:
+    outlier_fraction: float = 0.01  # largest-magnitude values of each weight kept exactly in float32
+    refresh_every: int = 100  # updates of a weight between choosing its outliers and block scales afresh; 0: never
+    blocksize: int = 256  # values per float32 scale
+    stochastic_rounding: bool = True  # false rounds to nearest: updates under half a code step are lost
+
+
+@dataclass
 class ModelConfig:
     path: str = ""  # HF folder, hub id, or lowmem:tiny-llama (built on first use)
     dtype: DTypeName = "float32"
     gradient_checkpointing: bool = False  # saves activations of every layer; costs one extra forward
+    # int8: linear weights (not the output head) stored as int8 blocks + float32 outliers, no float copy (QFT)
+    weight_format: Literal["float", "int8"] = "float"
+    int8: Int8WeightConfig = field(default_factory=Int8WeightConfig)
 
 
 @dataclass
@@ -369,6 +380,18 @@ def validate(config: Config) -> None:
         raise ConfigError(
             "config: update.strategy fused applies each gradient inside backward and keeps none, so "
             "train.gradient_accumulation_steps must be 1 (raise train.batch_size, or use update.strategy=standard)"
+        )
+    int8 = config.model.int8
+    if not 0.0 <= int8.outlier_fraction < 0.5:
+        raise ConfigError(f"config: model.int8.outlier_fraction must be in [0, 0.5), got {int8.outlier_fraction}")
+    if int8.refresh_every < 0:
+        raise ConfigError(f"config: model.int8.refresh_every must be >= 0 (0: never), got {int8.refresh_every}")
+    if int8.blocksize < 1:
+        raise ConfigError(f"config: model.int8.blocksize must be positive, got {int8.blocksize}")
+    if config.model.weight_format == "int8" and config.update.strategy == "hift":
+        raise ConfigError(
+            "config: model.weight_format=int8 works with update.strategy standard or fused, not hift yet "
+            "(use update.strategy=fused, or model.weight_format=float)"
         )
     if fused and config.model.dtype == "float16" and config.update.clip_mode != "two_pass":
         raise ConfigError(

@@ -38,13 +38,18 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu", gradient_checkpointing: bool = False):
+def load_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu", gradient_checkpointing: bool = False,
+               int8=None, seed: int = 0):
     """Load a causal LM in ``dtype`` on ``device``, in training mode.
 
     Args:
         path: local HF folder, hub id, or ``lowmem:tiny-llama``.
-        dtype: float32 | bfloat16 | float16: the dtype the weights are stored and trained in.
+        dtype: float32 | bfloat16 | float16: the dtype the weights are stored and trained in (int8 weights:
+            the dtype they are dequantized to for compute).
         gradient_checkpointing: recompute each layer's activations in backward instead of storing them.
+        int8: a ``model.int8`` config section to store linear weights as int8 (quantized on the host, layer
+            by layer, before the model moves to ``device``); None keeps float weights.
+        seed: seeds the int8 weights' stochastic rounding.
     """
     from transformers import AutoModelForCausalLM
 
@@ -55,6 +60,12 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
         model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
         raise UserError(f"model.path '{path}' could not be loaded as a causal LM ({_first_line(err)})") from None
+    if int8 is not None:
+        from lowmem.int8_weights import quantize_model
+
+        n = quantize_model(model, int8.outlier_fraction, int8.refresh_every, int8.blocksize, seed, int8.stochastic_rounding)
+        log.info("model: %d linear weights stored as int8 blocks of %d with %.2f%% float32 outliers",
+                 n, int8.blocksize, 100 * int8.outlier_fraction)
     model.to(device)
     model.config.use_cache = False  # the KV cache is for generation only
     if gradient_checkpointing:
@@ -65,7 +76,9 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
+    from lowmem.int8_weights import int8_weights
+
+    n_params = sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in int8_weights(model).values())
     log.info("model: %s, %.2fM parameters, %s on %s", path, n_params / 1e6, dtype, device)
     return model
 

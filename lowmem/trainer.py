@@ -76,7 +76,11 @@ def train(config: Config) -> TrainResult:
     # A resumed run loads the weights saved in the checkpoint, which is itself an HF model folder.
     weights = str(resume_from) if resume_from else config.model.path
     tokenizer = load_tokenizer(config.model.path)
-    model = load_model(weights, config.model.dtype, device, config.model.gradient_checkpointing)
+    int8 = config.model.int8 if config.model.weight_format == "int8" else None
+    model = load_model(weights, config.model.dtype, device, config.model.gradient_checkpointing, int8,
+                       config.train.seed)
+    if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
+        log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)
     stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
     steps = total_steps(config, len(data.train))

@@ -20,8 +20,10 @@ import math
 
 import torch
 
+from lowmem.int8_weights import trainable_tensors
 from lowmem.strategies.state import (
     LossScaler,
+    apply_rule,
     RuleState,
     clip_coefficient,
     load_strategy_state,
@@ -37,7 +39,7 @@ class FusedStrategy:
         self.clip_grad_norm = update_config.clip_grad_norm
         self.scaler = LossScaler.for_model(model, update_config)
         self.two_pass = self.scaler.enabled or (update_config.clip_mode == "two_pass" and self.clip_grad_norm is not None)
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = trainable_tensors(model)
         self.state = RuleState(rule)
         self.lr = 0.0
         self._measuring = False
@@ -64,7 +66,7 @@ class FusedStrategy:
                 if not self.two_pass and self.clip_grad_norm is not None:
                     scale *= clip_coefficient(float(norm), self.clip_grad_norm)  # per-tensor clipping
                 with torch.no_grad():
-                    self.rule.update(param, grad, self.state.get(name, param), self.lr, grad_scale=scale)
+                    apply_rule(self.rule, param, grad, self.state.get(name, param), self.lr, scale)
             param.grad = None
             self._live_grad_bytes -= nbytes
 

@@ -7,8 +7,10 @@ import math
 
 import torch
 
+from lowmem.int8_weights import trainable_tensors
 from lowmem.strategies.state import (
     LossScaler,
+    apply_rule,
     RuleState,
     clip_coefficient,
     grad_norm,
@@ -23,8 +25,8 @@ class StandardStrategy:
     def __init__(self, model: torch.nn.Module, rule, update_config):
         self.rule = rule
         self.clip_grad_norm = update_config.clip_grad_norm
-        # named_parameters() yields a tied weight once, so it is updated once.
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # Parameters (a tied weight once, so it is updated once) and int8 weights.
+        self.params = trainable_tensors(model)
         self.state = RuleState(rule)
         self.scaler = LossScaler.for_model(model, update_config)
         self.lr = 0.0
@@ -45,7 +47,7 @@ class StandardStrategy:
         with torch.no_grad():
             for name, param in with_grad.items():
                 if not skipped:
-                    self.rule.update(param, param.grad, self.state.get(name, param), self.lr, grad_scale=grad_scale)
+                    apply_rule(self.rule, param, param.grad, self.state.get(name, param), self.lr, grad_scale)
                 param.grad = None
         self.scaler.update(found_inf=skipped)
         stats = {"grad_norm": norm, "grad_bytes_peak": grad_bytes, "state_bytes": self.state.nbytes()}

@@ -6,7 +6,17 @@ import math
 
 import torch
 
+from lowmem.int8_weights import Int8Weight
+
 STATE_SEPARATOR = "::"
+
+
+def apply_rule(rule, param, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float, grad_scale: float) -> None:
+    """One step of ``rule`` on a parameter, or on an int8 weight (dequantize → step → requantize)."""
+    if isinstance(param, Int8Weight):
+        param.update_with(rule, grad, state, lr, grad_scale=grad_scale)
+    else:
+        rule.update(param, grad, state, lr, grad_scale=grad_scale)
 
 
 class RuleState:
@@ -19,7 +29,8 @@ class RuleState:
     def get(self, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.by_param.get(name)
         if state is None:
-            state = {k: v.to(param.device) for k, v in self.rule.init_state(param, name).items()}
+            like = param.template() if isinstance(param, Int8Weight) else param
+            state = {k: v.to(param.device) for k, v in self.rule.init_state(like, name).items()}
             self.by_param[name] = state
         return state
 

@@ -1,0 +1,300 @@
+"""Int8 weights with a dense-and-sparse split (QFT, Li et al. 2023): no float copy of a linear weight is kept.
+
+Each ``nn.Linear`` weight (except the output head) becomes an :class:`Int8Weight`:
+    dense part   uint8 codes of a symmetric linear map (code 128 is zero, 128 ± 127 is ± absmax) with one
+                 float32 absmax per block of ``blocksize`` values: 1 + 4/256 ≈ 1.016 bytes per value;
+    sparse part  the ``outlier_fraction`` largest magnitudes, kept exactly as float32 values at int32
+                 positions (8 bytes per outlier: 0.08 bytes per value at 1%), so they neither widen their
+                 block's scale nor lose precision themselves.
+:class:`Int8Linear` dequantizes the weight just in time, in forward and again in backward, so only the layer
+at work has a float weight (it saves its input, never the weight). Its weight gradient is handed to the
+trainer's strategy as a parameter's would be (``.grad`` plus post-accumulate hooks), and the update runs
+dequantize → the rule's step on that one float32 tensor → requantize:
+
+* requantization rounds stochastically (``floor(x + u)``, u ~ U[0, 1)): unbiased, so an update far smaller
+  than one code step still moves the weight on average, where rounding to nearest would drop it every time;
+* a block's scale only grows between refreshes (by two codes of headroom when a value outgrows it), so the
+  grid stays put and weights that did not move are not re-rounded;
+* every ``refresh_every`` updates the outlier positions and all block scales are chosen afresh.
+Each weight has its own random generator, seeded from the run's seed and its name, so the rounding does not
+depend on the order the strategy updates weights in, and its state checkpoints with the codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
+
+from lowmem.ops.quant import dequantize_blockwise, quantize_blockwise
+
+WEIGHT_BLOCKSIZE = 256
+ZERO_CODE = 128
+MAX_CODE = 127  # codes span ZERO_CODE ± MAX_CODE; code 0 is never written
+HEADROOM = 1 + 2 / MAX_CODE  # a scale that must grow grows two codes beyond the value that outgrew it
+RNG_KEY = "rounding_rng"
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_map_on(device: str) -> torch.Tensor:
+    return (torch.arange(256, dtype=torch.float32, device=device) - ZERO_CODE) / MAX_CODE
+
+
+def linear_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256-entry symmetric linear code map: entry i is (i − 128) / 127, so 128 is 0 and 255 is 1."""
+    return _linear_map_on(str(device))
+
+
+class Int8Weight(torch.nn.Module):
+    """One linear weight as int8 blocks plus float32 outliers; updated in place by :meth:`update_with`.
+
+    Quacks enough like a trainable parameter for the strategies: ``requires_grad``, ``grad``,
+    ``register_post_accumulate_grad_hook``, ``shape``, ``device`` and ``numel()``.
+    """
+
+    def __init__(self, weight: torch.Tensor, outlier_fraction: float = 0.01, refresh_every: int = 100,
+                 blocksize: int = WEIGHT_BLOCKSIZE, seed: int = 0, stochastic: bool = True):
+        super().__init__()
+        self.shape = weight.shape
+        self.compute_dtype = weight.dtype
+        self.n_outliers = min(weight.numel(), round(outlier_fraction * weight.numel()))
+        self.refresh_every = refresh_every
+        self.blocksize = blocksize
+        self.seed = seed
+        self.stochastic = stochastic
+        self.requires_grad = True
+        self.grad: torch.Tensor | None = None
+        self._grad_hooks: OrderedDict[int, object] = OrderedDict()  # weak-referenceable, for RemovableHandle
+        self._generator: torch.Generator | None = None
+        n_blocks = -(-weight.numel() // blocksize)
+        device = weight.device
+        self.register_buffer("codes", torch.empty(weight.numel(), dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.float32, device=device))
+        self.register_buffer("outlier_index", torch.empty(self.n_outliers, dtype=torch.int32, device=device))
+        self.register_buffer("outlier_value", torch.empty(self.n_outliers, dtype=torch.float32, device=device))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64, device=device))
+        with torch.no_grad():
+            self._store(weight.detach().reshape(-1).float().clone(), rescale=True, stochastic=False)
+
+    # -- what the strategies see --------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.compute_dtype
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def requires_grad_(self, requires_grad: bool = True) -> "Int8Weight":
+        self.requires_grad = requires_grad
+        return self
+
+    def register_post_accumulate_grad_hook(self, hook) -> RemovableHandle:
+        handle = RemovableHandle(self._grad_hooks)
+        self._grad_hooks[handle.id] = hook
+        return handle
+
+    def accumulate_grad(self, grad: torch.Tensor) -> None:
+        """Called from backward: sum into ``.grad`` as autograd does for a parameter, then run the hooks."""
+        self.grad = grad if self.grad is None else self.grad + grad
+        for hook in list(self._grad_hooks.values()):
+            hook(self)
+
+    def template(self) -> torch.Tensor:
+        """A float32 tensor of this weight's shape and device that owns no memory, for ``rule.init_state``."""
+        return torch.zeros((), dtype=torch.float32, device=self.device).expand(self.shape)
+
+    def stored_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    # -- dequantize, update, requantize ---------------------------------------------------------------
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a new float tensor of ``dtype`` (default: the model's dtype)."""
+        dtype = dtype or self.compute_dtype
+        flat = dequantize_blockwise(self.codes, self.absmax, linear_map(self.device), self.blocksize, dtype)
+        if self.n_outliers:
+            flat[self.outlier_index.long()] = self.outlier_value.to(dtype)
+        return flat.view(self.shape)
+
+    @torch.no_grad()
+    def update_with(self, rule, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+                    grad_scale: float = 1.0) -> None:
+        """One step of ``rule`` on a float32 copy of this weight, requantized into the same storage."""
+        work = self.dequantize(torch.float32)
+        rule.update(work, grad, state, lr, grad_scale=grad_scale)
+        self.updates += 1
+        refresh = self.refresh_every > 0 and int(self.updates) % self.refresh_every == 0
+        self._store(work.view(-1), rescale=refresh, stochastic=self.stochastic)
+
+    def _store(self, flat: torch.Tensor, rescale: bool, stochastic: bool) -> None:
+        """Quantize the float32 ``flat`` (consumed as scratch) into the buffers.
+
+        ``rescale`` picks the outliers and every block scale afresh; otherwise the outlier positions stay
+        and a block's scale only grows.
+        """
+        if self.n_outliers:
+            if rescale:
+                index = flat.abs().topk(self.n_outliers, sorted=False).indices.sort().values
+                self.outlier_index.copy_(index)
+            index = self.outlier_index.long()
+            self.outlier_value.copy_(flat[index])
+            flat[index] = 0.0
+        if rescale and not stochastic:
+            codes, absmax = quantize_blockwise(flat, linear_map(self.device), self.blocksize, preserve_sign=False)
+            self.codes.copy_(codes)
+            self.absmax.copy_(absmax)
+            return
+        blocks = _padded_blocks(flat, self.blocksize)
+        block_max = blocks.abs().amax(dim=1)
+        if rescale:
+            self.absmax.copy_(block_max)
+        else:
+            torch.where(block_max > self.absmax, block_max * HEADROOM, self.absmax, out=self.absmax)
+        scale = torch.where(self.absmax > 0, MAX_CODE / self.absmax, torch.zeros_like(self.absmax))
+        scaled = blocks.mul_(scale[:, None])
+        if stochastic:
+            noise = torch.rand(scaled.shape, generator=self.generator(), device=scaled.device)
+            scaled.add_(noise).floor_()
+        else:
+            scaled.round_()
+        scaled.clamp_(-MAX_CODE, MAX_CODE).add_(ZERO_CODE)
+        self.codes.copy_(scaled.view(-1)[: self.codes.numel()])
+
+    def generator(self) -> torch.Generator:
+        """This weight's rounding generator, on the weight's device (made on first use)."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def extra_repr(self) -> str:
+        return (f"shape={tuple(self.shape)}, outliers={self.n_outliers}, blocksize={self.blocksize}, "
+                f"refresh_every={self.refresh_every}, stochastic={self.stochastic}")
+
+
+def _padded_blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n_blocks = -(-flat.numel() // blocksize)
+    if n_blocks * blocksize == flat.numel():
+        return flat.view(n_blocks, blocksize)
+    padded = flat.new_zeros(n_blocks * blocksize)
+    padded[: flat.numel()] = flat
+    return padded.view(n_blocks, blocksize)
+
+
+class _Int8LinearFunction(torch.autograd.Function):
+    """y = x·Wᵀ + b with W dequantized in forward and again in backward; only x is saved.
+
+    ``anchor`` is an empty tensor that requires grad while the weight trains, so backward reaches this
+    node even when neither the input nor the bias needs a gradient (a frozen layer below it).
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, weight: Int8Weight, bias):
+        ctx.weight = weight
+        ctx.save_for_backward(x)
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        weight: Int8Weight = ctx.weight
+        grad_x = grad_out @ weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        if weight.requires_grad:
+            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            weight.accumulate_grad(grad_w)  # a fused strategy applies and frees it right here
+        return grad_x, None, None, grad_bias
+
+
+_ANCHOR = torch.empty(0, requires_grad=True)
+
+
+class Int8Linear(torch.nn.Module):
+    """Drop-in for ``nn.Linear`` whose weight is an :class:`Int8Weight`."""
+
+    def __init__(self, linear: torch.nn.Linear, **int8_options):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = Int8Weight(linear.weight.data, **int8_options)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        anchor = _ANCHOR if self.weight.requires_grad and torch.is_grad_enabled() else None
+        return _Int8LinearFunction.apply(x, anchor, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# -- whole models ---------------------------------------------------------------------------------------
+
+
+def quantize_model(model: torch.nn.Module, outlier_fraction: float = 0.01, refresh_every: int = 100,
+                   blocksize: int = WEIGHT_BLOCKSIZE, seed: int = 0, stochastic: bool = True) -> int:
+    """Replace every ``nn.Linear`` except the output head (and any weight shared with an embedding) by an
+    :class:`Int8Linear`, one at a time, so the float weight of each is freed as it goes. Returns how many."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and module is not head
+               and id(module.weight) not in embedding_weights]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        weight_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+        setattr(parent, child, Int8Linear(linear, outlier_fraction=outlier_fraction, refresh_every=refresh_every,
+                                          blocksize=blocksize, seed=weight_seed, stochastic=stochastic))
+    return len(targets)
+
+
+def int8_weights(model: torch.nn.Module) -> dict[str, Int8Weight]:
+    """Name (as the HF weight it replaces, ``...q_proj.weight``) → :class:`Int8Weight`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Weight)}
+
+
+def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor | Int8Weight]:
+    """What a strategy updates: parameters that require grad, and trainable int8 weights."""
+    found: dict[str, torch.Tensor | Int8Weight] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    found.update({n: w for n, w in int8_weights(model).items() if w.requires_grad})
+    return found
+
+
+def dequantized_state_dict(model: torch.nn.Module, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The model's state dict with every int8 weight replaced by its float value: what an HF folder holds."""
+    weights = int8_weights(model)
+    prefixes = tuple(f"{name}." for name in weights)
+    state = {k: v.to(device) for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+    state.update({name: w.dequantize().to(device) for name, w in weights.items()})
+    return state
+
+
+def int8_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Everything needed to resume int8 weights exactly: codes, scales, outliers, update counts and the
+    state of each rounding generator (flat name → CPU tensor, safetensors-ready)."""
+    flat = {}
+    for name, weight in int8_weights(model).items():
+        for key, buffer in weight.named_buffers():
+            flat[f"{name}.{key}"] = buffer.detach().cpu()
+        flat[f"{name}.{RNG_KEY}"] = weight.generator().get_state().cpu()
+    return flat
+
+
+def load_int8_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`int8_state_dict`."""
+    weights = int8_weights(model)
+    missing = [f"{n}.codes" for n in weights if f"{n}.codes" not in flat]
+    if missing:
+        raise ValueError(f"int8 weight state lacks {missing[0]} (and {len(missing) - 1} more)")
+    for name, weight in weights.items():
+        for key, buffer in weight.named_buffers():
+            buffer.copy_(flat[f"{name}.{key}"])
+        weight.generator().set_state(flat[f"{name}.{RNG_KEY}"])

@@ -1,0 +1,223 @@
+"""QFT's int8 weights: the dense-and-sparse format and its counted bytes, stochastic rounding against round-to-
+nearest, the int8 linear layer against F.linear, standard = fused, training against float weights, export
+and exact resume."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowmem.config import UpdateConfig
+from lowmem.int8_weights import Int8Linear, Int8Weight, int8_weights, quantize_model, trainable_tensors
+from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.model import load_model
+from lowmem.rules import make_rule
+from lowmem.strategies import make_strategy
+from test_rules import batches
+from test_trainer import assert_resume_is_exact, make_config
+
+
+def int8_model(path, **options):
+    model = load_model(path, "float32")
+    quantize_model(model, **options)
+    return model
+
+
+def train_steps(model, strategy_name, update, data, lrs):
+    strategy = make_strategy(strategy_name, model, make_rule(update), update)
+    losses = []
+    for batch, lr in zip(data, lrs):
+        strategy.prepare(lr)
+        loss = loss_sum(model, batch) / count_label_tokens(batch)
+        strategy.backward(loss)
+        strategy.step()
+        losses.append(float(loss.detach()))
+    if hasattr(strategy, "remove_hooks"):
+        strategy.remove_hooks()
+    return losses
+
+
+@pytest.mark.parametrize("shape", [(64, 300), (7, 129), (1, 5000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_error_is_half_a_code_and_outliers_are_the_exact_largest_values(shape, dtype):
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    weight.view(-1)[17] = 40.0  # one huge value: it must go to the sparse set, not widen its block
+    q = Int8Weight(weight, outlier_fraction=0.01)
+    back = q.dequantize(torch.float32).view(-1)
+    flat = weight.float().view(-1)
+    k = round(0.01 * flat.numel())
+    assert q.n_outliers == k and q.dequantize().dtype == dtype
+    expected = set(flat.abs().topk(k).indices.tolist())
+    assert set(q.outlier_index.tolist()) == expected and 17 in expected
+    index = q.outlier_index.long()
+    assert torch.equal(back[index], flat[index])  # outliers exact
+    block = torch.arange(flat.numel()) // q.blocksize
+    bound = q.absmax[block] / 254 * (1 + 1e-5) + 1e-7
+    assert ((back - flat).abs() <= bound).all()  # dense part: within half a code step of its block
+    assert q.absmax.max() < 40.0
+
+
+def test_stored_bytes_are_one_per_value_plus_scales_and_outliers():
+    n = 4096 * 1024
+    q = Int8Weight(torch.randn(4096, 1024), outlier_fraction=0.01)
+    k = round(0.01 * n)
+    assert q.stored_bytes() == n + 4 * (n // 256) + 8 * k + 8  # codes, absmax, index+value, update count
+    assert q.stored_bytes() / n == pytest.approx(1.0 + 4 / 256 + 0.08, abs=1e-5)  # 1.096 B/param
+    assert Int8Weight(torch.randn(4096, 1024), outlier_fraction=0.0).stored_bytes() / n == pytest.approx(1.0156, abs=1e-4)
+
+
+def test_no_float_copy_of_a_quantized_weight_is_kept(micro_model_path):
+    model = load_model(micro_model_path, "float32")
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head}
+    float_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if n.rsplit(".", 1)[0] not in linear)
+    linear_numel = sum(model.get_submodule(n).weight.numel() for n in linear)
+    quantize_model(model)
+    weights = int8_weights(model)
+    assert len(weights) == len(linear)
+    params_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    stored = sum(w.stored_bytes() for w in weights.values())
+    assert params_bytes == float_bytes  # the linear weights left the parameters entirely
+    assert sum(b.numel() * b.element_size() for b in model.buffers() if b.dtype != torch.float32 or b.ndim) >= stored
+    assert stored / linear_numel < 1.1
+
+
+def sgd_steps(weight, steps, lr, stochastic):
+    q = Int8Weight(weight, outlier_fraction=0.0, refresh_every=0, stochastic=stochastic, seed=3)
+    sgd = make_rule(UpdateConfig(rule="sgd"))
+    grad = weight.sign()  # every weight shrinks, so no block outgrows its scale
+    for _ in range(steps):
+        q.update_with(sgd, grad, {}, lr)
+    return q
+
+
+def test_stochastic_rounding_keeps_updates_far_below_a_code_step_and_nearest_freezes_them():
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    start = Int8Weight(weight, outlier_fraction=0.0).dequantize()
+    code_step = float(start.abs().amax(dim=1).min()) / 127
+    lr, steps = code_step / 20, 200  # each step moves every weight by 1/20 of a code; 10 codes in all
+    nearest = sgd_steps(weight, steps, lr, stochastic=False)
+    assert torch.equal(nearest.dequantize(), start)  # every update rounded away: frozen
+    stochastic = sgd_steps(weight, steps, lr, stochastic=True)
+    moved = ((start - stochastic.dequantize()) * weight.sign()).mean()
+    assert float(moved) == pytest.approx(steps * lr, rel=0.05)  # unbiased: the float drift, on average
+
+
+def test_refresh_picks_the_new_largest_values_as_outliers():
+    weight = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
+    q = Int8Weight(weight, outlier_fraction=0.01, refresh_every=4)
+    sgd = make_rule(UpdateConfig(rule="sgd"))
+    grad = torch.zeros_like(weight)
+    grad[5, 7] = -1.0  # one weight grows far beyond the others
+    before = set(q.outlier_index.tolist())
+    for step in range(4):
+        assert 5 * 256 + 7 not in set(q.outlier_index.tolist())
+        q.update_with(sgd, grad, {}, lr=3.0)
+    assert 5 * 256 + 7 in set(q.outlier_index.tolist()) and set(q.outlier_index.tolist()) != before
+    assert float(q.dequantize()[5, 7]) == pytest.approx(float(weight[5, 7]) + 12.0, abs=0.05)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_int8_linear_equals_f_linear_on_the_dequantized_weight(bias, input_grad):
+    linear = torch.nn.Linear(300, 70, bias=bias)
+    layer = Int8Linear(linear)
+    x = torch.randn(3, 5, 300, requires_grad=input_grad)
+    y = layer(x)
+    (y * torch.arange(70.0)).sum().backward()
+    w = layer.weight.dequantize().requires_grad_()
+    b = linear.bias.detach().clone().requires_grad_() if bias else None
+    x2 = x.detach().clone().requires_grad_(input_grad)
+    y2 = F.linear(x2, w, b)
+    (y2 * torch.arange(70.0)).sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(layer.weight.grad, w.grad)  # reached even when nothing else needs a gradient
+    if input_grad:
+        torch.testing.assert_close(x.grad, x2.grad)
+    if bias:
+        torch.testing.assert_close(linear.bias.grad, b.grad)
+
+
+def test_a_frozen_int8_weight_gets_no_gradient_and_no_graph():
+    layer = Int8Linear(torch.nn.Linear(64, 32, bias=False))
+    layer.weight.requires_grad_(False)
+    y = layer(torch.randn(4, 64))
+    assert not y.requires_grad and layer.weight.grad is None
+
+
+@pytest.mark.parametrize("rule", ["sgd", "lion8bit"])
+def test_fused_equals_standard_with_int8_weights(micro_model_path, rule):
+    model = int8_model(micro_model_path, refresh_every=2)
+    other = copy.deepcopy(model)
+    data = batches(3, model.config.vocab_size)
+    update = UpdateConfig(rule=rule, clip_grad_norm=None)
+    train_steps(model, "standard", update, data, [1e-2, 5e-3, 2e-3])
+    train_steps(other, "fused", update, data, [1e-2, 5e-3, 2e-3])
+    a, b = model.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # codes, scales, outliers and float parameters
+
+
+def test_trainable_tensors_name_int8_weights_as_the_hf_weights(micro_model_path):
+    float_names = {n for n, _ in load_model(micro_model_path, "float32").named_parameters()}
+    assert set(trainable_tensors(int8_model(micro_model_path))) == float_names
+
+
+def test_int8_training_lowers_the_loss_within_a_margin_of_float_weights(micro_model_path):
+    """Stated margin: fused lion8bit on int8 weights ends within 3% of the same run on float weights."""
+    update = UpdateConfig(rule="lion8bit", lr=1e-3, clip_grad_norm=None)
+    float_model = load_model(micro_model_path, "float32")
+    data = [batches(5, float_model.config.vocab_size, seed=4)[s % 5] for s in range(40)]
+    float_losses = train_steps(float_model, "fused", update, data, [1e-3] * 40)
+    int8_losses = train_steps(int8_model(micro_model_path, refresh_every=10), "fused", update, data, [1e-3] * 40)
+    assert int8_losses[-1] < 0.8 * int8_losses[0]
+    assert int8_losses[-1] == pytest.approx(float_losses[-1], rel=0.03)
+    assert all(math.isfinite(x) for x in int8_losses)
+
+
+def test_export_is_a_float_hf_folder_with_the_dequantized_weights(tmp_path, micro_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowmem.checkpoint import save_model
+
+    model = int8_model(micro_model_path).eval()
+    save_model(model, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert not int8_weights(loaded)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    expected = {n for n, _ in load_model(micro_model_path).state_dict().items()}
+    assert set(loaded.state_dict()) == expected
+
+
+@pytest.mark.parametrize("strategy,rule", [("fused", "lion8bit"), ("standard", "adamw")])
+def test_resume_is_exact_with_int8_weights(tmp_path, micro_model_path, text_data, strategy, rule):
+    # a refresh every 3 updates falls after the resume point: outliers, scales and rounding RNG all resume
+    second = assert_resume_is_exact(tmp_path, micro_model_path, text_data, "model.weight_format=int8",
+                                    "model.int8.refresh_every=3", f"update.strategy={strategy}",
+                                    f"update.rule={rule}", "update.lr=1e-3")
+    checkpoint = second.output_dir / "checkpoint-4"
+    assert (checkpoint / "weights_int8.safetensors").is_file()
+    assert not (second.final_dir / "weights_int8.safetensors").exists()
+
+
+def test_int8_runs_in_bfloat16_with_gradient_checkpointing(micro_model_path):
+    model = load_model(micro_model_path, "bfloat16", gradient_checkpointing=True)
+    quantize_model(model)
+    update = UpdateConfig(rule="lion8bit", lr=1e-3, clip_grad_norm=1.0)
+    data = batches(2, model.config.vocab_size)
+    losses = train_steps(model, "fused", update, data * 3, [1e-3] * 6)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert next(iter(int8_weights(model).values())).dequantize().dtype == torch.bfloat16
+
+
+def test_config_checks_for_int8_weights(tmp_path, micro_model_path, text_data):
+    from lowmem.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not hift yet"):
+        make_config(tmp_path, micro_model_path, text_data, "model.weight_format=int8", "update.strategy=hift")
+    with pytest.raises(ConfigError, match="model.int8.outlier_fraction"):
+        make_config(tmp_path, micro_model_path, text_data, "model.int8.outlier_fraction=0.7")
+    with pytest.raises(ConfigError, match="model.weight_format"):
+        make_config(tmp_path, micro_model_path, text_data, "model.weight_format=int4")
