@@ -33,7 +33,7 @@ test: install
 
 # On a quiet machine: a benchmark beside another process on 2 cores runs ~10x slower.
 bench: install
-	$(PY) -m pip install -q --no-deps lomo-optim
+	$(PY) -m pip install -q --no-deps lomo-optim lion-pytorch
 	cd benchmarks && ../$(PY) bench_quant.py && ../$(PY) bench_update_ops.py && ../$(PY) bench_strategies.py
 
 clean:

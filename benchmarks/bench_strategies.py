@@ -1,16 +1,19 @@
 """Peak memory and step time of full fine-tuning strategies on a ~100M-parameter Llama, on one machine:
 
-    standard+adamw, fused+sgd, fused+adalomo, fused+lion8bit, hift (k = 4, 11) with adamw, adafactor and
-    lion8bit (lowmem)
-    vs lomo-optim's Lomo and AdaLomo, and the hift package (the original implementations)
+    standard+adamw, fused+sgd, fused+adalomo, fused+lion8bit with float and with int8 weights (QFT), hift
+    (k = 4, 11) with adamw, adafactor and lion8bit (lowmem)
+    vs lomo-optim's Lomo and AdaLomo, the hift package (the original implementations), lion-pytorch's Lion
+    and bitsandbytes' Lion8bit (each in the plain backward-then-step loop)
 
-    pip install --no-deps lomo-optim      # optional peer; --no-deps so it cannot pull another torch
-    python benchmarks/bench_strategies.py [--steps 5] [--threads 2]
+    pip install --no-deps lomo-optim lion-pytorch   # optional peers; --no-deps so they cannot pull another torch
+    python benchmarks/bench_strategies.py [--steps 5] [--threads 2] [--only a,b]
 
 Every provider runs in its own process, twice: once with MALLOC_MMAP_THRESHOLD_=131072 so freed tensors
 return to the OS and the RSS peak tracks live tensors (DESIGN.md §5), once without it for step time (the
 threshold slows steps). "train peak" is the RSS high-water mark during the steps minus the RSS after the
-model and data were loaded. Rows are appended to benchmarks/results.csv.
+model and data were loaded (int8 weights: after quantizing); "peak" is the whole process's RSS high-water
+mark over the steps, model included. "weights" counts the bytes the model's weights are stored in.
+Rows are appended to benchmarks/results.csv.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ PROVIDERS = {
     "hift k=4 +adafactor": dict(strategy="hift", rule="adafactor", lr=1e-2, group_size=3),
     "hift k=11 +adafactor": dict(strategy="hift", rule="adafactor", lr=1e-2, group_size=1),
     "fused+lion8bit": dict(strategy="fused", rule="lion8bit", lr=1e-4),
+    "fused+lion8bit int8w": dict(strategy="fused", rule="lion8bit", lr=1e-4, int8_weights=True),
+    "standard+lion8bit int8w": dict(strategy="standard", rule="lion8bit", lr=1e-4, int8_weights=True),
+    "lion-pytorch Lion": dict(peer="lion-pytorch", lr=1e-4),
+    "bnb Lion8bit": dict(peer="bnb Lion8bit", lr=1e-4),
     "hift k=4 +lion8bit": dict(strategy="hift", rule="lion8bit", lr=1e-4, group_size=3),
     "hift k=11 +lion8bit": dict(strategy="hift", rule="lion8bit", lr=1e-4, group_size=1),
     "hift package": dict(peer="hift"),
@@ -67,6 +74,41 @@ def build_model_and_batches(steps: int, batch: int, seq: int):
     return model, batches
 
 
+def peer_step(spec: dict, model):
+    """A function running one step of a peer implementation on a loss."""
+    import torch
+
+    if spec["peer"] in ("Lomo", "AdaLomo"):
+        import lomo_optim
+
+        optimizer = getattr(lomo_optim, spec["peer"])(model, lr=spec["lr"])
+        return lambda loss: optimizer.fused_backward(loss, spec["lr"])
+    if spec["peer"] == "lion-pytorch":
+        from lion_pytorch import Lion
+
+        optimizer = Lion(model.parameters(), lr=spec["lr"], betas=(0.9, 0.99))
+    elif spec["peer"] == "bnb Lion8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.Lion8bit(model.parameters(), lr=spec["lr"], betas=(0.9, 0.99), min_8bit_size=4096)
+    else:
+        raise ValueError(spec["peer"])
+
+    def step(loss: torch.Tensor) -> None:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def weight_bytes(model) -> int:
+    from lowmem.int8_weights import int8_weights
+
+    int8 = int8_weights(model)
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(w.stored_bytes() for w in int8.values())
+
+
 def worker(name: str, steps: int) -> dict:
     import torch
 
@@ -82,17 +124,19 @@ def worker(name: str, steps: int) -> dict:
         steps = max(steps, 11 // spec["group_size"] + (11 % spec["group_size"] > 0) + 1)  # one full cycle + 1
     model, batches = build_model_and_batches(steps, batch=2, seq=256)
     n_params = sum(p.numel() for p in model.parameters())
+    if spec.get("int8_weights"):
+        from lowmem.int8_weights import quantize_model
+
+        quantize_model(model)
     loaded = rss_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current RSS
     times, losses, stats = [], [], {}
     if "peer" in spec:
-        import lomo_optim
-
-        optimizer = getattr(lomo_optim, spec["peer"])(model, lr=spec["lr"])
+        step = peer_step(spec, model)
         for batch in batches:
             start = time.perf_counter()
             loss = loss_sum(model, batch) / count_label_tokens(batch)
-            optimizer.fused_backward(loss, spec["lr"])
+            step(loss)
             times.append(time.perf_counter() - start)
             losses.append(float(loss))
     else:
@@ -117,6 +161,7 @@ def worker(name: str, steps: int) -> dict:
             stats["grad_bytes_peak"] = max(grad_peaks)  # under hift it depends on the active group
     steady = sorted(times[1:]) or times  # the first step pays one-time allocations
     return {"provider": name, "params": n_params, "rss_loaded": loaded, "train_peak": rss_bytes("VmHWM") - loaded,
+            "peak": rss_bytes("VmHWM"), "weight_bytes": weight_bytes(model),
             "step_s": steady[len(steady) // 2], "losses": losses, "grad_bytes_peak": stats.get("grad_bytes_peak"),
             "state_bytes": stats.get("state_bytes"), "threads": torch.get_num_threads(),
             "device_resident_peak": stats.get("device_resident_peak") or None}
@@ -152,17 +197,18 @@ def main() -> None:
 
     names = args.only.split(",") if args.only else list(PROVIDERS)
     mib = 2**20
-    print(f"{'provider':<20} {'train peak MiB':>14} {'RSS loaded MiB':>14} {'step s':>7} {'grads MiB':>9} "
-          f"{'state MiB':>9} {'resident MiB':>12}  loss first→last")
+    print(f"{'provider':<24} {'peak MiB':>8} {'train peak MiB':>14} {'RSS loaded MiB':>14} {'weights MiB':>11} "
+          f"{'step s':>7} {'grads MiB':>9} {'state MiB':>9} {'resident MiB':>12}  loss first→last ({args.steps} steps)")
     rows = []
     for name in names:
         memory = run_worker(name, args.steps, args.threads, memory_mode=True)
         timing = run_worker(name, args.steps, args.threads, memory_mode=False)
         if "error" in memory or "error" in timing:
-            print(f"{name:<20} failed: {memory.get('error') or timing.get('error')}")
+            print(f"{name:<24} failed: {memory.get('error') or timing.get('error')}")
             continue
         fmt = lambda v: f"{v / mib:9.1f}" if v is not None else f"{'n/a':>9}"  # noqa: E731
-        print(f"{name:<20} {memory['train_peak'] / mib:14.1f} {memory['rss_loaded'] / mib:14.1f} "
+        print(f"{name:<24} {memory['peak'] / mib:8.1f} {memory['train_peak'] / mib:14.1f} "
+              f"{memory['rss_loaded'] / mib:14.1f} {memory['weight_bytes'] / mib:11.1f} "
               f"{timing['step_s']:7.2f} {fmt(memory['grad_bytes_peak'])} {fmt(memory['state_bytes'])} "
               f"{fmt(memory.get('device_resident_peak')):>12}  "
               f"{timing['losses'][0]:.3f}→{timing['losses'][-1]:.3f}")

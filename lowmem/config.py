@@ -388,11 +388,6 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config: model.int8.refresh_every must be >= 0 (0: never), got {int8.refresh_every}")
     if int8.blocksize < 1:
         raise ConfigError(f"config: model.int8.blocksize must be positive, got {int8.blocksize}")
-    if config.model.weight_format == "int8" and config.update.strategy == "hift":
-        raise ConfigError(
-            "config: model.weight_format=int8 works with update.strategy standard or fused, not hift yet "
-            "(use update.strategy=fused, or model.weight_format=float)"
-        )
     if fused and config.model.dtype == "float16" and config.update.clip_mode != "two_pass":
         raise ConfigError(
             "config: model.dtype float16 with fused updates needs update.clip_mode=two_pass "

@@ -69,7 +69,7 @@ class Int8Weight(torch.nn.Module):
         self.requires_grad = True
         self.grad: torch.Tensor | None = None
         self._grad_hooks: OrderedDict[int, object] = OrderedDict()  # weak-referenceable, for RemovableHandle
-        self._generator: torch.Generator | None = None
+        self._generators: dict[str, torch.Generator] = {}  # by device: a weight that moves keeps its stream
         n_blocks = -(-weight.numel() // blocksize)
         device = weight.device
         self.register_buffer("codes", torch.empty(weight.numel(), dtype=torch.uint8, device=device))
@@ -170,11 +170,12 @@ class Int8Weight(torch.nn.Module):
         self.codes.copy_(scaled.view(-1)[: self.codes.numel()])
 
     def generator(self) -> torch.Generator:
-        """This weight's rounding generator, on the weight's device (made on first use)."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self.seed)
-        return self._generator
+        """This weight's rounding generator on the weight's device (made on first use there)."""
+        key = str(self.device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=self.device)
+            self._generators[key].manual_seed(self.seed)
+        return self._generators[key]
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.shape)}, outliers={self.n_outliers}, blocksize={self.blocksize}, "

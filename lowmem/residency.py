@@ -135,8 +135,8 @@ class ResidencyScheduler:
             return
         module = self.units[self.unit_index[move.name]].module
         target = self.device if move.dst == DEVICE else torch.device("cpu")
-        for param in module.parameters():
-            param.data = param.data.to(target)
+        for tensor in _tensors_of(module):
+            tensor.data = tensor.data.to(target)
         self._stream_for_forward(move.name, module, enabled=move.dst == HOST)
 
     def _stream_for_forward(self, name: str, module: torch.nn.Module, enabled: bool) -> None:
@@ -153,12 +153,12 @@ class ResidencyScheduler:
             return
 
         def to_device(mod, args):
-            for p in mod.parameters():
-                p.data = p.data.to(self.device, non_blocking=True)
+            for t in _tensors_of(mod):
+                t.data = t.data.to(self.device, non_blocking=True)
 
         def to_host(mod, args, output):
-            for p in mod.parameters():
-                p.data = p.data.to("cpu")
+            for t in _tensors_of(mod):
+                t.data = t.data.to("cpu")
 
         self._hooks.append((name, module.register_forward_pre_hook(to_device)))
         self._hooks.append((name, module.register_forward_hook(to_host)))
@@ -177,3 +177,9 @@ class ResidencyScheduler:
         weights = sum(u.nbytes for u in self.units if self.weight_location[u.name] == DEVICE)
         states = sum(self._state_bytes(n) for n in self.states_on_device())
         return weights + states
+
+
+def _tensors_of(module: torch.nn.Module):
+    """What a weight move carries: parameters and buffers (int8 weights are buffers)."""
+    yield from module.parameters()
+    yield from module.buffers()

@@ -9,16 +9,25 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem.int8_weights import Int8Weight, trainable_tensors
+
 
 @dataclass
 class Unit:
     name: str
-    params: dict[str, torch.nn.Parameter]  # parameter name → parameter (trainable ones only)
+    params: dict[str, torch.nn.Parameter | Int8Weight]  # name → trainable parameter or int8 weight
     module: torch.nn.Module | None = None  # the module holding them; None for the "norm" remainder
 
     @property
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.params.values())
+        return sum(p.stored_bytes() if isinstance(p, Int8Weight) else p.numel() * p.element_size()
+                   for p in self.params.values())
+
+
+def _weights_of(module: torch.nn.Module):
+    """A module's parameters and int8 weights."""
+    yield from module.parameters()
+    yield from (m for m in module.modules() if isinstance(m, Int8Weight))
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
@@ -28,7 +37,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
         if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
             if len({type(child) for child in module}) != 1:
                 continue
-            size = sum(p.numel() for p in module.parameters())
+            size = sum(p.numel() for p in _weights_of(module))
             if size > best_size:
                 best, best_size = module, size
     return best
@@ -40,14 +49,14 @@ def discover_units(model: torch.nn.Module) -> list[Unit]:
     Only parameters that require grad are placed; a tied weight belongs to the first unit that owns it
     (the embeddings), so an lm_head tied to them forms no unit of its own.
     """
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    named = trainable_tensors(model)
     name_of = {id(p): n for n, p in named.items()}
     taken: set[str] = set()
     units: list[Unit] = []
 
     def add(name: str, module: torch.nn.Module | None) -> None:
         params = {}
-        for p in module.parameters() if module is not None else []:
+        for p in _weights_of(module) if module is not None else []:
             n = name_of.get(id(p))
             if n is not None and n not in taken:
                 params[n] = p
@@ -60,7 +69,7 @@ def discover_units(model: torch.nn.Module) -> list[Unit]:
     layers = decoder_layers(model)
     for i, layer in enumerate(layers if layers is not None else []):
         add(f"layers.{i}", layer)
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    head_ids = {id(p) for p in _weights_of(head)} if head is not None else set()
     rest = {n: p for n, p in named.items() if n not in taken and id(p) not in head_ids}
     if rest:
         units.append(Unit("norm", rest))

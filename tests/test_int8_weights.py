@@ -191,12 +191,13 @@ def test_export_is_a_float_hf_folder_with_the_dequantized_weights(tmp_path, micr
     assert set(loaded.state_dict()) == expected
 
 
-@pytest.mark.parametrize("strategy,rule", [("fused", "lion8bit"), ("standard", "adamw")])
-def test_resume_is_exact_with_int8_weights(tmp_path, micro_model_path, text_data, strategy, rule):
-    # a refresh every 3 updates falls after the resume point: outliers, scales and rounding RNG all resume
+@pytest.mark.parametrize("strategy,rule,refresh", [("fused", "lion8bit", 3), ("standard", "adamw", 3),
+                                                   ("hift", "lion8bit", 1)])
+def test_resume_is_exact_with_int8_weights(tmp_path, micro_model_path, text_data, strategy, rule, refresh):
+    # refreshes fall after the resume point (step 2 of 4): outliers, scales and rounding RNG all resume
     second = assert_resume_is_exact(tmp_path, micro_model_path, text_data, "model.weight_format=int8",
-                                    "model.int8.refresh_every=3", f"update.strategy={strategy}",
-                                    f"update.rule={rule}", "update.lr=1e-3")
+                                    f"model.int8.refresh_every={refresh}", f"update.strategy={strategy}",
+                                    f"update.rule={rule}", "update.lr=1e-3", "hift.fused=true")
     checkpoint = second.output_dir / "checkpoint-4"
     assert (checkpoint / "weights_int8.safetensors").is_file()
     assert not (second.final_dir / "weights_int8.safetensors").exists()
@@ -215,9 +216,49 @@ def test_int8_runs_in_bfloat16_with_gradient_checkpointing(micro_model_path):
 def test_config_checks_for_int8_weights(tmp_path, micro_model_path, text_data):
     from lowmem.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="not hift yet"):
-        make_config(tmp_path, micro_model_path, text_data, "model.weight_format=int8", "update.strategy=hift")
     with pytest.raises(ConfigError, match="model.int8.outlier_fraction"):
         make_config(tmp_path, micro_model_path, text_data, "model.int8.outlier_fraction=0.7")
     with pytest.raises(ConfigError, match="model.weight_format"):
         make_config(tmp_path, micro_model_path, text_data, "model.weight_format=int4")
+
+
+def test_checkpoint_versions_older_resume_and_newer_are_refused(tmp_path, micro_model_path, text_data):
+    import json
+
+    from lowmem.errors import UserError
+    from lowmem.trainer import train
+
+    args = ("model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit", "update.lr=1e-3")
+    first = train(make_config(tmp_path, micro_model_path, text_data, *args, "train.max_steps=2"))
+    checkpoint = first.output_dir / "checkpoint-2"
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["format_version"] == 2
+    # a version 1 checkpoint has no int8 file: its float weights are requantized and training goes on
+    (checkpoint / "weights_int8.safetensors").unlink()
+    state_file.write_text(json.dumps({**state, "format_version": 1}))
+    resumed = train(make_config(tmp_path, micro_model_path, text_data, *args))
+    assert len(resumed.losses) == 2 and all(math.isfinite(x) for x in resumed.losses)
+    state_file.write_text(json.dumps({**state, "format_version": 3}))
+    with pytest.raises(UserError, match="format version 3, newer"):
+        train(make_config(tmp_path, micro_model_path, text_data, *args, f"checkpoint.resume={checkpoint}"))
+
+
+def test_hift_trains_only_the_active_groups_int8_weights(micro_model_path):
+    from lowmem.config import Config, HiftConfig
+
+    model = int8_model(micro_model_path)
+    update = UpdateConfig(strategy="hift", rule="lion8bit", lr=1e-3, clip_grad_norm=None)
+    config = Config(update=update, hift=HiftConfig(group_size=1, fused=True))
+    strategy = make_strategy("hift", model, make_rule(update), update, config)
+    unit_names = [u.name for u in strategy.units]
+    assert unit_names[:2] == ["embeddings", "layers.0"]
+    assert any(isinstance(p, Int8Weight) for p in strategy.units[1].params.values())
+    batch = batches(1, model.config.vocab_size)[0]
+    for _ in range(2):  # embeddings, then layers.0
+        before = {n: w.codes.clone() for n, w in int8_weights(model).items()}
+        strategy.prepare(1e-3)
+        strategy.backward(loss_sum(model, batch) / count_label_tokens(batch))
+        strategy.step()
+    changed = {n for n, w in int8_weights(model).items() if not torch.equal(w.codes, before[n])}
+    assert changed and all(n.startswith("model.layers.0.") for n in changed)
