@@ -23,8 +23,8 @@ import torch
 from lowmem.int8_weights import trainable_tensors
 from lowmem.strategies.state import (
     LossScaler,
-    apply_rule,
     RuleState,
+    apply_rule,
     clip_coefficient,
     load_strategy_state,
     strategy_state_dict,

@@ -10,8 +10,8 @@ import torch
 from lowmem.int8_weights import trainable_tensors
 from lowmem.strategies.state import (
     LossScaler,
-    apply_rule,
     RuleState,
+    apply_rule,
     clip_coefficient,
     grad_norm,
     load_strategy_state,
