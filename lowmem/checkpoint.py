@@ -172,8 +172,13 @@ def save_model(model, folder: Path) -> None:
 
 def load_int8_weights(checkpoint: Path, model) -> bool:
     """Restore int8 weights exactly from ``checkpoint`` if it holds them; False if it has none."""
+    from lowmem.errors import UserError
+
     path = checkpoint / INT8_FILE
     if not path.exists():
         return False
-    load_int8_state_dict(model, load_file(path))
+    try:
+        load_int8_state_dict(model, load_file(path))
+    except ValueError as err:
+        raise UserError(f"{path}: {err} (resume with the model.int8 settings it was written with)") from None
     return True

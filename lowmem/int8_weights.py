@@ -297,5 +297,8 @@ def load_int8_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor]) 
         raise ValueError(f"int8 weight state lacks {missing[0]} (and {len(missing) - 1} more)")
     for name, weight in weights.items():
         for key, buffer in weight.named_buffers():
-            buffer.copy_(flat[f"{name}.{key}"])
+            saved = flat[f"{name}.{key}"]
+            if saved.shape != buffer.shape:
+                raise ValueError(f"{name}.{key} has shape {tuple(saved.shape)}, the model expects {tuple(buffer.shape)}")
+            buffer.copy_(saved)
         weight.generator().set_state(flat[f"{name}.{RNG_KEY}"])

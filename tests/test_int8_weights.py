@@ -225,7 +225,7 @@ def test_config_checks_for_int8_weights(tmp_path, micro_model_path, text_data):
         make_config(tmp_path, micro_model_path, text_data, "model.weight_format=int4")
 
 
-def test_checkpoint_versions_older_resume_and_newer_are_refused(tmp_path, micro_model_path, text_data):
+def test_checkpoint_versions_older_resume_newer_and_mismatched_are_refused(tmp_path, micro_model_path, text_data):
     import json
 
     from lowmem.errors import UserError
@@ -242,6 +242,10 @@ def test_checkpoint_versions_older_resume_and_newer_are_refused(tmp_path, micro_
     state_file.write_text(json.dumps({**state, "format_version": 1}))
     resumed = train(make_config(tmp_path, micro_model_path, text_data, *args))
     assert len(resumed.losses) == 2 and all(math.isfinite(x) for x in resumed.losses)
+    mismatch = r"outlier_index has shape \(41,\), the model expects \(82,\) \(resume with the model.int8 settings"
+    with pytest.raises(UserError, match=mismatch):
+        train(make_config(tmp_path, micro_model_path, text_data, *args, "model.int8.outlier_fraction=0.02",
+                          f"checkpoint.resume={first.output_dir / 'checkpoint-4'}"))
     state_file.write_text(json.dumps({**state, "format_version": 3}))
     with pytest.raises(UserError, match="format version 3, newer"):
         train(make_config(tmp_path, micro_model_path, text_data, *args, f"checkpoint.resume={checkpoint}"))
