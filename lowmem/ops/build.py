@@ -14,11 +14,14 @@ EXTENSION_NAME = "lowmem._C"
 # The extension is built on the machine that runs it (pip --no-build-isolation or just in time), so, like
 # DeepSpeed's op_builder, it targets that CPU: AVX2/FMA where present (torch picks such kernels at run time).
 # LOWMEM_PORTABLE=1 builds for baseline x86-64 instead (e.g. a build machine that differs from the runner).
-CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"] + (
+# No -std flag: torch's cpp_extension adds the C++ standard its own headers need, for the ahead-of-time and the
+# just-in-time build alike (C++20 with torch 2.13 and 2.14; 2.14's headers refuse to compile under C++17, which
+# a hard-coded -std=c++17 here forced).
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"] + (
     [] if os.environ.get("LOWMEM_PORTABLE") == "1" else ["-march=native"]
 )
 LD_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17"]
+NVCC_FLAGS = ["-O3"]
 
 
 def csrc_dir(repo_root: Path | None = None) -> Path:
