@@ -43,20 +43,21 @@ def providers(shape, dtype):
     grad = torch.randn(shape, generator=g).to(dtype)
     row, col = torch.ones(shape[0]), torch.ones(shape[1])
     empty = torch.zeros(0)
-    factored = dict(grad_scale=1.0, beta2t=0.9, eps1=1e-30, clip_threshold=1.0, rho=1e-3, eps2=1e-3,
-                    scale_parameter=True, weight_decay=0.0, beta1=0.0)
+    factored = dict(step=10.0, grad_scale=1.0, lr=1e-3, relative_step=False, decay_rate=-0.8, eps1=1e-30,
+                    clip_threshold=1.0, eps2=1e-3, scale_parameter=True, weight_decay=0.0, beta1=0.0)
+    factored_ref = {**factored, "step": torch.tensor(10.0), "grad_scale": torch.tensor(1.0)}
     out = {
         ("sgd", "reference"): lambda: sgd_update_ref(param, grad, 1e-3, 0.01, 1.0),
         ("sgd", "torch.optim.SGD"): optimizer_step(torch.optim.SGD, param, grad, lr=1e-3, weight_decay=0.01),
-        ("adalomo", "reference"): lambda: factored_update_ref(param, grad, row, col, empty, **factored),
+        ("adalomo", "reference"): lambda: factored_update_ref(param, grad, row, col, empty, **factored_ref),
         ("adalomo", "transformers Adafactor"): optimizer_step(
             transformers.Adafactor, param, grad, lr=1e-3, relative_step=False, scale_parameter=True, warmup_init=False),
         ("adalomo", "torch.optim.Adafactor"): optimizer_step(torch.optim.Adafactor, param, grad, lr=1e-3, foreach=False),
     }
     codes, absmax = quantize_blockwise_ref(torch.randn(shape, generator=g) * 0.01, dynamic_map(), 256, True)
-    lion = dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, grad_scale=1.0)
+    lion = dict(lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0)
     out[("lion8bit", "reference")] = lambda: lion8bit_update_ref(param, grad, codes, absmax, dynamic_map(),
-                                                                 *lion.values(), 256)
+                                                                 torch.tensor(1.0), *lion.values(), 256)
     try:
         import bitsandbytes as bnb
 

@@ -1,7 +1,10 @@
-// Small helpers for the torch-facing kernel bindings (CPU and CUDA).
+// Small helpers for the torch-facing kernel bindings (CPU and CUDA): shared argument checks, so every
+// device refuses bad input with the same one-line message.
 #pragma once
 
 #include <torch/extension.h>
+
+#include <algorithm>
 
 namespace lowmem {
 
@@ -16,6 +19,101 @@ void on_contiguous(at::Tensor& param, Fn fn) {
     fn(work);
     param.copy_(work);
   }
+}
+
+// The gradient as the kernels read it: in the weight's dtype when it already is, else as float32 (a float32
+// gradient of a bfloat16 weight is read at full precision, never rounded down), contiguous.
+inline at::Tensor float_or_same(const at::Tensor& grad, const at::Tensor& param) {
+  return (grad.scalar_type() == param.scalar_type() ? grad : grad.to(at::kFloat)).contiguous();
+}
+
+// A 0-d float32 scalar argument (gradient scale, step count) that lives on the param's device.
+inline void check_scalar(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat, "lowmem: ", op, ": ", name,
+              " must be one float32 value, got ", t.numel(), " of ", t.scalar_type());
+  TORCH_CHECK(t.device() == param.device(), "lowmem: ", op, ": ", name, " is on ", t.device(), ", param on ",
+              param.device(), " (pass it on the param's device)");
+}
+
+// Its value, for a CPU kernel (host memory: no device is waited for).
+inline float host_scalar(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
+  check_scalar(t, param, op, name);
+  return *t.data_ptr<float>();
+}
+
+// Its address, for a CUDA kernel to read on the device.
+inline const float* device_scalar(const at::Tensor& t, const at::Tensor& param, const char* op, const char* name) {
+  check_scalar(t, param, op, name);
+  return t.data_ptr<float>();
+}
+
+// The blockwise quantization layout: one absmax per block of blocksize > 0 values, on the data's device.
+inline void check_blocks(int64_t n, const at::Tensor& absmax, int64_t blocksize, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(blocksize > 0, "lowmem: ", op, ": blocksize must be positive, got ", blocksize);
+  TORCH_CHECK(absmax.numel() == (n + blocksize - 1) / blocksize, "lowmem: ", op, ": absmax must hold one value per block of ",
+              blocksize, " (", (n + blocksize - 1) / blocksize, "), got ", absmax.numel());
+  TORCH_CHECK(absmax.device() == like.device(), "lowmem: ", op, ": absmax is on ", absmax.device(), ", data on ",
+              like.device());
+}
+
+// The 256-entry float32 code map, on the data's device.
+inline void check_code(const at::Tensor& code, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256, "lowmem: ", op,
+              ": code must be a float32 tensor of 256 values");
+  TORCH_CHECK(code.device() == like.device(), "lowmem: ", op, ": code is on ", code.device(), ", data on ",
+              like.device());
+}
+
+// The gradient matches the param in size and device.
+inline void check_grad(const at::Tensor& param, const at::Tensor& grad, const char* op) {
+  TORCH_CHECK(param.numel() == grad.numel(), "lowmem: ", op, ": grad has ", grad.numel(), " elements, param ",
+              param.numel());
+  TORCH_CHECK(grad.device() == param.device(), "lowmem: ", op, ": grad is on ", grad.device(), ", param on ",
+              param.device());
+}
+
+// A factored step's view of the param: batch × rows × cols for a matrix (or stack of matrices), else a vector.
+struct FactoredShape {
+  int64_t batch, rows, cols;
+  bool factored;
+};
+
+// Everything factored_update_ needs of its tensors besides the scalars, with the param's shape as the kernels see it.
+inline FactoredShape check_factored_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& row,
+                                         const at::Tensor& col, const at::Tensor& exp_avg) {
+  const char* op = "factored_update_";
+  check_grad(param, grad, op);
+  TORCH_CHECK(row.scalar_type() == at::kFloat && row.is_contiguous() && col.scalar_type() == at::kFloat &&
+                  col.is_contiguous(), "lowmem: ", op, ": row/col state must be contiguous float32");
+  TORCH_CHECK(row.device() == param.device() && col.device() == param.device(), "lowmem: ", op,
+              ": row/col state must be on the param's device (", param.device(), ")");
+  const bool factored = col.numel() > 0;
+  const int64_t cols = factored ? param.size(-1) : 1;
+  const int64_t rows = factored ? param.size(-2) : 1;
+  const int64_t batch = factored ? param.numel() / std::max<int64_t>(rows * cols, 1) : param.numel();
+  TORCH_CHECK(!factored || (param.dim() >= 2 && row.numel() == batch * rows && col.numel() == batch * cols), "lowmem: ",
+              op, ": row/col state hold ", row.numel(), "/", col.numel(), " values, the param needs ", batch * rows, "/",
+              batch * cols);
+  TORCH_CHECK(factored || row.numel() == param.numel(), "lowmem: ", op, ": the second moment of a vector holds ",
+              row.numel(), " values, the param ", param.numel());
+  TORCH_CHECK(exp_avg.numel() == 0 || (exp_avg.numel() == param.numel() && exp_avg.scalar_type() == at::kFloat &&
+                                       exp_avg.is_contiguous() && exp_avg.device() == param.device()),
+              "lowmem: ", op, ": exp_avg must be empty or match the param (float32, contiguous, same size and device)");
+  return {batch, rows, cols, factored};
+}
+
+// Everything lion8bit_update_ needs of its tensors besides the scalar: sizes, dtypes, layout and devices.
+inline void check_lion8bit_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& codes,
+                                const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize) {
+  const char* op = "lion8bit_update_";
+  check_grad(param, grad, op);
+  TORCH_CHECK(codes.numel() == param.numel() && codes.device() == param.device(), "lowmem: ", op, ": codes (",
+              codes.numel(), " on ", codes.device(), ") must match the param (", param.numel(), " on ", param.device(), ")");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "lowmem: ", op, ": codes must be contiguous uint8");
+  check_blocks(param.numel(), absmax, blocksize, param, op);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "lowmem: ", op,
+              ": absmax must be contiguous float32");
+  check_code(code, param, op);
 }
 
 }  // namespace lowmem

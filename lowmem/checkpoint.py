@@ -5,8 +5,8 @@ weights, config, tokenizer) plus
     ``optimizer.safetensors``  the strategy's rule state (flat name → tensor),
     ``rng.safetensors``        torch CPU (and CUDA) generator states,
     ``trainer_state.json``     step, data position, Python RNG state, format version, the recipe,
-    ``weights_int8.safetensors`` (int8 weights only) codes, scales, outliers and rounding-RNG states; the HF
-                               weights beside it are their dequantized values (format version 2).
+    ``weights_int8.safetensors`` (int8 weights only) codes, scales, outliers and rounding-RNG states by
+                               device; the HF weights beside it are their dequantized values.
 Everything is written to a hidden temporary folder, fsynced, and renamed into place, so a crash never
 leaves a half-written checkpoint that resume would pick. Nothing is ever unpickled.
 """
@@ -14,6 +14,7 @@ leaves a half-written checkpoint that resume would pick. Nothing is ever unpickl
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,10 +27,12 @@ from safetensors.torch import load_file, save_file
 
 from lowmem.int8_weights import dequantized_state_dict, int8_state_dict, int8_weights, load_int8_state_dict
 
-FORMAT_VERSION = 2  # 2: adds weights_int8.safetensors; version 1 checkpoints still load
+# 2: adds weights_int8.safetensors; 3: its rounding generators by device. Versions 1 and 2 still load.
+FORMAT_VERSION = 3
 STATE_FILE = "trainer_state.json"
 INT8_FILE = "weights_int8.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger("lowmem")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -178,7 +181,10 @@ def load_int8_weights(checkpoint: Path, model) -> bool:
     if not path.exists():
         return False
     try:
-        load_int8_state_dict(model, load_file(path))
+        absent = load_int8_state_dict(model, load_file(path))
     except ValueError as err:
         raise UserError(f"{path}: {err} (resume with the model.int8 settings it was written with)") from None
+    if absent:
+        log.warning("%s: int8 rounding generators of %s are not restored (no such device here); their rounding "
+                    "restarts from the seed", path, ", ".join(absent))
     return True

@@ -45,8 +45,9 @@ def _linear_map_on(device: str) -> torch.Tensor:
 
 
 def linear_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-entry symmetric linear code map: entry i is (i − 128) / 127, so 128 is 0 and 255 is 1."""
-    return _linear_map_on(str(device))
+    """The 256-entry symmetric linear code map: entry i is (i − 128) / 127, so 128 is 0 and 255 is 1 (one shared
+    copy per device: never write to it)."""
+    return _linear_map_on(str(torch.device(device)))
 
 
 class Int8Weight(torch.nn.Module):
@@ -69,7 +70,10 @@ class Int8Weight(torch.nn.Module):
         self.requires_grad = True
         self.grad: torch.Tensor | None = None
         self._grad_hooks: OrderedDict[int, object] = OrderedDict()  # weak-referenceable, for RemovableHandle
-        self._generators: dict[str, torch.Generator] = {}  # by device: a weight that moves keeps its stream
+        # By device: the weight is updated where it is computed, and a checkpoint taken while a frozen weight sits
+        # in host memory must save the generator it was updated with, not a fresh one for the host.
+        self._generators: dict[str, torch.Generator] = {}
+        self.host_updates = 0  # mirrors the ``updates`` buffer, so deciding a refresh reads nothing on the device
         n_blocks = -(-weight.numel() // blocksize)
         device = weight.device
         self.register_buffer("codes", torch.empty(weight.numel(), dtype=torch.uint8, device=device))
@@ -127,12 +131,13 @@ class Int8Weight(torch.nn.Module):
 
     @torch.no_grad()
     def update_with(self, rule, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-                    grad_scale: float = 1.0) -> None:
+                    grad_scale: float | torch.Tensor = 1.0) -> None:
         """One step of ``rule`` on a float32 copy of this weight, requantized into the same storage."""
         work = self.dequantize(torch.float32)
         rule.update(work, grad, state, lr, grad_scale=grad_scale)
         self.updates += 1
-        refresh = self.refresh_every > 0 and int(self.updates) % self.refresh_every == 0
+        self.host_updates += 1
+        refresh = self.refresh_every > 0 and self.host_updates % self.refresh_every == 0
         self._store(work.view(-1), rescale=refresh, stochastic=self.stochastic)
 
     def _store(self, flat: torch.Tensor, rescale: bool, stochastic: bool) -> None:
@@ -171,11 +176,28 @@ class Int8Weight(torch.nn.Module):
 
     def generator(self) -> torch.Generator:
         """This weight's rounding generator on the weight's device (made on first use there)."""
-        key = str(self.device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=self.device)
-            self._generators[key].manual_seed(self.seed)
-        return self._generators[key]
+        return self._generator_on(str(self.device))
+
+    def _generator_on(self, device: str) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+            self._generators[device].manual_seed(self.seed)
+        return self._generators[device]
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """The state of every rounding generator this weight has used, by device (``cpu``, ``cuda:0``)."""
+        return {device: g.get_state() for device, g in self._generators.items()}
+
+    def load_generator_states(self, states: dict[str, torch.Tensor]) -> list[str]:
+        """Restore :meth:`generator_states`; returns the devices this machine lacks (their streams restart)."""
+        self._generators = {}
+        missing = []
+        for device, state in states.items():
+            if not _device_exists(device):
+                missing.append(device)
+                continue
+            self._generator_on(device).set_state(state)
+        return missing
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.shape)}, outliers={self.n_outliers}, blocksize={self.blocksize}, "
@@ -280,25 +302,47 @@ def dequantized_state_dict(model: torch.nn.Module, device: str = "cpu") -> dict[
 
 def int8_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Everything needed to resume int8 weights exactly: codes, scales, outliers, update counts and the
-    state of each rounding generator (flat name → CPU tensor, safetensors-ready)."""
+    state of each rounding generator by device (``NAME.rounding_rng.cuda:0``) (flat name → CPU tensor,
+    safetensors-ready)."""
     flat = {}
     for name, weight in int8_weights(model).items():
         for key, buffer in weight.named_buffers():
             flat[f"{name}.{key}"] = buffer.detach().cpu()
-        flat[f"{name}.{RNG_KEY}"] = weight.generator().get_state().cpu()
+        for device, state in weight.generator_states().items():
+            flat[f"{name}.{RNG_KEY}.{device}"] = state.cpu()
     return flat
 
 
-def load_int8_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor]) -> None:
-    """Inverse of :func:`int8_state_dict`."""
+def load_int8_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor]) -> list[str]:
+    """Inverse of :func:`int8_state_dict`; returns the generator devices this machine lacks.
+
+    A checkpoint of format version 2 holds one generator per weight under ``NAME.rounding_rng``; lowmem
+    wrote those on CPU only, so it is restored as the CPU generator.
+    """
     weights = int8_weights(model)
     missing = [f"{n}.codes" for n in weights if f"{n}.codes" not in flat]
     if missing:
         raise ValueError(f"int8 weight state lacks {missing[0]} (and {len(missing) - 1} more)")
+    absent_devices: set[str] = set()
     for name, weight in weights.items():
         for key, buffer in weight.named_buffers():
             saved = flat[f"{name}.{key}"]
             if saved.shape != buffer.shape:
                 raise ValueError(f"{name}.{key} has shape {tuple(saved.shape)}, the model expects {tuple(buffer.shape)}")
             buffer.copy_(saved)
-        weight.generator().set_state(flat[f"{name}.{RNG_KEY}"])
+        weight.host_updates = int(flat[f"{name}.updates"])
+        prefix = f"{name}.{RNG_KEY}."
+        states = {key[len(prefix):]: t for key, t in flat.items() if key.startswith(prefix)}
+        if f"{name}.{RNG_KEY}" in flat:  # format version 2
+            states["cpu"] = flat[f"{name}.{RNG_KEY}"]
+        absent_devices.update(weight.load_generator_states(states))
+    return sorted(absent_devices)
+
+
+def _device_exists(device: str) -> bool:
+    d = torch.device(device)
+    if d.type == "cpu":
+        return True
+    if d.type == "cuda":
+        return torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()
+    return False

@@ -31,13 +31,14 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device) -> dict[str,
     """Token-weighted mean loss and perplexity over ``batches``."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens = None, 0
     for batch in batches:
+        tokens += count_label_tokens(batch)  # on the host batch
         batch = {k: v.to(device) for k, v in batch.items()}
-        total += float(loss_sum(model, batch))
-        tokens += count_label_tokens(batch)
+        summed = loss_sum(model, batch)
+        total = summed if total is None else total + summed  # summed on the device, read once at the end
     model.train(was_training)
-    if tokens == 0:
+    if tokens == 0 or total is None:
         return {}
-    loss = total / tokens
+    loss = float(total) / tokens
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}

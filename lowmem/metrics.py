@@ -89,14 +89,17 @@ class Progress:
                         dynamic_ncols=True, desc="train")
         self.active = not self.bar.disable
 
-    def update(self, record: dict, logged: bool) -> None:
+    def update(self, record: dict | None) -> None:
+        """One step done; ``record`` is its metrics at a log point (None between log points, whose values
+        are not read from the device)."""
         if self.active:
-            self.bar.set_postfix_str(
-                f"loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s | "
-                f"mem {format_bytes(record['peak_mem_bytes'])}", refresh=False
-            )
+            if record is not None:
+                self.bar.set_postfix_str(
+                    f"loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s | "
+                    f"mem {format_bytes(record['peak_mem_bytes'])}", refresh=False
+                )
             self.bar.update(1)
-        elif logged:
+        elif record is not None:
             log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  mem %s", record["step"], self.bar.total,
                      record["loss"], record["lr"], record["tokens_per_s"], format_bytes(record["peak_mem_bytes"]))
 

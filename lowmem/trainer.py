@@ -8,7 +8,9 @@ checkpoints at their intervals.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from lowmem import checkpoint as ckpt
 from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches
 from lowmem.errors import UserError
+from lowmem.host_sync import read_all
 from lowmem.loss import count_label_tokens, evaluate, loss_sum
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes
 from lowmem.model import load_model, load_tokenizer, pick_device
@@ -63,7 +66,17 @@ def find_resume_point(config: Config) -> Path | None:
     return Path(resume)
 
 
-def train(config: Config) -> TrainResult:
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A host batch on ``device``. To a GPU it goes through pinned memory without blocking: a copy from pageable
+    memory would wait for everything queued on the device first."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(config: Config, step_guard=None) -> TrainResult:
+    """Run the recipe ``config``; ``step_guard`` (a context manager factory, e.g.
+    :class:`lowmem.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
     output_dir = Path(config.checkpoint.output_dir)
     device = pick_device(config.train.device)
     native = ensure_loaded()
@@ -123,45 +136,61 @@ def train(config: Config) -> TrainResult:
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last)
 
     accum = config.train.gradient_accumulation_steps
+    guard = step_guard or contextlib.nullcontext
+    pending_losses: list[torch.Tensor] = []  # device scalars of the steps since the last log point
+    window_tokens, window_start = 0, time.perf_counter()
     for step in range(start_step, steps):
-        started = time.perf_counter()
         position, span = strategy.schedule_step(step, steps) if hasattr(strategy, "schedule_step") else (step, steps)
         lr = learning_rate(position, config.update.lr, span, config.train.warmup_ratio, config.train.lr_schedule)
-        micro_batches = [{k: v.to(device) for k, v in stream.next().items()} for _ in range(accum)]
-        step_tokens = sum(count_label_tokens(b) for b in micro_batches)
-        strategy.prepare(lr)
-        step_loss = 0.0
-        activation_bytes = 0
-        for batch in micro_batches:
-            with SavedTensorBytes(model.parameters()) as saved:
-                loss = loss_sum(model, batch) / max(step_tokens, 1)
-            activation_bytes = max(activation_bytes, saved.nbytes)
-            strategy.backward(loss)
-            step_loss += float(loss.detach())
-        stats = strategy.step()
-        elapsed = time.perf_counter() - started
+        host_batches = [stream.next() for _ in range(accum)]
+        # Counted on the host batches, before they move: no device value is read inside the step.
+        step_tokens = sum(count_label_tokens(b) for b in host_batches)
+        window_tokens += sum(int(b["attention_mask"].sum()) for b in host_batches)
+        with guard():
+            micro_batches = [to_device(b, device) for b in host_batches]
+            strategy.prepare(lr)
+            step_loss = None
+            activation_bytes = 0
+            for batch in micro_batches:
+                with SavedTensorBytes(model.parameters()) as saved:
+                    loss = loss_sum(model, batch) / max(step_tokens, 1)
+                activation_bytes = max(activation_bytes, saved.nbytes)
+                strategy.backward(loss)
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
+            stats = strategy.step()
+        pending_losses.append(step_loss)
 
         done = step + 1
-        result.losses.append(step_loss)
-        seen_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-        record = {"step": done, "loss": step_loss, "lr": lr, "tokens_per_s": seen_tokens / max(elapsed, 1e-9),
-                  "peak_mem_bytes": peak_memory_bytes(device), "epoch": stream.epoch,
-                  "activation_bytes": activation_bytes, **stats}
         eval_now = config.train.eval_every_n_steps and done % config.train.eval_every_n_steps == 0 and done < steps
+        logged = done % config.log.every_n_steps == 0 or done == steps or eval_now
+        if not logged:
+            progress.update(None)
+            continue
+        # The log point: the one place a step's values come to the host (the device is waited for here).
+        values = read_all({**{f"loss{i}": t for i, t in enumerate(pending_losses)},
+                           **{k: v for k, v in stats.items() if isinstance(v, torch.Tensor)}}, "log")
+        losses = [values.pop(f"loss{i}") for i in range(len(pending_losses))]
+        pending_losses = []
+        result.losses.extend(losses)
+        elapsed = time.perf_counter() - window_start
+        record = {"step": done, "loss": losses[-1], "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                  "peak_mem_bytes": peak_memory_bytes(device), "epoch": stream.epoch,
+                  "activation_bytes": activation_bytes, **stats, **values}
+        bad = next((x for x in losses if not math.isfinite(x)), None)
+        if bad is not None:
+            progress.close()
+            raise UserError(f"train: loss is {bad} at or before step {done} (lower update.lr or use "
+                            "model.dtype=float32)")
         scores = validate(done) if eval_now or done == steps else None
         if scores:
             record.update(scores)
             progress.message(f"step {done}: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
-        logged = done % config.log.every_n_steps == 0 or done == steps or scores is not None
-        if logged:
-            metrics.write(record)
-        progress.update(record, logged)
-        if not torch.isfinite(torch.tensor(step_loss)):
-            progress.close()
-            raise UserError(f"train: loss is {step_loss} at step {done} (lower update.lr or use model.dtype=float32)")
+        metrics.write(record)
+        progress.update(record)
         every = config.checkpoint.save_every_n_steps
         if every and done % every == 0 and done < steps:
             save(done)
+        window_tokens, window_start = 0, time.perf_counter()  # throughput excludes evaluation and checkpoints
 
     progress.close()
     if start_step < steps or not (output_dir / "final").exists():

@@ -228,27 +228,61 @@ def test_config_checks_for_int8_weights(tmp_path, micro_model_path, text_data):
 def test_checkpoint_versions_older_resume_newer_and_mismatched_are_refused(tmp_path, micro_model_path, text_data):
     import json
 
+    from safetensors.torch import load_file, save_file
+
     from lowmem.errors import UserError
     from lowmem.trainer import train
 
     args = ("model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit", "update.lr=1e-3")
+    full = train(make_config(tmp_path, micro_model_path, text_data, *args, name="full"))
     first = train(make_config(tmp_path, micro_model_path, text_data, *args, "train.max_steps=2"))
     checkpoint = first.output_dir / "checkpoint-2"
-    state_file = checkpoint / "trainer_state.json"
+    state_file, int8_file = checkpoint / "trainer_state.json", checkpoint / "weights_int8.safetensors"
     state = json.loads(state_file.read_text())
-    assert state["format_version"] == 2
+    assert state["format_version"] == 3
+    saved = load_file(int8_file)
+    rng_keys = [k for k in saved if ".rounding_rng." in k]
+    assert rng_keys and all(k.endswith(".rounding_rng.cpu") for k in rng_keys)  # by the device that rounded
+    # version 2 kept one generator per weight under NAME.rounding_rng (always a CPU one): it resumes exactly
+    save_file({k.removesuffix(".cpu"): v for k, v in saved.items()}, int8_file)
+    state_file.write_text(json.dumps({**state, "format_version": 2}))
+    resumed = train(make_config(tmp_path, micro_model_path, text_data, *args, f"checkpoint.resume={checkpoint}"))
+    assert first.losses + resumed.losses == full.losses
     # a version 1 checkpoint has no int8 file: its float weights are requantized and training goes on
-    (checkpoint / "weights_int8.safetensors").unlink()
+    int8_file.unlink()
     state_file.write_text(json.dumps({**state, "format_version": 1}))
-    resumed = train(make_config(tmp_path, micro_model_path, text_data, *args))
+    resumed = train(make_config(tmp_path, micro_model_path, text_data, *args, f"checkpoint.resume={checkpoint}"))
     assert len(resumed.losses) == 2 and all(math.isfinite(x) for x in resumed.losses)
     mismatch = r"outlier_index has shape \(41,\), the model expects \(82,\) \(resume with the model.int8 settings"
     with pytest.raises(UserError, match=mismatch):
         train(make_config(tmp_path, micro_model_path, text_data, *args, "model.int8.outlier_fraction=0.02",
                           f"checkpoint.resume={first.output_dir / 'checkpoint-4'}"))
-    state_file.write_text(json.dumps({**state, "format_version": 3}))
-    with pytest.raises(UserError, match="format version 3, newer"):
+    state_file.write_text(json.dumps({**state, "format_version": 4}))
+    with pytest.raises(UserError, match="format version 4, newer"):
         train(make_config(tmp_path, micro_model_path, text_data, *args, f"checkpoint.resume={checkpoint}"))
+
+
+def test_rounding_generators_are_saved_by_the_device_that_used_them(micro_model_path):
+    from lowmem.int8_weights import int8_state_dict, load_int8_state_dict
+
+    model = int8_model(micro_model_path)
+    weights = int8_weights(model)
+    updated, untouched = list(weights)[:2]
+    rule = make_rule(UpdateConfig(rule="sgd"))
+    weights[updated].update_with(rule, torch.randn(weights[updated].shape) * 1e-3, {}, lr=1.0)
+    flat = int8_state_dict(model)
+    # only a generator that rounded something is saved, under the device it lives on; asking for the state
+    # never makes a fresh generator (one made on the host for a weight updated on a GPU would not restore there)
+    assert [k for k in flat if ".rounding_rng." in k] == [f"{updated}.rounding_rng.cpu"]
+    assert int(flat[f"{updated}.updates"]) == 1
+    other = int8_model(micro_model_path)
+    load_int8_state_dict(other, flat)
+    assert other.get_submodule(updated).host_updates == 1  # the refresh counter, restored without a device read
+    assert torch.equal(other.get_submodule(updated).generator().get_state(), weights[updated].generator().get_state())
+    assert other.get_submodule(untouched).generator_states() == {}
+    # a generator saved for a device this machine lacks is reported, not forced into a CPU generator
+    flat[f"{untouched}.rounding_rng.cuda:7"] = torch.zeros(16, dtype=torch.uint8)
+    assert load_int8_state_dict(int8_model(micro_model_path), flat) == ["cuda:7"]
 
 
 def test_hift_trains_only_the_active_groups_int8_weights(micro_model_path):

@@ -93,8 +93,8 @@ def test_native_lion8bit_equals_reference(dtype, shape, weight_decay, grad_scale
     codes_a, absmax_a, codes_b, absmax_b = codes0.clone(), absmax0.clone(), codes0.clone(), absmax0.clone()
     args = dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=weight_decay, grad_scale=grad_scale)
     lion8bit_update_(ours, grad, codes_a, absmax_a, **args)
-    lion8bit_update_ref(ref, grad, codes_b, absmax_b, dynamic_map(), args["lr"], args["beta1"], args["beta2"],
-                        weight_decay, grad_scale, 256)
+    lion8bit_update_ref(ref, grad, codes_b, absmax_b, dynamic_map(), torch.tensor(grad_scale), args["lr"],
+                        args["beta1"], args["beta2"], weight_decay, 256)
     assert ours.dtype == dtype
     # both round once to the dtype; a c within one float32 ulp of zero could take another sign (never here)
     torch.testing.assert_close(ours, ref)
@@ -161,7 +161,7 @@ def test_opcheck_lion8bit():
     param, grad = torch.randn(300), torch.randn(300)
     codes, absmax = torch.full((300,), 127, dtype=torch.uint8), torch.zeros(2)
     torch.library.opcheck(torch.ops.lowmem.lion8bit_update_.default,
-                          (param, grad, codes, absmax, dynamic_map(), 1e-3, 0.9, 0.99, 0.0, 1.0, 256))
+                          (param, grad, codes, absmax, dynamic_map(), torch.tensor(1.0), 1e-3, 0.9, 0.99, 0.0, 256))
 
 
 @pytest.mark.cuda
@@ -173,6 +173,24 @@ def test_cuda_lion8bit_equals_reference(dtype):
     ours, ref = param.clone().cuda(), param.clone()
     ca, aa = codes.clone().cuda(), absmax.clone().cuda()
     lion8bit_update_(ours, grad.cuda(), ca, aa, lr=1e-2, beta1=0.9, beta2=0.99)
-    lion8bit_update_ref(ref, grad, codes, absmax, dynamic_map(), 1e-2, 0.9, 0.99, 0.0, 1.0, 256)
+    lion8bit_update_ref(ref, grad, codes, absmax, dynamic_map(), torch.tensor(1.0), 1e-2, 0.9, 0.99, 0.0, 256)
     torch.testing.assert_close(ours.cpu(), ref)
     assert (ca.cpu().int() - codes.int()).abs().max() <= 1
+    # a float32 gradient of a bfloat16 weight, with a device-side gradient scale
+    if dtype == torch.bfloat16:
+        ours, ref = param.clone().cuda(), param.clone()
+        ca, aa, cb, ab = codes.clone().cuda(), absmax.clone().cuda(), codes.clone(), absmax.clone()
+        g32 = torch.randn(4097)
+        lion8bit_update_(ours, g32.cuda(), ca, aa, lr=1e-2, beta1=0.9, beta2=0.99, grad_scale=torch.tensor(0.5).cuda())
+        lion8bit_update_ref(ref, g32, cb, ab, dynamic_map(), torch.tensor(0.5), 1e-2, 0.9, 0.99, 0.0, 256)
+        torch.testing.assert_close(ours.cpu(), ref)
+        assert (ca.cpu().int() - cb.int()).abs().max() <= 1
+
+
+def test_lion8bit_refuses_bad_blocks_in_one_line():
+    param, grad = torch.randn(300), torch.randn(300)
+    codes = torch.full((300,), 127, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="absmax must hold one value per block of 256 \\(2\\), got 3"):
+        lion8bit_update_(param, grad, codes, torch.zeros(3), lr=1e-3, beta1=0.9, beta2=0.99)
+    with pytest.raises(RuntimeError, match="blocksize must be positive, got 0"):
+        lion8bit_update_(param, grad, codes, torch.zeros(2), lr=1e-3, beta1=0.9, beta2=0.99, blocksize=0)

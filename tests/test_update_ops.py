@@ -48,6 +48,32 @@ def test_sgd_native_equals_reference(dtype, rtol, atol, shape, weight_decay, gra
     assert param.numel() == 1 or not torch.equal(ours, param)  # one bf16 value may legitimately round back
 
 
+def factored_ref(param, grad, row, col, exp_avg, *, step, grad_scale=1.0, lr, relative_step=False, decay_rate, eps1,
+                 clip_threshold, eps2, scale_parameter, weight_decay, beta1=0.0):
+    """The reference with the op's keyword interface (its device scalars as CPU tensors)."""
+    factored_update_ref(param, grad, row, col, exp_avg, torch.tensor(float(step)), torch.tensor(float(grad_scale)), lr,
+                        relative_step, decay_rate, eps1, clip_threshold, eps2, scale_parameter, weight_decay, beta1)
+
+
+def float32_grad_case(device="cpu"):
+    """A bfloat16 weight 1.0 and a float32 gradient 2⁻⁹(1 + 2⁻¹⁰) that bfloat16 cannot hold: read at full
+    precision, 1 − g lies below the midpoint of its two bfloat16 neighbours and rounds down to 1 − 2⁻⁸; rounded
+    to bfloat16 first (2⁻⁹), it lands on the midpoint and rounds to even, back to 1.0."""
+    param = torch.ones(8, dtype=torch.bfloat16, device=device)
+    grad = torch.full((8,), 2.0**-9 * (1 + 2.0**-10), dtype=torch.float32, device=device)
+    return param, grad, torch.full((8,), 1 - 2.0**-8, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_float32_gradient_of_a_bfloat16_weight_is_not_rounded_first(device):
+    param, grad, expected = float32_grad_case(device)
+    sgd_update_(param, grad, 1.0, 0.0, 1.0)
+    assert torch.equal(param.cpu(), expected)
+    ref, grad, _ = float32_grad_case()
+    sgd_update_ref(ref, grad, 1.0, 0.0, 1.0)
+    assert torch.equal(ref, expected)
+
+
 def test_sgd_non_contiguous_and_float32_grad_for_bf16_weights():
     param, grad = tensors((40, 33), torch.bfloat16, non_contiguous=True)
     ours, ref = param.clone(), param.clone()
@@ -70,7 +96,11 @@ FACTORED_OPTIONS = [
     pytest.param(dict(grad_scale=1.0, scale_parameter=True, weight_decay=0.0, beta1=0.0), False, id="adalomo"),
     pytest.param(dict(grad_scale=0.5, scale_parameter=False, weight_decay=0.1, beta1=0.0), False, id="unscaled-wd"),
     pytest.param(dict(grad_scale=2.0, scale_parameter=True, weight_decay=0.01, beta1=0.9), True, id="momentum"),
+    # ρ = min(lr, 1/√t) = 1/√10⁴ = 0.01 < lr
+    pytest.param(dict(grad_scale=1.0, scale_parameter=True, weight_decay=0.0, relative_step=True, step=1e4), False,
+                 id="relative-step"),
 ]
+FACTORED_COMMON = dict(step=2.0, decay_rate=-0.8, lr=0.02, eps1=1e-30, clip_threshold=1.0, eps2=1e-3)
 
 
 @pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
@@ -82,9 +112,9 @@ def test_factored_native_equals_reference(dtype, rtol, atol, shape, options, mom
     ours, ref = param.clone(), param.clone()
     ours_state = [s.clone() for s in states]
     ref_state = [s.clone() for s in states]
-    common = dict(beta2t=0.3, eps1=1e-30, clip_threshold=1.0, rho=0.02, eps2=1e-3, **options)
+    common = {**FACTORED_COMMON, **options}
     factored_update_(ours, grad, *ours_state, **common)
-    factored_update_ref(ref, grad, *ref_state, **common)
+    factored_ref(ref, grad, *ref_state, **common)
     assert ours.dtype == dtype
     torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol)
     for mine, theirs in zip(ours_state, ref_state):
@@ -98,10 +128,9 @@ def test_factored_non_contiguous(dtype, rtol, atol):
     states = factored_state(param, False)
     ours, ref = param.clone(), param.clone()
     ours_state, ref_state = [s.clone() for s in states], [s.clone() for s in states]
-    common = dict(grad_scale=1.0, beta2t=0.5, eps1=1e-30, clip_threshold=1.0, rho=0.01, eps2=1e-3,
-                  scale_parameter=True, weight_decay=0.0, beta1=0.0)
+    common = dict(FACTORED_COMMON, scale_parameter=True, weight_decay=0.0)
     factored_update_(ours, grad, *ours_state, **common)
-    factored_update_ref(ref, grad.contiguous(), *ref_state, **common)
+    factored_ref(ref, grad.contiguous(), *ref_state, **common)
     torch.testing.assert_close(ours, ref, rtol=rtol, atol=atol)
 
 
@@ -111,17 +140,42 @@ def test_clipping_engages():
     grad = torch.full((16, 16), 1e-3)
     grad[0, 0] = 10.0
     row, col, exp_avg = torch.zeros(16), torch.zeros(16), torch.zeros(0)
-    factored_update_(param, grad, row, col, exp_avg, beta2t=0.0, eps1=1e-30, clip_threshold=1.0, rho=1.0, eps2=1e-3,
-                     scale_parameter=False, weight_decay=0.0)
+    # decay_rate 0: β₂ₜ = 1 − t⁰ = 0, the second moment is this gradient's alone
+    factored_update_(param, grad, row, col, exp_avg, step=1.0, decay_rate=0.0, lr=1.0, eps1=1e-30, clip_threshold=1.0,
+                     eps2=1e-3, scale_parameter=False, weight_decay=0.0)
     assert float(param.pow(2).mean().sqrt()) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_opcheck_update_ops():
     param, grad = tensors((8, 12), torch.float32)
-    torch.library.opcheck(torch.ops.lowmem.sgd_update_.default, (param.clone(), grad, 0.1, 0.01, 1.0))
+    scale, step = torch.tensor(0.5), torch.tensor(3.0)
+    torch.library.opcheck(torch.ops.lowmem.sgd_update_.default, (param.clone(), grad, 0.1, 0.01, scale))
     row, col, exp_avg = factored_state(param, True)
     torch.library.opcheck(torch.ops.lowmem.factored_update_.default,
-                          (param.clone(), grad, row, col, exp_avg, 1.0, 0.5, 1e-30, 1.0, 0.01, 1e-3, True, 0.0, 0.9))
+                          (param.clone(), grad, row, col, exp_avg, step, scale, 0.01, True, -0.8, 1e-30, 1.0, 1e-3, True,
+                           0.0, 0.9))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda p, g: sgd_update_(p, g.view(-1)[:-1], 0.1), "grad has 11 elements, param 12"),
+    (lambda p, g: torch.ops.lowmem.sgd_update_(p, g, 0.1, 0.0, torch.ones(2)), "grad_scale must be one float32 value"),
+    (lambda p, g: torch.ops.lowmem.sgd_update_(p, g, 0.1, 0.0, torch.ones((), dtype=torch.float64)),
+     "grad_scale must be one float32 value"),
+    (lambda p, g: factored_update_(p, g, torch.zeros(5), torch.zeros(4), torch.zeros(0), step=1.0, decay_rate=-0.8,
+                                   lr=0.1, eps1=1e-30, clip_threshold=1.0, eps2=1e-3, scale_parameter=True,
+                                   weight_decay=0.0), "row/col state hold 5/4 values, the param needs 3/4"),
+    (lambda p, g: factored_update_(p.view(-1), g.view(-1), torch.zeros(11), torch.zeros(0), torch.zeros(0), step=1.0,
+                                   decay_rate=-0.8, lr=0.1, eps1=1e-30, clip_threshold=1.0, eps2=1e-3,
+                                   scale_parameter=True, weight_decay=0.0), "second moment of a vector holds 11"),
+    (lambda p, g: factored_update_(p, g, torch.zeros(3), torch.zeros(4), torch.zeros(5), step=1.0, decay_rate=-0.8,
+                                   lr=0.1, eps1=1e-30, clip_threshold=1.0, eps2=1e-3, scale_parameter=True,
+                                   weight_decay=0.0), "exp_avg must be empty or match the param"),
+], ids=["grad-size", "scale-size", "scale-dtype", "row-col", "vector", "exp-avg"])
+def test_bad_arguments_get_one_line_errors(call, match):
+    param, grad = tensors((3, 4), torch.float32)
+    with pytest.raises(RuntimeError, match=match) as err:
+        call(param, grad)
+    assert "\n" not in str(err.value).split("\nException raised from")[0].strip()
 
 
 @pytest.mark.cuda
@@ -134,9 +188,9 @@ def test_cuda_update_kernels_equal_reference(dtype, rtol, atol, shape, options, 
     states = factored_state(param, momentum)
     ours, ref = param.clone().cuda(), param.clone()
     ours_state, ref_state = [s.clone().cuda() for s in states], [s.clone() for s in states]
-    common = dict(beta2t=0.3, eps1=1e-30, clip_threshold=1.0, rho=0.02, eps2=1e-3, **options)
+    common = {**FACTORED_COMMON, **options}
     factored_update_(ours, grad.cuda(), *ours_state, **common)
-    factored_update_ref(ref, grad, *ref_state, **common)
+    factored_ref(ref, grad, *ref_state, **common)
     torch.testing.assert_close(ours.cpu(), ref, rtol=rtol, atol=atol)
     for mine, theirs in zip(ours_state, ref_state):
         torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=1e-7)
@@ -144,3 +198,28 @@ def test_cuda_update_kernels_equal_reference(dtype, rtol, atol, shape, options, 
     sgd_update_(sgd_ours, grad.cuda(), 0.05, 0.1, 0.5)
     sgd_update_ref(sgd_ref, grad, 0.05, 0.1, 0.5)
     torch.testing.assert_close(sgd_ours.cpu(), sgd_ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(37, 129), (4097,), (300, 4096)], ids=shape_id)
+def test_cuda_factored_with_a_float32_gradient_of_a_bfloat16_weight(shape):
+    param, grad = tensors(shape, torch.bfloat16, seed=4)
+    grad = grad.float() * 1.001  # values bfloat16 cannot hold
+    states = factored_state(param, False)
+    ours, ref = param.clone().cuda(), param.clone()
+    ours_state, ref_state = [s.clone().cuda() for s in states], [s.clone() for s in states]
+    common = dict(FACTORED_COMMON, scale_parameter=True, weight_decay=0.0)
+    factored_update_(ours, grad.cuda(), *ours_state, **common)
+    factored_ref(ref, grad, *ref_state, **common)
+    torch.testing.assert_close(ours.cpu(), ref, rtol=1.6e-2, atol=1e-5)
+    for mine, theirs in zip(ours_state, ref_state):
+        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+def test_cuda_ops_refuse_host_scalars_and_mixed_devices():
+    param, grad = tensors((3, 4), torch.float32)
+    with pytest.raises(RuntimeError, match="grad_scale is on cpu, param on cuda"):
+        torch.ops.lowmem.sgd_update_(param.cuda(), grad.cuda(), 0.1, 0.0, torch.ones(()))
+    with pytest.raises(RuntimeError, match="grad is on cpu, param on cuda"):
+        sgd_update_(param.cuda(), grad, 0.1)

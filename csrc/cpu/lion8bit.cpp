@@ -47,17 +47,11 @@ void lion8bit_cpu_impl(p_t* param, const g_t* grad, uint8_t* codes, float* absma
 }
 
 void lion8bit_update_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor codes, at::Tensor absmax,
-                         const at::Tensor& code, double lr, double beta1, double beta2, double weight_decay,
-                         double grad_scale, int64_t blocksize) {
-  TORCH_CHECK(param.numel() == grad_in.numel() && codes.numel() == param.numel(),
-              "lowmem: lion8bit_update_: param, grad and codes must have the same number of elements");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "lowmem: lion8bit_update_: codes must be uint8");
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() &&
-                  absmax.numel() == (param.numel() + blocksize - 1) / blocksize,
-              "lowmem: lion8bit_update_: absmax must hold one float32 per block");
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256, "lowmem: lion8bit_update_: bad code map");
-  const at::Tensor grad =
-      (grad_in.scalar_type() == param.scalar_type() ? grad_in : grad_in.to(at::kFloat)).contiguous();
+                         const at::Tensor& code, const at::Tensor& grad_scale_t, double lr, double beta1,
+                         double beta2, double weight_decay, int64_t blocksize) {
+  check_lion8bit_args(param, grad_in, codes, absmax, code, blocksize);
+  const float grad_scale = host_scalar(grad_scale_t, param, "lion8bit_update_", "grad_scale");
+  const at::Tensor grad = float_or_same(grad_in, param);
   const at::Tensor code_c = code.contiguous();
   on_contiguous(param, [&](at::Tensor& p) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "lion8bit_update_cpu", [&] {

@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "../quant_common.h"
+#include "../torch_utils.h"
 
 namespace lowmem {
 
@@ -50,23 +51,19 @@ void dequantize_cpu_impl(const uint8_t* codes, const float* absmax, const float*
   });
 }
 
-void check_code(const at::Tensor& code) {
-  TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256 && code.is_contiguous(),
-              "lowmem: code must be a contiguous float32 tensor of 256 values");
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x_in, const at::Tensor& code,
                                                           int64_t blocksize, bool preserve_sign) {
-  TORCH_CHECK(blocksize > 0, "lowmem: blocksize must be positive");
-  check_code(code);
+  TORCH_CHECK(blocksize > 0, "lowmem: quantize_blockwise: blocksize must be positive, got ", blocksize);
+  check_code(code, x_in, "quantize_blockwise");
   const at::Tensor x = x_in.contiguous();
+  const at::Tensor code_c = code.contiguous();
   const int64_t n = x.numel();
   auto out = at::empty(x.sizes(), x.options().dtype(at::kByte));
   auto absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_blockwise_cpu", [&] {
-    quantize_cpu_impl<scalar_t>(x.data_ptr<scalar_t>(), n, code.data_ptr<float>(), blocksize, preserve_sign,
+    quantize_cpu_impl<scalar_t>(x.data_ptr<scalar_t>(), n, code_c.data_ptr<float>(), blocksize, preserve_sign,
                                 out.data_ptr<uint8_t>(), absmax.data_ptr<float>());
   });
   return {out, absmax};
@@ -74,16 +71,17 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cpu(const at::Tensor& x_in
 
 at::Tensor dequantize_blockwise_cpu(const at::Tensor& codes_in, const at::Tensor& absmax_in, const at::Tensor& code,
                                     int64_t blocksize, at::ScalarType dtype) {
-  TORCH_CHECK(blocksize > 0, "lowmem: blocksize must be positive");
-  TORCH_CHECK(codes_in.scalar_type() == at::kByte, "lowmem: codes must be uint8");
-  check_code(code);
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte, "lowmem: dequantize_blockwise: codes must be uint8, got ",
+              codes_in.scalar_type());
+  check_blocks(codes_in.numel(), absmax_in, blocksize, codes_in, "dequantize_blockwise");
+  check_code(code, codes_in, "dequantize_blockwise");
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor absmax = absmax_in.contiguous().to(at::kFloat);
+  const at::Tensor code_c = code.contiguous();
   const int64_t n = codes.numel();
-  TORCH_CHECK(absmax.numel() == (n + blocksize - 1) / blocksize, "lowmem: absmax has the wrong number of blocks");
   auto out = at::empty(codes.sizes(), codes.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_blockwise_cpu", [&] {
-    dequantize_cpu_impl<scalar_t>(codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code.data_ptr<float>(), n,
+    dequantize_cpu_impl<scalar_t>(codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), code_c.data_ptr<float>(), n,
                                   blocksize, out.data_ptr<scalar_t>());
   });
   return out;

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../torch_utils.h"
+#include "../update_common.h"
 
 namespace lowmem {
 namespace {
@@ -160,9 +161,11 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
   });
 }
 
-void sgd_update_cpu(at::Tensor param, const at::Tensor& grad_in, double lr, double weight_decay, double grad_scale) {
-  TORCH_CHECK(param.numel() == grad_in.numel(), "lowmem: sgd_update_: grad and param sizes differ");
-  const at::Tensor grad = (grad_in.scalar_type() == param.scalar_type() ? grad_in : grad_in.to(at::kFloat)).contiguous();
+void sgd_update_cpu(at::Tensor param, const at::Tensor& grad_in, double lr, double weight_decay,
+                    const at::Tensor& grad_scale_t) {
+  check_grad(param, grad_in, "sgd_update_");
+  const float grad_scale = host_scalar(grad_scale_t, param, "sgd_update_", "grad_scale");
+  const at::Tensor grad = float_or_same(grad_in, param);
   on_contiguous(param, [&](at::Tensor& p) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_update_cpu", [&] {
       if (grad.scalar_type() == p.scalar_type()) {
@@ -177,25 +180,19 @@ void sgd_update_cpu(at::Tensor param, const at::Tensor& grad_in, double lr, doub
 }
 
 void factored_update_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor row, at::Tensor col,
-                         at::Tensor exp_avg, double grad_scale, double beta2t, double eps1, double clip_threshold,
-                         double rho, double eps2, bool scale_parameter, double weight_decay, double beta1) {
-  TORCH_CHECK(param.numel() == grad_in.numel(), "lowmem: factored_update_: grad and param sizes differ");
-  TORCH_CHECK(row.scalar_type() == at::kFloat && row.is_contiguous() && col.scalar_type() == at::kFloat &&
-                  col.is_contiguous(), "lowmem: factored_update_: row/col state must be contiguous float32");
-  const bool factored = col.numel() > 0;
-  const int64_t cols = factored ? param.size(-1) : 1;
-  const int64_t rows = factored ? param.size(-2) : 1;
-  const int64_t batch = factored ? param.numel() / std::max<int64_t>(rows * cols, 1) : param.numel();
-  TORCH_CHECK(!factored || (param.dim() >= 2 && row.numel() == batch * rows && col.numel() == batch * cols),
-              "lowmem: factored_update_: row/col state shapes do not match the parameter");
-  TORCH_CHECK(factored || row.numel() == param.numel(), "lowmem: factored_update_: state size does not match");
-  const bool momentum = exp_avg.numel() > 0;
-  TORCH_CHECK(!momentum || (exp_avg.numel() == param.numel() && exp_avg.scalar_type() == at::kFloat &&
-                            exp_avg.is_contiguous()), "lowmem: factored_update_: exp_avg must match param (float32)");
-  const FactoredArgs args{static_cast<float>(grad_scale), static_cast<float>(beta2t), static_cast<float>(eps1),
-                          static_cast<float>(clip_threshold), static_cast<float>(rho), static_cast<float>(eps2),
+                         at::Tensor exp_avg, const at::Tensor& step_t, const at::Tensor& grad_scale_t, double lr,
+                         bool relative_step, double decay_rate, double eps1, double clip_threshold, double eps2,
+                         bool scale_parameter, double weight_decay, double beta1) {
+  const FactoredShape shape = check_factored_args(param, grad_in, row, col, exp_avg);
+  const int64_t batch = shape.batch, rows = shape.rows, cols = shape.cols;
+  const bool factored = shape.factored, momentum = exp_avg.numel() > 0;
+  const double step = host_scalar(step_t, param, "factored_update_", "step");
+  const float grad_scale = host_scalar(grad_scale_t, param, "factored_update_", "grad_scale");
+  const FactoredStep t = factored_step(step, lr, relative_step, decay_rate);
+  const FactoredArgs args{grad_scale, t.beta2t, static_cast<float>(eps1),
+                          static_cast<float>(clip_threshold), t.rho, static_cast<float>(eps2),
                           static_cast<float>(weight_decay), static_cast<float>(beta1), scale_parameter};
-  const at::Tensor grad = (grad_in.scalar_type() == param.scalar_type() ? grad_in : grad_in.to(at::kFloat)).contiguous();
+  const at::Tensor grad = float_or_same(grad_in, param);
   float* m = momentum ? exp_avg.data_ptr<float>() : nullptr;
   on_contiguous(param, [&](at::Tensor& p) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "factored_update_cpu", [&] {

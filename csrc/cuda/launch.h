@@ -1,5 +1,8 @@
 // Launchers exported by the .cu files: raw pointers, an element count and a stream. The torch-facing
 // bindings (*_binding.cpp, built only against a CUDA torch) translate tensors into these calls.
+//
+// Scalars that change every step without the host knowing them (the gradient scale, the step count) arrive
+// as device pointers that the kernels read: a launch never needs a value from the device on the host.
 #pragma once
 
 #include <cstdint>
@@ -16,36 +19,52 @@ int quantize_blockwise_cuda_launch(DType dtype, const void* x, int64_t n, const 
 int dequantize_blockwise_cuda_launch(DType dtype, const uint8_t* codes, const float* absmax, const float* code,
                                      int64_t n, int64_t blocksize, void* out, cudaStream_t stream);
 
-// Scalars of one factored (Adafactor/AdaLomo) step; see lowmem/ops/update.py.
+// The update launchers take the weight's dtype and the gradient's, which is either the same or float32 (a
+// float32 gradient of a bfloat16 weight is read at full precision, as the reference and the CPU kernels do).
+
+// grad_scale: device pointer to one float.
+int sgd_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, int64_t n, float lr,
+                           float weight_decay, const float* grad_scale, cudaStream_t stream);
+
+// Host-known scalars of one factored (Adafactor/AdaLomo) step; see lowmem/ops/update.py.
 struct FactoredScalars {
-  float grad_scale, beta2t, eps1, clip_threshold, rho, eps2, weight_decay, beta1;
-  bool scale_parameter;
+  float lr, decay_rate, eps1, clip_threshold, eps2, weight_decay, beta1;
+  bool relative_step, scale_parameter;
 };
 
-// Device scratch for a factored step, allocated by the caller: r_factor and row_param_sq hold one value
-// per matrix row (batch × rows), scalars two doubles (Σθ², Σu²).
+// Column sums are reduced in factored_col_chunks(rows) slices of rows, each block summing its slice for 32
+// columns, then added up in a fixed order: deterministic, and parallel over rows as well as columns.
+inline int64_t factored_col_chunks(int64_t rows) {
+  const int64_t chunks = (rows + 63) / 64;
+  return chunks < 1 ? 1 : (chunks > 64 ? 64 : chunks);
+}
+
+// Device scratch for a factored step, allocated by the caller: r_factor and row_param_sq hold one value per
+// matrix row (batch × rows), col_partial factored_col_chunks(rows) × batch × cols doubles, scalars two doubles
+// (Σθ², Σu²).
 struct FactoredWorkspace {
   float* r_factor;
   double* row_param_sq;
+  double* col_partial;
   double* scalars;
 };
 
-int sgd_update_cuda_launch(DType dtype, void* param, const void* grad, int64_t n, float lr, float weight_decay,
-                           float grad_scale, cudaStream_t stream);
-// factored: row/col are the row and column statistics (batch × rows, batch × cols); otherwise row is the
-// full second moment of a vector and col is unused. exp_avg may be null (no first moment).
-int factored_update_cuda_launch(DType dtype, void* param, const void* grad, float* row, float* col, float* exp_avg,
-                                int64_t batch, int64_t rows, int64_t cols, bool factored, FactoredScalars scalars,
+// factored: row/col are the row and column statistics (batch × rows, batch × cols); otherwise row is the full
+// second moment of a vector and col is unused. exp_avg may be null (no first moment). step (t, already counted)
+// and grad_scale: device pointers to one float each.
+int factored_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, float* row, float* col,
+                                float* exp_avg, int64_t batch, int64_t rows, int64_t cols, bool factored,
+                                FactoredScalars scalars, const float* step, const float* grad_scale,
                                 FactoredWorkspace workspace, cudaStream_t stream);
 
-// Scalars of one Lion step; decay = 1 − lr·wd.
+// Host-known scalars of one Lion step; decay = 1 − lr·wd.
 struct LionScalars {
-  float lr, beta1, beta2, decay, grad_scale;
+  float lr, beta1, beta2, decay;
 };
 
-// One fused Lion8bit step per quantization block (blocksize ≤ 4096).
-int lion8bit_update_cuda_launch(DType dtype, void* param, const void* grad, uint8_t* codes, float* absmax,
-                                const float* code, int64_t n, int64_t blocksize, LionScalars scalars,
-                                cudaStream_t stream);
+// One fused Lion8bit step per quantization block (blocksize ≤ 4096); grad_scale: device pointer to one float.
+int lion8bit_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, uint8_t* codes,
+                                float* absmax, const float* code, int64_t n, int64_t blocksize, LionScalars scalars,
+                                const float* grad_scale, cudaStream_t stream);
 
 }  // namespace lowmem

@@ -14,10 +14,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxBlocksize = 4096;
 
-template <typename T>
-__global__ void lion8bit_kernel(T* __restrict__ param, const T* __restrict__ grad, uint8_t* __restrict__ codes,
+template <typename T, typename G>
+__global__ void lion8bit_kernel(T* __restrict__ param, const G* __restrict__ grad, uint8_t* __restrict__ codes,
                                 float* __restrict__ absmax, const float* __restrict__ code_g, int64_t n,
-                                int64_t blocksize, LionScalars a) {
+                                int64_t blocksize, LionScalars a, const float* __restrict__ grad_scale_p) {
   __shared__ float code[256];
   __shared__ float mids[255];
   __shared__ float m_new[kMaxBlocksize];
@@ -26,11 +26,12 @@ __global__ void lion8bit_kernel(T* __restrict__ param, const T* __restrict__ gra
   for (int i = threadIdx.x; i < 255; i += blockDim.x) mids[i] = (code[i] + code[i + 1]) * 0.5f;
   const int64_t b = blockIdx.x, lo = b * blocksize, hi = min(lo + blocksize, n);
   const float scale_in = absmax[b];
+  const float grad_scale = *grad_scale_p;
   const float decay = a.decay, one_minus_beta1 = 1.f - a.beta1, one_minus_beta2 = 1.f - a.beta2;
   float amax = 0.f;
   for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     const float m = __fmul_rn(code[codes[i]], scale_in);
-    const float g = __fmul_rn(to_float(grad[i]), a.grad_scale);
+    const float g = __fmul_rn(to_float(grad[i]), grad_scale);
     const float c = __fadd_rn(__fmul_rn(m, a.beta1), __fmul_rn(one_minus_beta1, g));
     const float sign = static_cast<float>((c > 0.f) - (c < 0.f));
     param[i] = from_float<T>(__fadd_rn(__fmul_rn(to_float(param[i]), decay), -a.lr * sign));
@@ -46,29 +47,26 @@ __global__ void lion8bit_kernel(T* __restrict__ param, const T* __restrict__ gra
   }
 }
 
-template <typename T>
+template <typename T, typename G>
 int launch(void* param, const void* grad, uint8_t* codes, float* absmax, const float* code, int64_t n,
-           int64_t blocksize, LionScalars a, cudaStream_t stream) {
+           int64_t blocksize, LionScalars a, const float* grad_scale, cudaStream_t stream) {
   if (n == 0) return 0;
   if (blocksize > kMaxBlocksize) return static_cast<int>(cudaErrorInvalidValue);
   const int64_t n_blocks = (n + blocksize - 1) / blocksize;
-  lion8bit_kernel<T><<<n_blocks, kThreads, 0, stream>>>(static_cast<T*>(param), static_cast<const T*>(grad), codes,
-                                                        absmax, code, n, blocksize, a);
+  lion8bit_kernel<T, G><<<n_blocks, kThreads, 0, stream>>>(static_cast<T*>(param), static_cast<const G*>(grad), codes,
+                                                           absmax, code, n, blocksize, a, grad_scale);
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
-int lion8bit_update_cuda_launch(DType dtype, void* param, const void* grad, uint8_t* codes, float* absmax,
-                                const float* code, int64_t n, int64_t blocksize, LionScalars scalars,
-                                cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch<float>(param, grad, codes, absmax, code, n, blocksize, scalars, stream);
-    case DType::kFloat16: return launch<__half>(param, grad, codes, absmax, code, n, blocksize, scalars, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16>(param, grad, codes, absmax, code, n, blocksize, scalars, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+int lion8bit_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, uint8_t* codes,
+                                float* absmax, const float* code, int64_t n, int64_t blocksize, LionScalars scalars,
+                                const float* grad_scale, cudaStream_t stream) {
+  return dispatch_param_grad(dtype, grad_dtype, [&](auto p, auto g) {
+    return launch<typename decltype(p)::type, typename decltype(g)::type>(param, grad, codes, absmax, code, n,
+                                                                          blocksize, scalars, grad_scale, stream);
+  });
 }
 
 }  // namespace lowmem

@@ -3,6 +3,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../torch_utils.h"
 #include "launch.h"
 
 namespace lowmem {
@@ -23,9 +24,8 @@ void check_launch(int err, const char* what) {
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x_in, const at::Tensor& code,
                                                            int64_t blocksize, bool preserve_sign) {
-  TORCH_CHECK(blocksize > 0, "lowmem: blocksize must be positive");
-  TORCH_CHECK(code.is_cuda() && code.scalar_type() == at::kFloat && code.numel() == 256,
-              "lowmem: code must be a float32 CUDA tensor of 256 values");
+  TORCH_CHECK(blocksize > 0, "lowmem: quantize_blockwise: blocksize must be positive, got ", blocksize);
+  check_code(code, x_in, "quantize_blockwise");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
@@ -41,11 +41,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x_i
 
 at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes_in, const at::Tensor& absmax, const at::Tensor& code,
                                      int64_t blocksize, at::ScalarType dtype) {
-  TORCH_CHECK(codes_in.scalar_type() == at::kByte, "lowmem: codes must be uint8");
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte, "lowmem: dequantize_blockwise: codes must be uint8, got ",
+              codes_in.scalar_type());
+  check_blocks(codes_in.numel(), absmax, blocksize, codes_in, "dequantize_blockwise");
+  check_code(code, codes_in, "dequantize_blockwise");
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const int64_t n = codes.numel();
-  TORCH_CHECK(absmax.numel() == (n + blocksize - 1) / blocksize, "lowmem: absmax has the wrong number of blocks");
   auto out = at::empty(codes.sizes(), codes.options().dtype(dtype));
   check_launch(dequantize_blockwise_cuda_launch(to_dtype(dtype), codes.data_ptr<uint8_t>(),
                                                 absmax.contiguous().to(at::kFloat).data_ptr<float>(),

@@ -1,11 +1,12 @@
 // Fused per-tensor update rules on CUDA: LOMO's SGD apply and the factored Adafactor/AdaLomo update.
 // Raw pointers and a stream only; the torch binding is update_binding.cpp. Specification:
-// lowmem/ops/update.py. No host synchronization: the RMS scalars are reduced into a device buffer that the
-// apply kernel reads.
+// lowmem/ops/update.py. No host synchronization: the gradient scale and the step count are read from device
+// memory, and the RMS scalars are reduced into a device buffer that the apply kernel reads.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "../update_common.h"
 #include "dtype.cuh"
 #include "launch.h"
 
@@ -13,6 +14,8 @@ namespace lowmem {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kColTile = 32;  // columns per block of the column-sum kernel (one warp wide)
+constexpr int kColRows = 8;   // rows read at once by a block of the column-sum kernel
 
 // Sum of v over the block (double), valid in thread 0.
 __device__ double block_sum(double v) {
@@ -28,9 +31,10 @@ __device__ double block_sum(double v) {
   return total;
 }
 
-template <typename T>
-__global__ void sgd_kernel(T* __restrict__ param, const T* __restrict__ grad, int64_t n, float decay, float neg_lr,
-                           float grad_scale, bool decayed) {
+template <typename T, typename G>
+__global__ void sgd_kernel(T* __restrict__ param, const G* __restrict__ grad, int64_t n, float decay, float neg_lr,
+                           const float* __restrict__ grad_scale_p, bool decayed) {
+  const float grad_scale = *grad_scale_p;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     float w = to_float(param[i]);
     const float g = to_float(grad[i]) * grad_scale;
@@ -39,14 +43,20 @@ __global__ void sgd_kernel(T* __restrict__ param, const T* __restrict__ grad, in
   }
 }
 
+__device__ __forceinline__ FactoredStep step_scalars(const float* step, const FactoredScalars& a) {
+  return factored_step(static_cast<double>(*step), a.lr, a.relative_step, a.decay_rate);
+}
+
 // One block per (batch, row): the row's mean of (s·g)² + eps1 into the row state, and the row's Σθ².
-template <typename T>
-__global__ void row_stats_kernel(const T* __restrict__ param, const T* __restrict__ grad, float* __restrict__ row,
-                                 double* __restrict__ row_param_sq, int64_t cols, FactoredScalars a) {
+template <typename T, typename G>
+__global__ void row_stats_kernel(const T* __restrict__ param, const G* __restrict__ grad, float* __restrict__ row,
+                                 double* __restrict__ row_param_sq, int64_t cols, FactoredScalars a,
+                                 const float* __restrict__ step, const float* __restrict__ grad_scale_p) {
   const int64_t br = blockIdx.x;
+  const float grad_scale = *grad_scale_p;
   double sq = 0.0, psq = 0.0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const float g = to_float(grad[br * cols + j]) * a.grad_scale;
+    const float g = to_float(grad[br * cols + j]) * grad_scale;
     sq += static_cast<double>(g * g + a.eps1);
     const double w = to_float(param[br * cols + j]);
     psq += w * w;
@@ -54,24 +64,50 @@ __global__ void row_stats_kernel(const T* __restrict__ param, const T* __restric
   const double total = block_sum(sq);
   const double total_p = block_sum(psq);
   if (threadIdx.x == 0) {
-    row[br] = row[br] * a.beta2t + (1.f - a.beta2t) * static_cast<float>(total / cols);
+    const float beta2t = step_scalars(step, a).beta2t;
+    row[br] = row[br] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols);
     row_param_sq[br] = total_p;
   }
 }
 
-// One thread per (batch, column): threads of a warp read consecutive columns of a row (coalesced).
-template <typename T>
-__global__ void col_stats_kernel(const T* __restrict__ grad, float* __restrict__ col, int64_t batch, int64_t rows,
-                                 int64_t cols, FactoredScalars a) {
+// Column sums of (s·g)² + eps1, parallel over rows too: block (x, chunk, b) sums a slice of rows for kColTile
+// consecutive columns (a warp reads consecutive columns of one row: coalesced) into col_partial[chunk][b][j].
+template <typename G>
+__global__ void col_partial_kernel(const G* __restrict__ grad, double* __restrict__ col_partial, int64_t batch,
+                                   int64_t rows, int64_t cols, int64_t rows_per_chunk, float eps1,
+                                   const float* __restrict__ grad_scale_p) {
+  __shared__ double acc[kColRows][kColTile + 1];
+  const int64_t j = blockIdx.x * (int64_t)kColTile + threadIdx.x;
+  const int64_t chunk = blockIdx.y, b = blockIdx.z;
+  const int64_t lo = chunk * rows_per_chunk;
+  const int64_t hi = lo + rows_per_chunk < rows ? lo + rows_per_chunk : rows;
+  const float grad_scale = *grad_scale_p;
+  double sum = 0.0;
+  if (j < cols) {
+    for (int64_t i = lo + threadIdx.y; i < hi; i += kColRows) {
+      const float g = to_float(grad[(b * rows + i) * cols + j]) * grad_scale;
+      sum += static_cast<double>(g * g + eps1);
+    }
+  }
+  acc[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < cols) {
+    double total = 0.0;
+    for (int y = 0; y < kColRows; ++y) total += acc[y][threadIdx.x];
+    col_partial[(chunk * batch + b) * cols + j] = total;
+  }
+}
+
+// One thread per (batch, column): add the slices in order and update the column state.
+__global__ void col_finish_kernel(const double* __restrict__ col_partial, float* __restrict__ col, int64_t batch,
+                                  int64_t rows, int64_t cols, int64_t chunks, FactoredScalars a,
+                                  const float* __restrict__ step) {
   const int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (k >= batch * cols) return;
-  const int64_t b = k / cols, j = k % cols;
-  double sq = 0.0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const float g = to_float(grad[(b * rows + i) * cols + j]) * a.grad_scale;
-    sq += static_cast<double>(g * g + a.eps1);
-  }
-  col[k] = col[k] * a.beta2t + (1.f - a.beta2t) * static_cast<float>(sq / rows);
+  double sum = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) sum += col_partial[c * batch * cols + k];
+  const float beta2t = step_scalars(step, a).beta2t;
+  col[k] = col[k] * beta2t + (1.f - beta2t) * static_cast<float>(sum / rows);
 }
 
 // One block per batch: r_i = rsqrt(row_i / mean(row)); block 0 also sums Σθ² of all rows into scalars[0].
@@ -92,13 +128,16 @@ __global__ void row_factor_kernel(const float* __restrict__ row, float* __restri
 }
 
 // Vector case: v ← β·v + (1−β)·((s·g)² + eps1), and Σθ² into scalars[0].
-template <typename T>
-__global__ void vector_stats_kernel(const T* __restrict__ param, const T* __restrict__ grad, float* __restrict__ v,
-                                    int64_t n, FactoredScalars a, double* __restrict__ scalars) {
+template <typename T, typename G>
+__global__ void vector_stats_kernel(const T* __restrict__ param, const G* __restrict__ grad, float* __restrict__ v,
+                                    int64_t n, FactoredScalars a, const float* __restrict__ step,
+                                    const float* __restrict__ grad_scale_p, double* __restrict__ scalars) {
+  const float grad_scale = *grad_scale_p;
+  const float beta2t = step_scalars(step, a).beta2t;
   double psq = 0.0;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    const float g = to_float(grad[i]) * a.grad_scale;
-    v[i] = v[i] * a.beta2t + (1.f - a.beta2t) * (g * g + a.eps1);
+    const float g = to_float(grad[i]) * grad_scale;
+    v[i] = v[i] * beta2t + (1.f - beta2t) * (g * g + a.eps1);
     const double w = to_float(param[i]);
     psq += w * w;
   }
@@ -106,8 +145,8 @@ __global__ void vector_stats_kernel(const T* __restrict__ param, const T* __rest
   if (threadIdx.x == 0) atomicAdd(&scalars[0], total);
 }
 
-template <typename T>
-__device__ __forceinline__ float update_at(const T* grad, const float* r_factor, const float* col, const float* v,
+template <typename G>
+__device__ __forceinline__ float update_at(const G* grad, const float* r_factor, const float* col, const float* v,
                                            int64_t i, int64_t rows, int64_t cols, bool factored, float grad_scale) {
   const float g = to_float(grad[i]) * grad_scale;
   if (!factored) return rsqrtf(v[i]) * g;
@@ -115,10 +154,12 @@ __device__ __forceinline__ float update_at(const T* grad, const float* r_factor,
   return g * (r_factor[br] * rsqrtf(col[b * cols + j]));
 }
 
-template <typename T>
-__global__ void update_sq_kernel(const T* __restrict__ grad, const float* __restrict__ r_factor,
+template <typename G>
+__global__ void update_sq_kernel(const G* __restrict__ grad, const float* __restrict__ r_factor,
                                  const float* __restrict__ col, const float* __restrict__ v, int64_t n, int64_t rows,
-                                 int64_t cols, bool factored, float grad_scale, double* __restrict__ scalars) {
+                                 int64_t cols, bool factored, const float* __restrict__ grad_scale_p,
+                                 double* __restrict__ scalars) {
+  const float grad_scale = *grad_scale_p;
   double s = 0.0;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const double u = update_at(grad, r_factor, col, v, i, rows, cols, factored, grad_scale);
@@ -128,18 +169,21 @@ __global__ void update_sq_kernel(const T* __restrict__ grad, const float* __rest
   if (threadIdx.x == 0) atomicAdd(&scalars[1], total);
 }
 
-template <typename T>
-__global__ void apply_kernel(T* __restrict__ param, const T* __restrict__ grad, const float* __restrict__ r_factor,
+template <typename T, typename G>
+__global__ void apply_kernel(T* __restrict__ param, const G* __restrict__ grad, const float* __restrict__ r_factor,
                              const float* __restrict__ col, const float* __restrict__ v, float* __restrict__ exp_avg,
                              int64_t n, int64_t rows, int64_t cols, bool factored, FactoredScalars a,
+                             const float* __restrict__ step, const float* __restrict__ grad_scale_p,
                              const double* __restrict__ scalars) {
-  double alpha = a.rho;
-  if (a.scale_parameter) alpha = a.rho * fmax(static_cast<double>(a.eps2), sqrt(scalars[0] / n));
+  const float grad_scale = *grad_scale_p;
+  const double rho = step_scalars(step, a).rho;
+  double alpha = rho;
+  if (a.scale_parameter) alpha = rho * fmax(static_cast<double>(a.eps2), sqrt(scalars[0] / n));
   const float denom = static_cast<float>(fmax(1.0, sqrt(scalars[1] / n) / a.clip_threshold));
   const float alpha_f = static_cast<float>(alpha);
   const float decay = static_cast<float>(-static_cast<double>(a.weight_decay) * alpha);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
-    float update = __fmul_rn(__fdiv_rn(update_at(grad, r_factor, col, v, i, rows, cols, factored, a.grad_scale), denom),
+    float update = __fmul_rn(__fdiv_rn(update_at(grad, r_factor, col, v, i, rows, cols, factored, grad_scale), denom),
                              alpha_f);
     if (exp_avg != nullptr) {
       exp_avg[i] = exp_avg[i] * a.beta1 + (1.f - a.beta1) * update;
@@ -156,68 +200,67 @@ int grid_for(int64_t n) {
   return static_cast<int>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
 }
 
-template <typename T>
+template <typename T, typename G>
 int launch_factored(void* param_v, const void* grad_v, float* row, float* col, float* exp_avg, int64_t batch,
-                    int64_t rows, int64_t cols, bool factored, FactoredScalars a, FactoredWorkspace ws,
-                    cudaStream_t stream) {
+                    int64_t rows, int64_t cols, bool factored, FactoredScalars a, const float* step,
+                    const float* grad_scale, FactoredWorkspace ws, cudaStream_t stream) {
   T* param = static_cast<T*>(param_v);
-  const T* grad = static_cast<const T*>(grad_v);
+  const G* grad = static_cast<const G*>(grad_v);
   const int64_t n = batch * rows * cols;
   if (n == 0) return 0;
   cudaMemsetAsync(ws.scalars, 0, 2 * sizeof(double), stream);
   if (factored) {
-    row_stats_kernel<T><<<batch * rows, kThreads, 0, stream>>>(param, grad, row, ws.row_param_sq, cols, a);
-    col_stats_kernel<T><<<(batch * cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(grad, col, batch, rows,
-                                                                                          cols, a);
+    row_stats_kernel<T, G><<<batch * rows, kThreads, 0, stream>>>(param, grad, row, ws.row_param_sq, cols, a, step,
+                                                                 grad_scale);
+    const int64_t chunks = factored_col_chunks(rows);
+    const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+    const dim3 col_grid(static_cast<unsigned>((cols + kColTile - 1) / kColTile), static_cast<unsigned>(chunks),
+                        static_cast<unsigned>(batch));
+    col_partial_kernel<G><<<col_grid, dim3(kColTile, kColRows), 0, stream>>>(grad, ws.col_partial, batch, rows, cols,
+                                                                            rows_per_chunk, a.eps1, grad_scale);
+    col_finish_kernel<<<(batch * cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ws.col_partial, col, batch,
+                                                                                         rows, cols, chunks, a, step);
     row_factor_kernel<<<batch, kThreads, 0, stream>>>(row, ws.r_factor, ws.row_param_sq, batch * rows, rows,
                                                       ws.scalars);
   } else {
-    vector_stats_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(param, grad, row, n, a, ws.scalars);
+    vector_stats_kernel<T, G><<<grid_for(n), kThreads, 0, stream>>>(param, grad, row, n, a, step, grad_scale,
+                                                                   ws.scalars);
   }
-  update_sq_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(grad, ws.r_factor, col, row, n, rows, cols, factored,
-                                                            a.grad_scale, ws.scalars);
-  apply_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(param, grad, ws.r_factor, col, row, exp_avg, n, rows, cols,
-                                                        factored, a, ws.scalars);
+  update_sq_kernel<G><<<grid_for(n), kThreads, 0, stream>>>(grad, ws.r_factor, col, row, n, rows, cols, factored,
+                                                            grad_scale, ws.scalars);
+  apply_kernel<T, G><<<grid_for(n), kThreads, 0, stream>>>(param, grad, ws.r_factor, col, row, exp_avg, n, rows, cols,
+                                                           factored, a, step, grad_scale, ws.scalars);
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename T>
-int launch_sgd(void* param, const void* grad, int64_t n, float lr, float weight_decay, float grad_scale,
+template <typename T, typename G>
+int launch_sgd(void* param, const void* grad, int64_t n, float lr, float weight_decay, const float* grad_scale,
                cudaStream_t stream) {
   if (n == 0) return 0;
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
-  sgd_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(static_cast<T*>(param), static_cast<const T*>(grad), n, decay,
-                                                      -lr, grad_scale, weight_decay != 0.f);
+  sgd_kernel<T, G><<<grid_for(n), kThreads, 0, stream>>>(static_cast<T*>(param), static_cast<const G*>(grad), n, decay,
+                                                         -lr, grad_scale, weight_decay != 0.f);
   return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
-int sgd_update_cuda_launch(DType dtype, void* param, const void* grad, int64_t n, float lr, float weight_decay,
-                           float grad_scale, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32: return launch_sgd<float>(param, grad, n, lr, weight_decay, grad_scale, stream);
-    case DType::kFloat16: return launch_sgd<__half>(param, grad, n, lr, weight_decay, grad_scale, stream);
-    case DType::kBFloat16: return launch_sgd<__nv_bfloat16>(param, grad, n, lr, weight_decay, grad_scale, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+int sgd_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, int64_t n, float lr,
+                           float weight_decay, const float* grad_scale, cudaStream_t stream) {
+  return dispatch_param_grad(dtype, grad_dtype, [&](auto p, auto g) {
+    return launch_sgd<typename decltype(p)::type, typename decltype(g)::type>(param, grad, n, lr, weight_decay,
+                                                                               grad_scale, stream);
+  });
 }
 
-int factored_update_cuda_launch(DType dtype, void* param, const void* grad, float* row, float* col, float* exp_avg,
-                                int64_t batch, int64_t rows, int64_t cols, bool factored, FactoredScalars scalars,
+int factored_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, float* row, float* col,
+                                float* exp_avg, int64_t batch, int64_t rows, int64_t cols, bool factored,
+                                FactoredScalars scalars, const float* step, const float* grad_scale,
                                 FactoredWorkspace workspace, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_factored<float>(param, grad, row, col, exp_avg, batch, rows, cols, factored, scalars, workspace,
-                                    stream);
-    case DType::kFloat16:
-      return launch_factored<__half>(param, grad, row, col, exp_avg, batch, rows, cols, factored, scalars, workspace,
-                                     stream);
-    case DType::kBFloat16:
-      return launch_factored<__nv_bfloat16>(param, grad, row, col, exp_avg, batch, rows, cols, factored, scalars,
-                                            workspace, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return dispatch_param_grad(dtype, grad_dtype, [&](auto p, auto g) {
+    return launch_factored<typename decltype(p)::type, typename decltype(g)::type>(
+        param, grad, row, col, exp_avg, batch, rows, cols, factored, scalars, step, grad_scale, workspace, stream);
+  });
 }
 
 }  // namespace lowmem

@@ -42,9 +42,17 @@ def _dynamic_map_cpu(max_exponent_bits: int = 7) -> torch.Tensor:
     return code.sort().values
 
 
-def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The sorted signed dynamic code map: 256 float32 values in [-1, 1], including 0 and 1."""
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_on(device: str) -> torch.Tensor:
     return _dynamic_map_cpu().to(device)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sorted signed dynamic code map: 256 float32 values in [-1, 1], including 0 and 1.
+
+    One copy per device, made on first use: uploading it per call would be a synchronous copy from pageable
+    memory inside every lion8bit update. The cached tensor is shared: never write to it."""
+    return _dynamic_map_on(str(torch.device(device)))
 
 
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:

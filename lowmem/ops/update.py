@@ -3,34 +3,60 @@ fallback). Native kernels in ``csrc/cpu/{update,lion8bit}.cpp`` and ``csrc/cuda/
 override them.
 
 ``sgd_update_``       θ ← θ·(1 − lr·wd) − lr·(s·g)                      (LOMO's rule; s = unscale × clip)
-``factored_update_``  Adafactor/AdaLomo: second-moment statistics of (s·g)² + ε₁ (row and column means
-                      for matrices, full for vectors), u = g/√v̂, u /= max(1, RMS(u)/d), α = ρ·max(ε₂, RMS(θ))
+``factored_update_``  Adafactor/AdaLomo: β₂ₜ = 1 − t^decay_rate, ρ = min(lr, 1/√t) with ``relative_step``
+                      else lr; second-moment statistics of (s·g)² + ε₁ (row and column means for
+                      matrices, full for vectors), u = g/√v̂, u /= max(1, RMS(u)/d), α = ρ·max(ε₂, RMS(θ))
                       (or ρ), optional first moment m ← β₁m + (1−β₁)αu, θ ← θ − α·wd·θ − (m or αu).
 ``lion8bit_update_``  Lion with the momentum as uint8 codes + float32 absmax per block (QFT).
-All math is float32; the weight is written back in its own dtype.
+All math is float32; the weight is written back in its own dtype; a gradient whose dtype differs from the
+weight's is read as float32 (never rounded down to the weight's dtype).
+
+Values that change every step without the host knowing them (the gradient scale s, which folds loss-scale
+unscaling and a clipping coefficient computed on the device, and the step count t) are 0-d float32 tensors
+on the weight's device, read by the kernels there: no op waits for the device to hand a number to the host.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from lowmem.ops.quant import _lib  # the one "lowmem" library
 
-_lib.define("sgd_update_(Tensor(a!) param, Tensor grad, float lr, float weight_decay, float grad_scale) -> ()")
+_lib.define("sgd_update_(Tensor(a!) param, Tensor grad, float lr, float weight_decay, Tensor grad_scale) -> ()")
 _lib.define(
     "factored_update_(Tensor(a!) param, Tensor grad, Tensor(b!) row, Tensor(c!) col, Tensor(d!) exp_avg, "
-    "float grad_scale, float beta2t, float eps1, float clip_threshold, float rho, float eps2, "
-    "bool scale_parameter, float weight_decay, float beta1) -> ()"
+    "Tensor step, Tensor grad_scale, float lr, bool relative_step, float decay_rate, float eps1, "
+    "float clip_threshold, float eps2, bool scale_parameter, float weight_decay, float beta1) -> ()"
 )
 
 
-def scaled_grad(grad: torch.Tensor, grad_scale: float) -> torch.Tensor:
-    """``grad_scale · grad`` in float32 (no multiplication, and for a float32 grad no copy, when it is 1)."""
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, device: str) -> torch.Tensor:
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
+def device_scalar(value: float | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``value`` as a 0-d float32 tensor on ``device``: a tensor passes through (cast to float32 when needed);
+    a number becomes a cached constant made there by a fill kernel, never copied from host memory.
+    The cached constants are shared: never write to one."""
+    if isinstance(value, torch.Tensor):
+        return value if value.dtype == torch.float32 else value.float()
+    return _constant(float(value), str(torch.device(device)))
+
+
+def scaled_grad(grad: torch.Tensor, grad_scale: float | torch.Tensor) -> torch.Tensor:
+    """``grad_scale · grad`` in float32. A number 1 multiplies nothing (and for a float32 grad copies nothing);
+    a tensor scale is applied on the device without being read."""
     g = grad.to(torch.float32)
+    if isinstance(grad_scale, torch.Tensor):
+        return g * grad_scale
     return g if grad_scale == 1.0 else g * grad_scale
 
 
-def sgd_update_ref(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float, grad_scale: float) -> None:
+def sgd_update_ref(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float,
+                   grad_scale: torch.Tensor) -> None:
     """Reference of ``sgd_update_``: in place on ``param``."""
     work = param if param.dtype == torch.float32 else param.float()
     g = scaled_grad(grad, grad_scale)
@@ -54,11 +80,13 @@ def factored_update_ref(
     row: torch.Tensor,
     col: torch.Tensor,
     exp_avg: torch.Tensor,
-    grad_scale: float,
-    beta2t: float,
+    step: torch.Tensor,
+    grad_scale: torch.Tensor,
+    lr: float,
+    relative_step: bool,
+    decay_rate: float,
     eps1: float,
     clip_threshold: float,
-    rho: float,
     eps2: float,
     scale_parameter: bool,
     weight_decay: float,
@@ -67,27 +95,34 @@ def factored_update_ref(
     """Reference of ``factored_update_``: updates ``param``, ``row``, ``col`` and ``exp_avg`` in place.
 
     ``exp_avg`` with no elements means no first moment; ``col`` with no elements means ``row`` is the full
-    second moment of a vector. Follows transformers' Adafactor operation for operation.
+    second moment of a vector. ``step`` is t, already counted for this update. Follows transformers'
+    Adafactor operation for operation, with the step-dependent scalars kept on the device.
     """
     work = param.float()
     g = scaled_grad(grad, grad_scale)
-    alpha = rho * max(eps2, float(work.pow(2).mean().sqrt())) if scale_parameter else rho
+    t = step.double()
+    beta2t = (1.0 - t.pow(decay_rate)).float()
+    keep_new = 1.0 - beta2t
+    rho = t.rsqrt().clamp(max=lr).float() if relative_step else lr
+    alpha = rho * work.pow(2).mean().sqrt().clamp(min=eps2) if scale_parameter else rho
     sq = g * g + eps1
     if col.numel() > 0:
-        row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
-        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        row.mul_(beta2t).add_(sq.mean(dim=-1) * keep_new)
+        col.mul_(beta2t).add_(sq.mean(dim=-2) * keep_new)
         r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
         c_factor = col.unsqueeze(-2).rsqrt()
         update = g * (r_factor * c_factor)
     else:
-        row.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+        row.mul_(beta2t).add_(sq * keep_new)
         update = row.rsqrt() * g
     update.div_((update.pow(2).mean().sqrt() / clip_threshold).clamp(min=1.0))
     update.mul_(alpha)
     if exp_avg.numel() > 0:
         exp_avg.mul_(beta1).add_(update, alpha=1.0 - beta1)
         update = exp_avg
-    if weight_decay:
+    if weight_decay and isinstance(alpha, torch.Tensor):
+        work.addcmul_(work, alpha * -weight_decay)  # θ + θ·(−wd·α), as the kernels round it
+    elif weight_decay:
         work.add_(work, alpha=-weight_decay * alpha)
     work.add_(-update)
     param.copy_(work)
@@ -103,35 +138,38 @@ def _sgd_fake(param, grad, lr, weight_decay, grad_scale):
 
 
 @torch.library.register_fake("lowmem::factored_update_")
-def _factored_fake(param, grad, row, col, exp_avg, *args):
+def _factored_fake(param, grad, row, col, exp_avg, step, grad_scale, *args):
     return None
 
 
-def sgd_update_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0, grad_scale: float = 1.0):
+def sgd_update_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0,
+                grad_scale: float | torch.Tensor = 1.0) -> None:
     """Apply LOMO's SGD step to ``param`` in place (native kernel when loaded)."""
     from lowmem.ops.native import ensure_loaded
 
     ensure_loaded()
-    torch.ops.lowmem.sgd_update_(param, grad, float(lr), float(weight_decay), float(grad_scale))
+    torch.ops.lowmem.sgd_update_(param, grad, float(lr), float(weight_decay), device_scalar(grad_scale, param.device))
 
 
-def factored_update_(param, grad, row, col, exp_avg, *, grad_scale=1.0, beta2t, eps1, clip_threshold, rho, eps2,
-                     scale_parameter, weight_decay, beta1=0.0) -> None:
-    """Apply one Adafactor/AdaLomo step in place (native kernel when loaded)."""
+def factored_update_(param, grad, row, col, exp_avg, *, step, grad_scale=1.0, lr, relative_step=False, decay_rate,
+                     eps1, clip_threshold, eps2, scale_parameter, weight_decay, beta1=0.0) -> None:
+    """Apply one Adafactor/AdaLomo step in place (native kernel when loaded); ``step`` is t (a number, or the
+    rule's float32 step tensor on the weight's device)."""
     from lowmem.ops.native import ensure_loaded
 
     ensure_loaded()
-    torch.ops.lowmem.factored_update_(param, grad, row, col, exp_avg, float(grad_scale), float(beta2t), float(eps1),
-                                      float(clip_threshold), float(rho), float(eps2), bool(scale_parameter),
-                                      float(weight_decay), float(beta1))
+    torch.ops.lowmem.factored_update_(param, grad, row, col, exp_avg, device_scalar(step, param.device),
+                                      device_scalar(grad_scale, param.device), float(lr), bool(relative_step),
+                                      float(decay_rate), float(eps1), float(clip_threshold), float(eps2),
+                                      bool(scale_parameter), float(weight_decay), float(beta1))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Lion with an int8 blockwise-quantized momentum (QFT)
 
 _lib.define(
-    "lion8bit_update_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor code, float lr, "
-    "float beta1, float beta2, float weight_decay, float grad_scale, int blocksize) -> ()"
+    "lion8bit_update_(Tensor(a!) param, Tensor grad, Tensor(b!) codes, Tensor(c!) absmax, Tensor code, "
+    "Tensor grad_scale, float lr, float beta1, float beta2, float weight_decay, int blocksize) -> ()"
 )
 
 
@@ -149,7 +187,7 @@ def lion_update_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scal
     exp_avg.mul_(beta2).add_(g, alpha=1.0 - beta2)
 
 
-def lion8bit_update_ref(param, grad, codes, absmax, code, lr, beta1, beta2, weight_decay, grad_scale, blocksize):
+def lion8bit_update_ref(param, grad, codes, absmax, code, grad_scale, lr, beta1, beta2, weight_decay, blocksize):
     """Reference of ``lion8bit_update_``: dequantize the momentum, take one :func:`lion_update_` step,
     requantize the momentum keeping each value's sign."""
     from lowmem.ops.quant import dequantize_blockwise_ref, quantize_blockwise_ref
@@ -177,5 +215,5 @@ def lion8bit_update_(param, grad, codes, absmax, *, lr, beta1, beta2, weight_dec
 
     ensure_loaded()
     code = dynamic_map(param.device) if code is None else code
-    torch.ops.lowmem.lion8bit_update_(param, grad, codes, absmax, code, float(lr), float(beta1), float(beta2),
-                                      float(weight_decay), float(grad_scale), int(blocksize))
+    torch.ops.lowmem.lion8bit_update_(param, grad, codes, absmax, code, device_scalar(grad_scale, param.device),
+                                      float(lr), float(beta1), float(beta2), float(weight_decay), int(blocksize))

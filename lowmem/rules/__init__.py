@@ -5,9 +5,12 @@ A rule is an object with
     lets a rule treat e.g. embeddings differently), and
     ``update(param, grad, state, lr, grad_scale=1.0) -> None``: apply one step in place, under
     ``torch.no_grad``, to the gradient ``grad_scale · grad`` (the scale folds loss-scale unscaling and a
-    clipping coefficient into the rule's own pass, so no scaled copy of the gradient is made).
+    clipping coefficient into the rule's own pass, so no scaled copy of the gradient is made). ``grad_scale``
+    is a number or a 0-d float32 tensor on the parameter's device (a clipping coefficient computed there).
 State tensors live in the strategy's state dict, which checkpoints as safetensors; the per-tensor step
-count is ``state["step"]`` (a float32 scalar tensor) so it checkpoints with the rest.
+count is ``state["step"]`` (a float32 scalar tensor on the parameter's device) so it checkpoints with the rest.
+A rule never reads a tensor's value on the host: on a GPU every such read waits for the device, once per
+tensor, inside backward under ``fused`` (see ``lowmem.host_sync``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class Rule(Protocol):
     def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]: ...
 
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-               grad_scale: float = 1.0) -> None: ...
+               grad_scale: float | torch.Tensor = 1.0) -> None: ...
 
 
 RULES = {"sgd": SGD, "adamw": AdamW, "adafactor": Adafactor, "adalomo": AdaLomo, "lion": Lion, "lion8bit": Lion}

@@ -36,18 +36,22 @@ class AdamW:
 
     @torch.no_grad()
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-               grad_scale: float = 1.0) -> None:
+               grad_scale: float | torch.Tensor = 1.0) -> None:
+        # The step count stays a tensor on the parameter's device and the bias corrections are computed there, in
+        # float64 as torch.optim.AdamW computes them on the host: reading the count on the host would stall the
+        # device once per tensor. The update is torch's ``param.addcdiv_(exp_avg, denom, value=-step_size)``
+        # written with a device-side step size (same operations and rounding, and lr = 0 stays exact).
         state["step"] += 1
-        step = int(state["step"].item())
+        step = state["step"].double()
         work = param if param.dtype == torch.float32 else param.float()
         grad = scaled_grad(grad, grad_scale)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         work.mul_(1 - lr * self.weight_decay)
         exp_avg.lerp_(grad, 1 - self.beta1)
         exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        bias_correction1 = 1 - self.beta1**step
-        bias_correction2 = 1 - self.beta2**step
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(self.eps)
-        work.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        bias_correction1 = 1 - torch.pow(self.beta1, step)
+        bias_correction2 = 1 - torch.pow(self.beta2, step)
+        denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(self.eps)
+        work.add_(torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1))
         if work is not param:
             param.copy_(work)

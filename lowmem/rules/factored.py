@@ -15,7 +15,6 @@ Conventions (each tested against the implementation named):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -49,18 +48,17 @@ class Factored:
 
     @torch.no_grad()
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-               grad_scale: float = 1.0) -> None:
+               grad_scale: float | torch.Tensor = 1.0) -> None:
+        # The step count stays on the device; β₂ₜ and ρₜ are derived from it there by the op.
         state["step"] += 1
-        step = float(state["step"])
-        rho = min(lr, 1.0 / math.sqrt(step)) if self.relative_step else lr
         exp_avg = state.get("exp_avg")
         if exp_avg is None:
             exp_avg = param.new_empty((0,), dtype=torch.float32)
         factored_update_(
-            param, grad, state["exp_avg_sq_row"], state["exp_avg_sq_col"], exp_avg,
-            grad_scale=grad_scale, beta2t=1.0 - step**self.decay_rate, eps1=self.eps1,
-            clip_threshold=self.clip_threshold, rho=rho, eps2=self.eps2, scale_parameter=self.scale_parameter,
-            weight_decay=self.weight_decay, beta1=self.beta1 or 0.0,
+            param, grad, state["exp_avg_sq_row"], state["exp_avg_sq_col"], exp_avg, step=state["step"],
+            grad_scale=grad_scale, lr=lr, relative_step=self.relative_step, decay_rate=self.decay_rate,
+            eps1=self.eps1, clip_threshold=self.clip_threshold, eps2=self.eps2,
+            scale_parameter=self.scale_parameter, weight_decay=self.weight_decay, beta1=self.beta1 or 0.0,
         )
 
 

@@ -51,7 +51,7 @@ class Lion:
 
     @torch.no_grad()
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-               grad_scale: float = 1.0) -> None:
+               grad_scale: float | torch.Tensor = 1.0) -> None:
         if "exp_avg_codes" in state:
             lion8bit_update_(param, grad, state["exp_avg_codes"], state["exp_avg_absmax"], lr=lr, beta1=self.beta1,
                              beta2=self.beta2, weight_decay=self.weight_decay, grad_scale=grad_scale)

@@ -28,5 +28,5 @@ class SGD:
 
     @torch.no_grad()
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-               grad_scale: float = 1.0) -> None:
+               grad_scale: float | torch.Tensor = 1.0) -> None:
         sgd_update_(param, grad, lr, self.weight_decay, grad_scale)

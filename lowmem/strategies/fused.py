@@ -10,13 +10,14 @@ Clipping (``update.clip_mode``):
     ``two_pass``: a first backward only measures the global norm (each gradient freed after its norm is
         taken), a second applies the updates with the clipping coefficient, as LOMO does (~2× backward).
 Float16 weights use the two-pass mode with dynamic loss scaling: an overflow found in the first pass skips
-the step before any weight changed, then the scale halves; it doubles again after enough good steps.
+the step before any weight changed, then the scale halves; it doubles again after enough good steps. That check
+is the step's one host read (``lowmem.host_sync``); clipping coefficients stay on the device. Without loss
+scaling a non-finite norm is not checked inside the step (that would be a read too): the loss, checked at
+each log step, stops the run.
 Gradient accumulation is refused by the config check: a fused update keeps no gradient to accumulate.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -27,6 +28,7 @@ from lowmem.strategies.state import (
     apply_rule,
     clip_coefficient,
     load_strategy_state,
+    overflowed,
     strategy_state_dict,
 )
 
@@ -64,7 +66,7 @@ class FusedStrategy:
             if not self._measuring:
                 scale = self._grad_scale
                 if not self.two_pass and self.clip_grad_norm is not None:
-                    scale *= clip_coefficient(float(norm), self.clip_grad_norm)  # per-tensor clipping
+                    scale = clip_coefficient(norm, self.clip_grad_norm)  # per-tensor clipping, on the device
                 with torch.no_grad():
                     apply_rule(self.rule, param, grad, self.state.get(name, param), self.lr, scale)
             param.grad = None
@@ -86,22 +88,26 @@ class FusedStrategy:
         scaled = loss * self.scaler.scale if self.scaler.enabled else loss
         self._measuring = True
         scaled.backward(retain_graph=True)
-        norm = self._global_norm() / self.scaler.scale
+        norm = self._global_norm()
         self._sq_norms = []
-        if not math.isfinite(norm):
-            self._skipped = True  # nothing was applied yet: skipping leaves the weights untouched
-            self.scaler.update(found_inf=True)
-            return
+        if self.scaler.enabled:
+            norm = norm / self.scaler.scale
+            if overflowed(norm):
+                self._skipped = True  # nothing was applied yet: skipping leaves the weights untouched
+                self.scaler.update(found_inf=True)
+                return
         self._measuring = False
-        self._grad_scale = clip_coefficient(norm, self.clip_grad_norm) / self.scaler.scale
+        self._grad_scale = clip_coefficient(norm, self.clip_grad_norm)
+        if self.scaler.enabled:
+            self._grad_scale = self._grad_scale / self.scaler.scale
         self._measured_norm = norm
         scaled.backward()
         self.scaler.update(found_inf=False)
 
-    def _global_norm(self) -> float:
-        return float(torch.stack(self._sq_norms).sum().sqrt()) if self._sq_norms else 0.0
+    def _global_norm(self) -> torch.Tensor:
+        return torch.stack(self._sq_norms).sum().sqrt() if self._sq_norms else torch.zeros(())
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, float | torch.Tensor]:
         stats = {"grad_bytes_peak": self._peak_grad_bytes, "state_bytes": self.state.nbytes()}
         if self.two_pass:
             stats["grad_norm"] = float("nan") if self._skipped else self._measured_norm

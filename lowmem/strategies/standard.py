@@ -3,8 +3,6 @@ over every gradient. Every gradient exists at once; this is the baseline the oth
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from lowmem.int8_weights import trainable_tensors
@@ -15,6 +13,7 @@ from lowmem.strategies.state import (
     clip_coefficient,
     grad_norm,
     load_strategy_state,
+    overflowed,
     strategy_state_dict,
 )
 
@@ -37,13 +36,19 @@ class StandardStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         (loss * self.scaler.scale if self.scaler.enabled else loss).backward()
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, float | torch.Tensor]:
         with_grad = {n: p for n, p in self.params.items() if p.grad is not None}
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in with_grad.values())
-        norm = float(grad_norm([p.grad for p in with_grad.values()])) / self.scaler.scale
-        skipped = self.scaler.enabled and not math.isfinite(norm)
-        # Unscaling and clipping fold into the rule's own pass: no scaled copy of any gradient is made.
-        grad_scale = clip_coefficient(norm, self.clip_grad_norm) / self.scaler.scale
+        norm = grad_norm([p.grad for p in with_grad.values()])
+        skipped = False
+        if self.scaler.enabled:
+            norm = norm / self.scaler.scale
+            skipped = overflowed(norm)
+        # Unscaling and clipping fold into the rule's own pass: no scaled copy of any gradient is made. The
+        # clipping coefficient stays on the device.
+        grad_scale = clip_coefficient(norm, self.clip_grad_norm)
+        if self.scaler.enabled:
+            grad_scale = grad_scale / self.scaler.scale
         with torch.no_grad():
             for name, param in with_grad.items():
                 if not skipped:

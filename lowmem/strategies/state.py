@@ -6,12 +6,14 @@ import math
 
 import torch
 
+from lowmem.host_sync import read
 from lowmem.int8_weights import Int8Weight
 
 STATE_SEPARATOR = "::"
 
 
-def apply_rule(rule, param, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float, grad_scale: float) -> None:
+def apply_rule(rule, param, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+               grad_scale: float | torch.Tensor) -> None:
     """One step of ``rule`` on a parameter, or on an int8 weight (dequantize → step → requantize)."""
     if isinstance(param, Int8Weight):
         param.update_with(rule, grad, state, lr, grad_scale=grad_scale)
@@ -111,13 +113,22 @@ def load_strategy_state(flat: dict[str, torch.Tensor], rule_state: RuleState, sc
 
 
 def grad_norm(grads) -> torch.Tensor:
-    """Global L2 norm of ``grads`` in float32 (norm of per-tensor norms, as torch's clip_grad_norm_)."""
+    """Global L2 norm of ``grads`` in float32 (norm of per-tensor norms, as torch's clip_grad_norm_), on their
+    device: never read on the host here."""
     norms = [torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads]
     return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
 
 
-def clip_coefficient(norm: float, max_norm: float | None) -> float:
-    """torch's clip_grad_norm_ coefficient: min(1, max_norm / (norm + 1e-6))."""
-    if max_norm is None or not math.isfinite(norm):
+def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor | float:
+    """torch's clip_grad_norm_ coefficient min(1, max_norm / (norm + 1e-6)), computed on the norm's device (1
+    where the norm is not finite); the number 1.0 without clipping."""
+    if max_norm is None:
         return 1.0
-    return min(1.0, max_norm / (norm + 1e-6))
+    coef = (max_norm / (norm + 1e-6)).clamp_(max=1.0)
+    return coef.masked_fill_(~torch.isfinite(norm), 1.0)
+
+
+def overflowed(norm: torch.Tensor) -> bool:
+    """Whether an unscaled float16 gradient norm is not finite: the one host read of a loss-scaled step, made
+    before any weight changes so the step can be skipped (torch's GradScaler reads the same flag)."""
+    return not math.isfinite(read(norm, "float16 overflow check"))

@@ -1,0 +1,121 @@
+"""Host reads of device values: the few places a training step makes one, and a guard that finds any other.
+
+On a GPU, ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)`` and ``if t:`` of a device tensor wait until the
+device has run everything queued before them: the host stops feeding the device, which then idles. Inside
+backward, under ``fused``, one such read per parameter is hundreds of stalls per step. So a step keeps its
+coefficients (clipping, RMS, step counts, the loss) as device tensors and reads values on the host only
+
+* where they are logged, at the log interval (loss, gradient norm), and
+* for float16 weights with loss scaling, once per step, whether the gradients overflowed: that decides, before
+  any weight changes, whether the step is skipped (torch's ``GradScaler`` reads it at the same point).
+
+Each such read goes through :func:`read`, which names its reason. :class:`ForbidHostReads` raises on any other
+read of a tensor's value (``aten._local_scalar_dense``, the op behind all of the above), on CPU as on GPU;
+the tests run whole training steps under it. On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` also finds
+synchronizing copies; :func:`read` lifts it for its own read.
+
+transformers' mask creation (``masking_utils``) reads one value per forward whatever the inputs (whether the
+padding mask is all ones, or whether the position ids are packed; transformers 5.x), unless it is handed a
+prepared 4-D mask, which would bypass each model's own masking (sliding windows). The guard tolerates reads
+from there and counts them, so a test can check that they stay at one per forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_state = threading.local()
+
+#: Where a read by a library lowmem calls is tolerated (and counted): transformers' mask creation.
+TOLERATED = ("transformers/masking_utils.py",)
+
+
+class HostReadError(RuntimeError):
+    """A tensor's value was read on the host inside a training step, outside :func:`read`."""
+
+
+def _reasons() -> list[str]:
+    if not hasattr(_state, "reasons"):
+        _state.reasons = []
+    return _state.reasons
+
+
+@contextlib.contextmanager
+def _marked(reason: str):
+    reasons = _reasons()
+    reasons.append(reason)
+    cuda_mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else 0
+    if cuda_mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if cuda_mode:
+            torch.cuda.set_sync_debug_mode(cuda_mode)
+        reasons.pop()
+
+
+def read(tensor: torch.Tensor, reason: str) -> float | int | bool:
+    """The value of a one-element tensor on the host: a deliberate, named synchronization point."""
+    with _marked(reason):
+        return tensor.item()
+
+
+def read_all(tensors: dict[str, torch.Tensor], reason: str) -> dict[str, float]:
+    """Several one-element tensors read at one point (one wait for the device, then copies that find it done)."""
+    with _marked(reason):
+        return {key: float(t.item()) for key, t in tensors.items()}
+
+
+def _caller(frame, skip: tuple[str, ...] = ("/torch/", "lowmem/host_sync.py")) -> str:
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not any(part in name for part in skip):
+            return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "?"
+
+
+def _tolerated(frame) -> str | None:
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        for suffix in TOLERATED:
+            if name.endswith(suffix):
+                return suffix
+        frame = frame.f_back
+    return None
+
+
+class ForbidHostReads(TorchDispatchMode):
+    """Raises :class:`HostReadError` on every host read of a tensor's value that is neither made through
+    :func:`read` nor one of the :data:`TOLERATED` library reads.
+
+    Attributes:
+        marked: reads made through :func:`read`, by reason.
+        tolerated: tolerated library reads, by where they were made.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.marked: Counter[str] = Counter()
+        self.tolerated: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _LOCAL_SCALAR:
+            reasons = _reasons()
+            frame = sys._getframe(1)
+            if reasons:
+                self.marked[reasons[-1]] += 1
+            elif (where := _tolerated(frame)) is not None:
+                self.tolerated[where] += 1
+            else:
+                raise HostReadError(f"host read of a tensor value inside a training step at {_caller(frame)}: "
+                                    "keep the value on the device, or read it through lowmem.host_sync.read")
+        return func(*args, **(kwargs or {}))
