@@ -96,6 +96,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, tra
     """Write ``output_dir/checkpoint-STEP`` atomically and delete all but the newest ``keep_last``."""
 
     def write(tmp: Path) -> None:
+        _settle()
         save_model(model, tmp)
         if int8_weights(model):
             save_file(int8_state_dict(model), tmp / INT8_FILE)
@@ -159,10 +160,18 @@ def export_final(output_dir: Path, model, tokenizer) -> Path:
     """``output_dir/final``: an HF folder that ``from_pretrained`` loads, written atomically."""
 
     def write(tmp: Path) -> None:
+        _settle()
         save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
 
     return publish_folder(write, output_dir / "final")
+
+
+def _settle() -> None:
+    """Wait for copies still queued on the GPU: weights and states kept in host memory are written by non-blocking
+    copies (``lowmem.residency``) and must have landed before they are saved."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def save_model(model, folder: Path) -> None:

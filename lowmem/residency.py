@@ -6,16 +6,37 @@ Under HiFT only the active group updates, so only its rule state is needed on th
     after the update  its state goes to host memory (pinned), and the next group's state is prefetched
                       on a side stream while the next forward runs, which needs no state;
     frozen weights    with ``offload_frozen_weights``, units below the lowest trainable one (no backward
-                      passes through them) live in host memory and stream to the device unit by unit for
-                      the forward only.
+                      passes through them) live in pinned host memory and visit the device for their forward
+                      only: each is copied in without blocking while the unit before it computes, and its device
+                      copy is dropped after its forward. Frozen weights never change, so nothing is copied back;
+                      a unit's host copy is refreshed only when it leaves the device after it was trained.
 
 So at most one group's state is on the device. Every decision is a :class:`Move` with its bytes; the plan is
 logged at debug level and ``device_resident_bytes`` counts what the plan keeps on the device. On a CPU-only
 machine host and device are the same memory: the moves are no-ops, while the plan and the counts still run.
+
+A unit whose weights are also used outside it stays on the device: a tied output head runs after every layer,
+on the embeddings' weight (Llama-3.2-1B/3B, Gemma, small Qwen models).
+
+CUDA streams and the caching allocator (DESIGN §4a). The allocator gives a freed block back to the stream that
+allocated it and may hand it out again at once, so these rules hold for every copy here:
+
+1. Host memory is pinned, and every copy between host and device is ``non_blocking``: from pageable memory a copy
+   is synchronous, and would wait for everything queued on the device.
+2. Before the side stream reads what the default stream wrote (state after its update, host copies written by
+   device-to-host copies), it waits for it: ``side.wait_stream(current)``.
+3. A tensor allocated on the side stream and used on the default stream is ``record_stream(current)``-ed when it
+   is made, so when it is dropped its block is not reused before the default-stream kernels that read it ran.
+4. Before the default stream uses what the side stream copied in, it waits for it: ``current.wait_stream(side)``
+   before the step (prefetched state) or before the unit's forward (streamed weights).
+5. A host copy made by a non-blocking device-to-host copy is read on the host only after :meth:`synchronize`
+   (checkpoints call it). A pinned host buffer is kept per tensor and rewritten on the default stream only: the
+   side stream's reads of it are ordered before by rule 4.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -39,7 +60,7 @@ class Move:
 
 class ResidencyScheduler:
     def __init__(self, units: list[Unit], rule_state, device: torch.device, offload_states: bool,
-                 offload_frozen_weights: bool):
+                 offload_frozen_weights: bool, model: torch.nn.Module | None = None):
         self.units = units
         self.unit_index = {u.name: i for i, u in enumerate(units)}
         self.rule_state = rule_state
@@ -52,8 +73,25 @@ class ResidencyScheduler:
         self.stream = torch.cuda.Stream(device) if self.real else None
         self._hooks = []
         self.last_plan: list[Move] = []
+        self._host_state: dict[str, dict[str, torch.Tensor]] = {}  # pinned host buffer per state tensor
+        self._host_weights: dict[str, list[torch.Tensor]] = {}  # pinned host copy per unit tensor
+        self._stale_host_weights: set[str] = {u.name for u in units}  # units trained since their host copy
+        self._streamed_in: dict[str, list[torch.Tensor]] = {}  # device copies prefetched for a unit's forward
+        self.pinned_units = self._units_used_outside(model) if model is not None else set()
+        for name in sorted(self.pinned_units):
+            log.info("residency: unit %s stays on the device: its weights are also used outside it (tied)", name)
 
     # ------------------------------------------------------------------------------------------- plan
+
+    def offloadable(self, unit: Unit) -> bool:
+        """Whether a frozen unit may leave the device: it has a module whose weights no other module uses."""
+        return unit.module is not None and unit.name not in self.pinned_units
+
+    def planned_weight_location(self, index: int, lowest_active: int) -> str:
+        unit = self.units[index]
+        if self.offload_frozen_weights and index < lowest_active and self.offloadable(unit):
+            return HOST
+        return DEVICE
 
     def plan_before(self, active: list[Unit]) -> list[Move]:
         """Moves before the step of ``active``: its states to the device; frozen weights per the plan."""
@@ -65,7 +103,7 @@ class ResidencyScheduler:
         if self.offload_frozen_weights:
             lowest = min(self.unit_index[u.name] for u in active)
             for i, unit in enumerate(self.units):
-                want = HOST if i < lowest and unit.module is not None else DEVICE
+                want = self.planned_weight_location(i, lowest)
                 if self.weight_location[unit.name] != want:
                     moves.append(Move("weights", unit.name, want, unit.nbytes))
         return moves
@@ -88,11 +126,57 @@ class ResidencyScheduler:
 
     # ------------------------------------------------------------------------------------------ apply
 
+    def place(self, model: torch.nn.Module, active: list[Unit]) -> None:
+        """Put a model loaded in host memory where the plan for the step of ``active`` wants it: units planned
+        off the device are pinned where they are (the full model never visits the device), everything else
+        moves to the device. Then the plan's next moves are none."""
+        lowest = min(self.unit_index[u.name] for u in active)
+        on_host = set()
+        for i, unit in enumerate(self.units):
+            if self.planned_weight_location(i, lowest) == HOST:
+                on_host.update(id(t) for t in _tensors_of(unit.module))
+                self.weight_location[unit.name] = HOST
+                if self.real:
+                    hosts = self._host_weights[unit.name] = []
+                    for t in _tensors_of(unit.module):
+                        hosts.append(_pin(t.data))
+                        t.data = hosts[-1]
+                    self._stale_host_weights.discard(unit.name)
+                    self._stream_for_forward(unit.name, enabled=True)
+        for module in model.modules():
+            for t in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
+                if id(t) not in on_host and t.device != self.device:
+                    on_host.add(id(t))  # a tied weight is seen twice: move it once
+                    self._to_device(t)
+        moved = sum(self.units[self.unit_index[n]].nbytes for n, where in self.weight_location.items() if where == HOST)
+        log.info("residency: model placed; %d bytes of frozen units kept in host memory", moved)
+
+    def _to_device(self, tensor: torch.Tensor) -> None:
+        tensor.data = tensor.data.to(self.device)  # in place: hooks and optimizers keep the same tensor
+
+    def place_states(self, active: list[Unit]) -> None:
+        """After resume, with every loaded state in host memory: the active group's on the device, the others where
+        the plan keeps them (host memory with ``offload_states``), before the first step."""
+        active_names = {n for u in active for n in u.params}
+        for name, state in self.rule_state.by_param.items():
+            if self.offload_states and name not in active_names:
+                self.state_location[name] = HOST
+                if self.real:
+                    buffers = self._host_state.setdefault(name, {})
+                    for key, tensor in state.items():
+                        buffers[key] = _pin(tensor)
+                        state[key] = buffers[key]
+            else:
+                self.state_location[name] = DEVICE
+                for key, tensor in state.items():
+                    state[key] = tensor.to(self.device, non_blocking=self.real and tensor.is_pinned())
+
     def before_step(self, active: list[Unit]) -> list[Move]:
         moves = self.plan_before(active)
         if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)  # prefetches have landed
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)  # rule 4: prefetches have landed
         self._apply(moves)
+        self._stale_host_weights.update(u.name for u in active)  # their weights change in this step
         self.last_plan = moves
         return moves
 
@@ -107,41 +191,77 @@ class ResidencyScheduler:
                       self.device_resident_bytes())
         return moves
 
-    def _apply(self, moves: list[Move]) -> None:
-        for move in moves:
-            if move.kind == "state":
-                self._move_state(move)
-                self.state_location[move.name] = move.dst
-            else:
-                self._move_weights(move)
-                self.weight_location[move.name] = move.dst
+    def synchronize(self) -> None:
+        """Wait until every copy queued here has landed, so host copies may be read (checkpoints)."""
+        if self.real:
+            torch.cuda.synchronize(self.device)
 
-    def _move_state(self, move: Move) -> None:
+    def _apply(self, moves: list[Move]) -> None:
+        prefetching = [m for m in moves if m.kind == "state" and m.prefetch]
+        for move in moves:
+            if move.kind == "state" and not move.prefetch:
+                self._move_state(move)
+            elif move.kind == "weights":
+                self._move_weights(move)
+        if prefetching and self.real:
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)  # rule 2
+            with torch.cuda.stream(self.stream):
+                for move in prefetching:
+                    self._move_state(move, user=current)
+        for move in moves:
+            location = self.state_location if move.kind == "state" else self.weight_location
+            location[move.name] = move.dst
+
+    def _move_state(self, move: Move, user: torch.cuda.Stream | None = None) -> None:
+        """Move one parameter's state; ``user``: the stream that will use a prefetched copy (this runs on the side
+        stream then, where ``torch.cuda.current_stream`` is the side stream itself)."""
         if not self.real:
             return
         state = self.rule_state.by_param.get(move.name, {})
         if move.dst == HOST:
+            buffers = self._host_state.setdefault(move.name, {})
             for key, tensor in state.items():
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                host.copy_(tensor, non_blocking=True)
+                host = buffers.get(key)
+                if host is None:
+                    host = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host.copy_(tensor, non_blocking=True)  # rule 1; the device tensor is dropped after this
                 state[key] = host
-        else:
-            with torch.cuda.stream(self.stream):
-                for key, tensor in state.items():
-                    state[key] = tensor.to(self.device, non_blocking=True)
+            return
+        for key, tensor in state.items():
+            on_device = tensor.to(self.device, non_blocking=True)
+            if user is not None:
+                on_device.record_stream(user)  # rule 3: made on the side stream, used on the default one
+            state[key] = on_device
 
     def _move_weights(self, move: Move) -> None:
         if not self.real:
             return
-        module = self.units[self.unit_index[move.name]].module
-        target = self.device if move.dst == DEVICE else torch.device("cpu")
-        for tensor in _tensors_of(module):
-            tensor.data = tensor.data.to(target)
-        self._stream_for_forward(move.name, module, enabled=move.dst == HOST)
+        unit = self.units[self.unit_index[move.name]]
+        tensors = list(_tensors_of(unit.module))
+        if move.dst == HOST:
+            hosts = self._host_weights.get(unit.name)
+            if hosts is None:
+                hosts = self._host_weights[unit.name] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                                         for t in tensors]
+            stale = unit.name in self._stale_host_weights
+            for t, host in zip(tensors, hosts):
+                if stale:
+                    host.copy_(t.data, non_blocking=True)
+                t.data = host
+            self._stale_host_weights.discard(unit.name)
+        else:
+            self._stream_for_forward(unit.name, enabled=False)
+            for t, host in zip(tensors, self._host_weights[unit.name]):
+                t.data = host.to(self.device, non_blocking=True)
+            return
+        self._stream_for_forward(unit.name, enabled=True)
 
-    def _stream_for_forward(self, name: str, module: torch.nn.Module, enabled: bool) -> None:
+    # ------------------------------------------------------------------------------ weight streaming
+
+    def _stream_for_forward(self, name: str, enabled: bool) -> None:
         """A host-resident unit visits the device for its forward only (it has no backward: it is frozen and
-        below every trainable unit)."""
+        below every trainable unit), prefetching the next host-resident unit meanwhile."""
         kept = []
         for owner, handle in self._hooks:
             if owner == name:
@@ -149,21 +269,64 @@ class ResidencyScheduler:
             else:
                 kept.append((owner, handle))
         self._hooks = kept
+        self._streamed_in.pop(name, None)
         if not enabled:
             return
+        module = self.units[self.unit_index[name]].module
 
         def to_device(mod, args):
-            for t in _tensors_of(mod):
-                t.data = t.data.to(self.device, non_blocking=True)
+            current = torch.cuda.current_stream(self.device)
+            copies = self._streamed_in.pop(name, None)
+            if copies is None:
+                copies = [host.to(self.device, non_blocking=True) for host in self._host_weights[name]]
+            else:
+                current.wait_stream(self.stream)  # rule 4
+            for t, on_device in zip(_tensors_of(mod), copies):
+                t.data = on_device
+            self._prefetch_weights(self._next_host_unit(name))
 
         def to_host(mod, args, output):
-            for t in _tensors_of(mod):
-                t.data = t.data.to("cpu")
+            for t, host in zip(_tensors_of(mod), self._host_weights[name]):
+                t.data = host  # the device copy is dropped; never copied back: frozen weights did not change
 
         self._hooks.append((name, module.register_forward_pre_hook(to_device)))
         self._hooks.append((name, module.register_forward_hook(to_host)))
 
+    def _next_host_unit(self, name: str) -> str | None:
+        following = self.unit_index[name] + 1
+        if following < len(self.units) and self.weight_location[self.units[following].name] == HOST:
+            return self.units[following].name
+        return None
+
+    def _prefetch_weights(self, name: str | None) -> None:
+        if name is None or name in self._streamed_in:
+            return
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)  # rule 2: the host copies may have been written by a queued copy
+        with torch.cuda.stream(self.stream):
+            copies = [host.to(self.device, non_blocking=True) for host in self._host_weights[name]]
+        for on_device in copies:
+            on_device.record_stream(current)  # rule 3
+        self._streamed_in[name] = copies
+
     # ----------------------------------------------------------------------------------------- count
+
+    def _units_used_outside(self, model: torch.nn.Module) -> set[str]:
+        """Units whose weights another module outside the unit also uses (a tied output head)."""
+        shared = set()
+        for unit in self.units:
+            if unit.module is None:
+                continue
+            inside = {id(m) for m in unit.module.modules()}
+            own = {id(t) for t in _tensors_of(unit.module)}
+            for module in model.modules():
+                if id(module) in inside:
+                    continue
+                direct = itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+                if any(id(t) in own for t in direct):
+                    shared.add(unit.name)
+                    break
+        return shared
 
     def _state_bytes(self, name: str) -> int:
         return sum(t.numel() * t.element_size() for t in self.rule_state.by_param.get(name, {}).values())
@@ -183,3 +346,10 @@ def _tensors_of(module: torch.nn.Module):
     """What a weight move carries: parameters and buffers (int8 weights are buffers)."""
     yield from module.parameters()
     yield from module.buffers()
+
+
+def _pin(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in pinned host memory (itself if it already is)."""
+    if tensor.device.type == "cpu" and tensor.is_pinned():
+        return tensor
+    return tensor.detach().to("cpu").pin_memory()

@@ -90,8 +90,11 @@ def train(config: Config, step_guard=None) -> TrainResult:
     weights = str(resume_from) if resume_from else config.model.path
     tokenizer = load_tokenizer(config.model.path)
     int8 = config.model.int8 if config.model.weight_format == "int8" else None
-    model = load_model(weights, config.model.dtype, device, config.model.gradient_checkpointing, int8,
-                       config.train.seed)
+    # Streaming frozen weights: the model is loaded in host memory and HiFT's plan places it, so the units it
+    # keeps off the device never visit it (the load does not peak at the whole model there).
+    streamed = config.update.strategy == "hift" and config.memory.offload_frozen_weights
+    model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed else device,
+                       config.model.gradient_checkpointing, int8, config.train.seed)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)
@@ -99,7 +102,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
     steps = total_steps(config, len(data.train))
 
     rule = make_rule(config.update)
-    strategy = make_strategy(config.update.strategy, model, rule, config.update, config)
+    strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
     start_step = 0
     if resume_from:
         strategy.load_state_dict(ckpt.load_strategy_state(resume_from))
@@ -107,6 +110,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
         ckpt.restore_rng(ckpt.load_rng(resume_from), resume_state.get("python_rng"))
         start_step = resume_state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
+    if streamed:
+        strategy.place(model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",
              strategy.name, rule.name, config.update.lr, config.train.lr_schedule, 100 * config.train.warmup_ratio,
              steps, config.train.batch_size, config.train.gradient_accumulation_steps)

@@ -18,15 +18,16 @@ from lowmem.strategies.standard import StandardStrategy
 STRATEGIES = {"standard": StandardStrategy, "fused": FusedStrategy, "hift": HiftStrategy}
 
 
-def make_strategy(name: str, model, rule, update_config, config=None):
+def make_strategy(name: str, model, rule, update_config, config=None, device=None):
     """Build the strategy named by ``update.strategy`` over the model's trainable parameters.
 
-    ``hift`` also reads the recipe's ``hift``, ``memory`` and ``train.seed`` (pass the whole ``config``).
+    ``hift`` also reads the recipe's ``hift``, ``memory`` and ``train.seed`` (pass the whole ``config``), and
+    ``device``, where training runs, when the model was loaded in host memory to be placed by its plan.
     """
     if name == "hift":
         if config is None:
             from lowmem.config import Config
 
             config = Config(update=update_config)
-        return HiftStrategy(model, rule, update_config, config)
+        return HiftStrategy(model, rule, update_config, config, device)
     return STRATEGIES[name](model, rule, update_config)

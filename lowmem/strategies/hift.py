@@ -32,7 +32,9 @@ POSITION_KEY = "__hift__::position"
 class HiftStrategy:
     name = "hift"
 
-    def __init__(self, model: torch.nn.Module, rule, update_config, config):
+    def __init__(self, model: torch.nn.Module, rule, update_config, config, device: torch.device | None = None):
+        """``device``: where training runs (default: where the model is). A model loaded in host memory for
+        ``memory.offload_frozen_weights`` is put in place by :meth:`place`."""
         hift, memory = config.hift, config.memory
         self.units = discover_units(model)
         self.groups = make_groups(self.units, hift.group_size, hift.order, config.train.seed)
@@ -40,9 +42,9 @@ class HiftStrategy:
         inner_cls = FusedStrategy if hift.fused else StandardStrategy
         self.inner = inner_cls(model, rule, update_config)
         self.position = 0  # optimizer steps taken: the active group is groups[position % k]
-        device = next(model.parameters()).device
+        device = device if device is not None else next(model.parameters()).device
         self.residency = ResidencyScheduler(self.units, self.inner.state, device, memory.offload_states,
-                                            memory.offload_frozen_weights)
+                                            memory.offload_frozen_weights, model)
         self._activate(self.groups[0])
 
     @property
@@ -84,13 +86,21 @@ class HiftStrategy:
         )
         return stats
 
+    def place(self, model: torch.nn.Module) -> None:
+        """Move a model loaded in host memory to where the plan of the next step wants each unit."""
+        self.residency.place(model, self.active)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self.residency.synchronize()  # offloaded states are written by copies that may still be queued
         return {**self.inner.state_dict(), POSITION_KEY: torch.tensor(self.position, dtype=torch.int64)}
 
     def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
         flat = dict(flat)
         self.position = int(flat.pop(POSITION_KEY, torch.tensor(0)))
-        self.inner.load_state_dict(flat)
+        # Loaded into host memory; the plan then brings the active group's state to the device and keeps the
+        # others where it keeps them, before the first step (not every group's state on the device at once).
+        self.inner.load_state_dict(flat, keep_on_host=True)
+        self.residency.place_states(self.active)
         self._activate(self.active)
 
     def state_bytes(self) -> int:

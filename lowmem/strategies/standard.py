@@ -63,8 +63,8 @@ class StandardStrategy:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return strategy_state_dict(self.state, self.scaler)
 
-    def load_state_dict(self, flat: dict[str, torch.Tensor]) -> None:
-        load_strategy_state(flat, self.state, self.scaler, self.params)
+    def load_state_dict(self, flat: dict[str, torch.Tensor], keep_on_host: bool = False) -> None:
+        load_strategy_state(flat, self.state, self.scaler, self.params, keep_on_host)
 
     def state_bytes(self) -> int:
         return self.state.nbytes()

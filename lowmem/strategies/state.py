@@ -43,13 +43,16 @@ class RuleState:
             for key, tensor in state.items()
         }
 
-    def load_state_dict(self, flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+                        keep_on_host: bool = False) -> None:
+        """Load ``flat`` onto each parameter's device, or leave it where it was loaded (``keep_on_host``: the
+        residency scheduler places it)."""
         self.by_param = {}
         for full, tensor in flat.items():
             name, key = full.rsplit(STATE_SEPARATOR, 1)
             if name not in params:
                 raise ValueError(f"optimizer state names parameter '{name}', which the model does not have")
-            self.by_param.setdefault(name, {})[key] = tensor.to(params[name].device)
+            self.by_param.setdefault(name, {})[key] = tensor if keep_on_host else tensor.to(params[name].device)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.by_param.values() for t in s.values())
@@ -105,11 +108,11 @@ def strategy_state_dict(rule_state: RuleState, scaler: LossScaler) -> dict[str, 
 
 
 def load_strategy_state(flat: dict[str, torch.Tensor], rule_state: RuleState, scaler: LossScaler,
-                        params: dict[str, torch.Tensor]) -> None:
+                        params: dict[str, torch.Tensor], keep_on_host: bool = False) -> None:
     """Inverse of :func:`strategy_state_dict`."""
     prefix = LossScaler.PREFIX + STATE_SEPARATOR
     scaler.load_state_dict({k: v for k, v in flat.items() if k.startswith(prefix)})
-    rule_state.load_state_dict({k: v for k, v in flat.items() if not k.startswith(prefix)}, params)
+    rule_state.load_state_dict({k: v for k, v in flat.items() if not k.startswith(prefix)}, params, keep_on_host)
 
 
 def grad_norm(grads) -> torch.Tensor:
