@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results.csv"
-FIELDS = ["date", "device", "threads", "torch", "benchmark", "case", "provider", "p20_ms", "p50_ms", "p80_ms", "mb"]
+FIELDS = ["date", "device", "threads", "torch", "benchmark", "case", "provider", "p20_ms", "p50_ms", "p80_ms", "mb",
+          "mb_reserved", "tokens_per_s", "note"]
 
 
 def device_name() -> str:
@@ -37,9 +38,20 @@ def quantiles_ms(fn, repeats: int = 20, warmup: int = 3) -> tuple[float, float, 
     return q[0], q[1], q[2]
 
 
-def append_rows(rows: list[dict]) -> None:
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
+def append_rows(rows: list[dict], path: Path = RESULTS) -> None:
+    """Append ``rows`` to the CSV at ``path``; a file written with fewer columns gets the new ones first (empty)."""
+    if path.exists():
+        with open(path, newline="") as f:
+            old = list(csv.DictReader(f))
+            f.seek(0)
+            header = next(csv.reader(f), [])
+        if header != FIELDS:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows(old)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
             writer.writeheader()

@@ -69,18 +69,23 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     model.to(device)
     model.config.use_cache = False  # the KV cache is for generation only
     if gradient_checkpointing:
-        # transformers 5 renamed the switch; older releases (still allowed by our pin) have only the old one.
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model)
     model.train()
     from lowmem.int8_weights import int8_weights
 
     n_params = sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in int8_weights(model).values())
     log.info("model: %s, %.2fM parameters, %s on %s", path, n_params / 1e6, dtype, device)
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward (non-reentrant, so frozen layers and hooks work)."""
+    # transformers 5 renamed the switch; older releases (still allowed by our pin) have only the old one.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _looks_like_path(path: str) -> bool:

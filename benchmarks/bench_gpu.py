@@ -1,0 +1,265 @@
+"""Full fine-tuning on real-size Llama shapes (random weights), side by side: peak GPU memory and throughput.
+
+    python benchmarks/bench_gpu.py                       # on a GPU: Llama-3.2-1B- and Llama-3-8B-like configs
+    python benchmarks/bench_gpu.py --device cpu          # the same providers on tiny stand-in configs (CI runs this)
+    options: --steps 4 --tokens 2048 --only NAME,NAME --out results.csv
+
+Each provider trains a fresh model built from ``benchmarks/configs/*.json`` (architecture values only, random
+weights) in bfloat16 with gradient checkpointing, batch 1 × ``--tokens`` random tokens, for ``--steps`` steps:
+
+    baselines   torch AdamW (fused) in the plain loop; torch AdamW stepped inside backward (one optimizer per
+                parameter from ``register_post_accumulate_grad_hook``: torchtune's optimizer-in-backward);
+                bitsandbytes PagedAdamW8bit and lomo-optim AdaLomo where they import;
+    lowmem      fused + adalomo; fused + lion8bit with int8 weights; hift + adamw with ``offload_states`` and
+                ``offload_frozen_weights`` (4 groups, one full cycle); and each shipped 24 GB recipe on its model's
+                shape, with the recipe's own settings.
+
+On a GPU: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` over the provider's whole run (model
+included; reset between providers), tokens/s over the steps after the first. On CPU the peak is the process's RSS
+high-water mark (reset per provider through /proc/self/clear_refs). Rows are appended to benchmarks/results.csv
+(or ``--out``) and a markdown table is printed. A provider that runs out of memory or cannot run is a row too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from common import RESULTS, append_rows, base_row  # noqa: E402
+
+CONFIGS = {"cuda": ["llama-3.2-1b", "llama-3-8b"], "cpu": ["tiny-llama-tied", "tiny-llama"]}
+# Each shipped 24 GB recipe runs on its model's shape (on CPU: the untied tiny stand-in).
+RECIPES = {"llama3-8b-adalomo-24gb": "llama-3-8b", "llama2-7b-lomo-24gb": "llama-2-7b", "llama2-7b-qft-24gb": "llama-2-7b"}
+PROVIDERS = {
+    "torch AdamW (fused)": dict(peer="adamw"),
+    "torch AdamW in backward": dict(peer="adamw-in-backward"),
+    "bnb PagedAdamW8bit": dict(peer="paged-adamw8bit"),
+    "lomo-optim AdaLomo": dict(peer="lomo-adalomo"),
+    "lowmem fused+adalomo": dict(overrides=["update.strategy=fused", "update.rule=adalomo", "update.lr=5e-4",
+                                            "update.clip_grad_norm=null"]),
+    "lowmem fused+lion8bit int8w": dict(overrides=["update.strategy=fused", "update.rule=lion8bit", "update.lr=1e-5",
+                                                   "model.weight_format=int8", "update.clip_grad_norm=null"]),
+    "lowmem hift+adamw offload": dict(overrides=["update.strategy=hift", "update.rule=adamw", "update.lr=1e-5",
+                                                 "memory.offload_states=true", "memory.offload_frozen_weights=true"]),
+    **{f"recipe {name}": dict(recipe=name) for name in RECIPES},
+}
+LR = 1e-5  # the baselines' AdamW lr
+
+
+def build_model(config_name: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(HERE / "configs" / f"{config_name}.json")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def make_batches(vocab: int, tokens: int, steps: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, vocab, (1, tokens), generator=g)
+        out.append({"input_ids": ids.to(device), "labels": ids.to(device),
+                    "attention_mask": torch.ones_like(ids).to(device)})
+    return out
+
+
+def peer_step(name: str, model, device: torch.device):
+    """One step of a baseline on a loss (backward included)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda"
+    if name == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=LR, fused=fused)
+    elif name == "paged-adamw8bit":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=LR)
+    elif name == "lomo-adalomo":
+        import lomo_optim
+
+        adalomo = lomo_optim.AdaLomo(model, lr=5e-4)
+        return lambda loss: adalomo.fused_backward(loss, 5e-4)
+    elif name == "adamw-in-backward":
+        optimizers = {p: torch.optim.AdamW([p], lr=LR, fused=fused) for p in params}
+
+        def apply(p: torch.Tensor) -> None:
+            optimizers[p].step()
+            optimizers[p].zero_grad(set_to_none=True)
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(apply)
+        return lambda loss: loss.backward()
+    else:
+        raise ValueError(name)
+
+    def step(loss: torch.Tensor) -> None:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def load_recipe(spec: dict):
+    """The spec's recipe (lowmem providers without one take the 8B AdaLomo recipe's model and memory settings) with
+    the spec's overrides; None for a baseline."""
+    from lowmem.config import load_config
+
+    if "recipe" not in spec and "overrides" not in spec:
+        return None
+    return load_config(HERE.parent / "recipes" / f"{spec.get('recipe', 'llama3-8b-adalomo-24gb')}.yaml",
+                       spec.get("overrides", []))
+
+
+def lowmem_step(config, model, device: torch.device, n_steps: int):
+    """The recipe's strategy and rule on ``model`` (int8 weights when the recipe says so); returns (step function,
+    steps to run)."""
+    from lowmem.int8_weights import quantize_model
+    from lowmem.rules import make_rule
+    from lowmem.strategies import make_strategy
+    from lowmem.units import discover_units
+
+    if config.model.weight_format == "int8":
+        i8 = config.model.int8
+        quantize_model(model, i8.outlier_fraction, i8.refresh_every, i8.blocksize, config.train.seed,
+                       i8.stochastic_rounding)
+    if config.update.strategy == "hift":  # 4 groups; run one full cycle and one step more
+        config.hift.group_size = math.ceil(len(discover_units(model)) / 4)
+        n_steps = max(n_steps, 5)
+    strategy = make_strategy(config.update.strategy, model, make_rule(config.update), config.update, config, device)
+
+    def step(loss_fn) -> torch.Tensor:
+        strategy.prepare(config.update.lr)
+        loss = loss_fn()
+        strategy.backward(loss)
+        strategy.step()
+        return loss
+
+    return step, n_steps
+
+
+def run_provider(name: str, spec: dict, config_name: str, args, device: torch.device) -> dict:
+    from lowmem.loss import count_label_tokens, loss_sum
+    from lowmem.model import DTYPES, enable_gradient_checkpointing
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+    n_steps = args.steps
+    recipe = load_recipe(spec)
+    model = build_model(config_name, DTYPES[recipe.model.dtype] if recipe else torch.bfloat16, device)
+    if recipe is None or recipe.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if recipe is None:
+        apply = peer_step(spec["peer"], model, device)
+
+        def step(loss_fn) -> torch.Tensor:
+            loss = loss_fn()
+            apply(loss)
+            return loss
+    else:
+        step, n_steps = lowmem_step(recipe, model, device, n_steps)
+    batches = make_batches(model.config.vocab_size, args.tokens, n_steps, device)
+    losses, times = [], []
+    for batch in batches:
+        tokens = count_label_tokens(batch)
+        start = time.perf_counter()
+        loss = step(lambda: loss_sum(model, batch) / tokens)
+        losses.append(float(loss.detach()))  # waits for the step: the time below is the step's
+        times.append(time.perf_counter() - start)
+    steady = times[1:] or times
+    row = {"tokens_per_s": args.tokens * len(steady) / sum(steady), "step_ms": 1e3 * sorted(steady)[len(steady) // 2],
+           "losses": losses, "steps": n_steps}
+    if device.type == "cuda":
+        row.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+    else:
+        row.update(allocated=_rss_peak(), reserved=None)
+    del model, step, batches
+    return row
+
+
+def _rss_peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cases(device: torch.device, only: set[str] | None) -> list[tuple[str, dict, str]]:
+    out = []
+    for name, spec in PROVIDERS.items():
+        if only and name not in only:
+            continue
+        if "recipe" in spec:
+            out.append((name, spec, RECIPES[spec["recipe"]] if device.type == "cuda" else CONFIGS["cpu"][-1]))
+        else:
+            out.extend((name, spec, config) for config in CONFIGS[device.type])
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--only", default=None, help="comma-separated provider names")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    results = []
+    gib = 2**30 if device.type == "cuda" else 2**20
+    unit = "GiB" if device.type == "cuda" else "MiB (peak RSS)"
+    print(f"| config | provider | max allocated {unit} | max reserved {unit} | tokens/s | loss first → last |")
+    print("|---|---|---|---|---|---|")
+    for name, spec, config_name in cases(device, set(args.only.split(",")) if args.only else None):
+        try:
+            row = run_provider(name, spec, config_name, args, device)
+            reserved = f"{row['reserved'] / gib:.2f}" if row["reserved"] is not None else "–"
+            line = (f"| {config_name} | {name} | {row['allocated'] / gib:.2f} | {reserved} | "
+                    f"{row['tokens_per_s']:.0f} | {row['losses'][0]:.3f} → {row['losses'][-1]:.3f} |")
+        except ImportError as err:
+            row = {"error": f"not installed ({err.name})"}
+            line = f"| {config_name} | {name} | {row['error']} | | | |"
+        except torch.cuda.OutOfMemoryError:
+            row = {"error": f"out of memory (peak {torch.cuda.max_memory_allocated() / gib:.1f} GiB)"}
+            line = f"| {config_name} | {name} | {row['error']} | | | |"
+        except Exception as err:  # a provider that fails is reported, not fatal: the others still run
+            row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+            line = f"| {config_name} | {name} | failed: {row['error']} | | | |"
+        print(line, flush=True)
+        results.append({"provider": name, "config": config_name, **row})
+    rows = []
+    for r in results:
+        base = {**base_row("train_gpu" if device.type == "cuda" else "train_gpu_cpu_mode"),
+                "case": f"{r['config']} bf16 1x{args.tokens} ckpt", "provider": r["provider"]}
+        if "error" in r:
+            rows.append({**base, "note": r["error"]})
+        else:
+            rows.append({**base, "p50_ms": round(r["step_ms"], 1), "mb": round(r["allocated"] / 2**20, 1),
+                         "mb_reserved": round(r["reserved"] / 2**20, 1) if r["reserved"] is not None else "",
+                         "tokens_per_s": round(r["tokens_per_s"], 1),
+                         "note": json.dumps({"loss": [round(x, 4) for x in r["losses"]], "steps": r["steps"]})})
+    append_rows(rows, Path(args.out))
+    return results
+
+
+if __name__ == "__main__":
+    main()
