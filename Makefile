@@ -37,6 +37,8 @@ test: install
 # (appended after its own site-packages, so its torch wins) instead of downloading them again.
 #   CUDA_TORCH_SPEC   torch to build against (default torch==2.14.1: CUDA 13.0, as the machine's nvcc)
 #   CUDA_ARCH         TORCH_CUDA_ARCH_LIST for the build (no GPU to detect one from)
+# CUDA_HOME is where nvcc really lives (PATH may hold a wrapper script); CPATH adds the CUDA library headers of
+# torch's wheels (cuBLAS, cuSPARSE, ...), which torch's ATen/cuda headers include and a compiler-only toolkit lacks.
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch==2.14.1
 CUDA_ARCH ?= 8.0

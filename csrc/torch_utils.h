@@ -2,7 +2,7 @@
 // device refuses bad input with the same one-line message.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 

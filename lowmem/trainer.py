@@ -167,7 +167,10 @@ def train(config: Config, step_guard=None) -> TrainResult:
 
         done = step + 1
         eval_now = config.train.eval_every_n_steps and done % config.train.eval_every_n_steps == 0 and done < steps
-        logged = done % config.log.every_n_steps == 0 or done == steps or eval_now
+        every = config.checkpoint.save_every_n_steps
+        save_now = every and done % every == 0 and done < steps
+        # Evaluation and checkpoints wait for the device anyway: their steps are log points too.
+        logged = done % config.log.every_n_steps == 0 or done == steps or eval_now or save_now
         if not logged:
             progress.update(None)
             continue
@@ -192,8 +195,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
             progress.message(f"step {done}: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
         metrics.write(record)
         progress.update(record)
-        every = config.checkpoint.save_every_n_steps
-        if every and done % every == 0 and done < steps:
+        if save_now:
             save(done)
         window_tokens, window_start = 0, time.perf_counter()  # throughput excludes evaluation and checkpoints
 

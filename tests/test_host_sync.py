@@ -134,7 +134,8 @@ def test_cuda_step_has_no_synchronizing_call(micro_model_path, strategy, rule):
     import warnings
 
     model = load_model(micro_model_path, "bfloat16", "cuda")
-    quantize_model(model, seed=1) if rule == "lion8bit" else None
+    if rule == "lion8bit":
+        quantize_model(model, seed=1)
     config = UpdateConfig(rule=rule, clip_grad_norm=1.0)
     strategy = make_strategy(strategy, model, make_rule(config), config)
     data = [{k: v.cuda() for k, v in b.items()} for b in batches(3, model.config.vocab_size)]

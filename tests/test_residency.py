@@ -2,6 +2,7 @@
 embeddings and when the model is placed from host memory; on a GPU, that offloading and weight streaming change
 no weight and keep at most one group's state on the device."""
 
+import gc
 import json
 
 import pytest
@@ -171,7 +172,9 @@ def test_cuda_at_most_one_groups_state_is_on_the_device_also_after_resume():
     assert sum(per_group) > 2 * bound  # without offloading the bound could not hold
     saved = {k: v.cpu() for k, v in strategy.state_dict().items()}
     del strategy
+    gc.collect()
     torch.cuda.empty_cache()
+    model.requires_grad_(True)  # as loaded: the new strategy finds every trainable tensor
     resumed = hift(model, rule="adamw", offload_frozen=False)
     resumed.load_state_dict(saved)
     torch.cuda.synchronize()

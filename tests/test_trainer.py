@@ -114,6 +114,19 @@ def test_metrics_jsonl_has_the_documented_fields(tmp_path, micro_model_path, tex
     assert "val_loss" in steps[1] and "val_ppl" in steps[3]
 
 
+def test_a_sparse_log_interval_loses_no_loss_and_no_checkpoint(tmp_path, micro_model_path, text_data):
+    # values reach the host only at log points: every 3 steps, plus checkpoints (every 2) and the last step
+    every = train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=5", name="every"))
+    sparse = train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=5", "log.every_n_steps=3",
+                               "checkpoint.save_every_n_steps=2", "checkpoint.keep_last=5", name="sparse"))
+    assert sparse.losses == every.losses and len(sparse.losses) == 5
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "sparse")] == ["checkpoint-2", "checkpoint-4",
+                                                                             "checkpoint-5"]
+    records = [json.loads(line) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 3, 4, 5]
+    assert [r["loss"] for r in records if "loss" in r] == every.losses[1:]
+
+
 def test_crash_while_saving_leaves_no_checkpoint(tmp_path, micro_model_path, text_data, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")

@@ -3,7 +3,10 @@
 // Specification: lowmem/ops/update.py (lion8bit_update_ref). Per block of `blocksize` values: dequantize
 // m, c = β1·m + (1−β1)·g, θ ← θ·(1 − lr·wd) − lr·sign(c), m ← β2·m + (1−β2)·g, new absmax, requantize m to the
 // nearest code keeping its sign. The new momentum lives only in a block-sized buffer on the stack.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -4,7 +4,10 @@
 // kept operation-for-operation identical to the reference (float32 divide by the block absmax, search
 // over the midpoints with ties going to the lower code), so codes match the reference exactly. Never
 // build this with -ffast-math: a reciprocal-multiply would change which code a value rounds to.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>

@@ -7,7 +7,10 @@
 // The factored update never allocates a gradient-sized temporary: pass 1 reads the gradient once for
 // the row and column statistics (column sums in per-thread accumulators) and the weight's RMS; pass 2
 // recomputes u = g·r_i·c_j for its RMS; pass 3 recomputes it again to apply.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -1,8 +1,9 @@
 // Torch binding of the CUDA Lion8bit kernel; compiled only when torch has CUDA (LOWMEM_WITH_CUDA). The argument
 // checks are the CPU binding's (torch_utils.h).
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "../torch_utils.h"
 #include "launch.h"
@@ -37,7 +38,7 @@ void lion8bit_update_cuda(at::Tensor param, const at::Tensor& grad_in, at::Tenso
     const int err = lion8bit_update_cuda_launch(dtype_of(p), dtype_of(grad), p.data_ptr(), grad.data_ptr(),
                                                 codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
                                                 code_c.data_ptr<float>(), p.numel(), blocksize, s, scale,
-                                                at::cuda::getCurrentCUDAStream());
+                                                c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == 0, "lowmem: lion8bit_update_ failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   });
 }

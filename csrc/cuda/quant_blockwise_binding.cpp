@@ -1,7 +1,9 @@
 // Torch binding of the CUDA quantization kernels; compiled only when torch has CUDA (LOWMEM_WITH_CUDA).
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "../torch_utils.h"
 #include "launch.h"
@@ -34,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& x_i
   check_launch(quantize_blockwise_cuda_launch(to_dtype(x.scalar_type()), x.data_ptr(), n,
                                               code.contiguous().data_ptr<float>(), blocksize, preserve_sign,
                                               out.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                                              at::cuda::getCurrentCUDAStream()),
+                                              c10::cuda::getCurrentCUDAStream()),
                "quantize_blockwise");
   return {out, absmax};
 }
@@ -52,7 +54,7 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& codes_in, const at::Tenso
   check_launch(dequantize_blockwise_cuda_launch(to_dtype(dtype), codes.data_ptr<uint8_t>(),
                                                 absmax.contiguous().to(at::kFloat).data_ptr<float>(),
                                                 code.contiguous().data_ptr<float>(), n, blocksize, out.data_ptr(),
-                                                at::cuda::getCurrentCUDAStream()),
+                                                c10::cuda::getCurrentCUDAStream()),
                "dequantize_blockwise");
   return out;
 }

@@ -1,8 +1,10 @@
 // Torch binding of the CUDA update kernels; compiled only when torch has CUDA (LOWMEM_WITH_CUDA). The argument
 // checks are the CPU binding's (torch_utils.h), so both devices refuse bad input with the same message.
-#include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
 
 #include "../torch_utils.h"
 #include "launch.h"
@@ -33,7 +35,7 @@ void sgd_update_cuda(at::Tensor param, const at::Tensor& grad_in, double lr, dou
   on_contiguous(param, [&](at::Tensor& p) {
     check(sgd_update_cuda_launch(dtype_of(p, "sgd_update_"), dtype_of(grad, "sgd_update_"), p.data_ptr(),
                                  grad.data_ptr(), p.numel(), static_cast<float>(lr), static_cast<float>(weight_decay),
-                                 scale, at::cuda::getCurrentCUDAStream()),
+                                 scale, c10::cuda::getCurrentCUDAStream()),
           "sgd_update_");
   });
 }
@@ -65,7 +67,7 @@ void factored_update_cuda(at::Tensor param, const at::Tensor& grad_in, at::Tenso
     check(factored_update_cuda_launch(dtype_of(p, op), dtype_of(grad, op), p.data_ptr(), grad.data_ptr(),
                                       row.data_ptr<float>(), shape.factored ? col.data_ptr<float>() : nullptr, m,
                                       shape.batch, shape.rows, shape.cols, shape.factored, s, step_p, scale_p, ws,
-                                      at::cuda::getCurrentCUDAStream()),
+                                      c10::cuda::getCurrentCUDAStream()),
           op);
   });
 }
