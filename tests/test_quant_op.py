@@ -134,7 +134,7 @@ NVCC = build.find_nvcc()
 @pytest.mark.parametrize("source", build.cu_files(build.csrc_dir()), ids=lambda p: p.name)
 def test_cuda_source_compiles(source: Path, tmp_path):
     result = subprocess.run(
-        [NVCC, "-c", "-std=c++17", "-O3", str(source), "-o", str(tmp_path / "kernel.o")],
+        [NVCC, "-c", "-std=c++17", *build.NVCC_FLAGS, str(source), "-o", str(tmp_path / "kernel.o")],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]

@@ -28,7 +28,8 @@ int sgd_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const voi
 
 // Host-known scalars of one factored (Adafactor/AdaLomo) step; see lowmem/ops/update.py.
 struct FactoredScalars {
-  float lr, decay_rate, eps1, clip_threshold, eps2, weight_decay, beta1;
+  double lr, decay_rate;  // the step scalars derive from them in double, as on the CPU and in the reference
+  float eps1, clip_threshold, eps2, weight_decay, beta1;
   bool relative_step, scale_parameter;
 };
 

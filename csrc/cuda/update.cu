@@ -70,15 +70,17 @@ __global__ void row_stats_kernel(const T* __restrict__ param, const G* __restric
   }
 }
 
-// Column sums of (s·g)² + eps1, parallel over rows too: block (x, chunk, b) sums a slice of rows for kColTile
-// consecutive columns (a warp reads consecutive columns of one row: coalesced) into col_partial[chunk][b][j].
+// Column sums of (s·g)² + eps1, parallel over rows too: block (b · col_tiles + tile, chunk) sums a slice of rows
+// for kColTile consecutive columns (a warp reads consecutive columns of one row: coalesced) into
+// col_partial[chunk][b][j]. The batch is folded into x, whose limit is 2³¹ − 1 (y and z stop at 65535).
 template <typename G>
 __global__ void col_partial_kernel(const G* __restrict__ grad, double* __restrict__ col_partial, int64_t batch,
-                                   int64_t rows, int64_t cols, int64_t rows_per_chunk, float eps1,
+                                   int64_t rows, int64_t cols, int64_t col_tiles, int64_t rows_per_chunk, float eps1,
                                    const float* __restrict__ grad_scale_p) {
   __shared__ double acc[kColRows][kColTile + 1];
-  const int64_t j = blockIdx.x * (int64_t)kColTile + threadIdx.x;
-  const int64_t chunk = blockIdx.y, b = blockIdx.z;
+  const int64_t b = blockIdx.x / col_tiles, tile = blockIdx.x % col_tiles;
+  const int64_t j = tile * kColTile + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
   const int64_t lo = chunk * rows_per_chunk;
   const int64_t hi = lo + rows_per_chunk < rows ? lo + rows_per_chunk : rows;
   const float grad_scale = *grad_scale_p;
@@ -214,10 +216,11 @@ int launch_factored(void* param_v, const void* grad_v, float* row, float* col, f
                                                                  grad_scale);
     const int64_t chunks = factored_col_chunks(rows);
     const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
-    const dim3 col_grid(static_cast<unsigned>((cols + kColTile - 1) / kColTile), static_cast<unsigned>(chunks),
-                        static_cast<unsigned>(batch));
+    const int64_t col_tiles = (cols + kColTile - 1) / kColTile;
+    const dim3 col_grid(static_cast<unsigned>(batch * col_tiles), static_cast<unsigned>(chunks));
     col_partial_kernel<G><<<col_grid, dim3(kColTile, kColRows), 0, stream>>>(grad, ws.col_partial, batch, rows, cols,
-                                                                            rows_per_chunk, a.eps1, grad_scale);
+                                                                            col_tiles, rows_per_chunk, a.eps1,
+                                                                            grad_scale);
     col_finish_kernel<<<(batch * cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ws.col_partial, col, batch,
                                                                                          rows, cols, chunks, a, step);
     row_factor_kernel<<<batch, kThreads, 0, stream>>>(row, ws.r_factor, ws.row_param_sq, batch * rows, rows,

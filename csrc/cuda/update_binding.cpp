@@ -51,13 +51,15 @@ void factored_update_cuda(at::Tensor param, const at::Tensor& grad_in, at::Tenso
   const c10::cuda::CUDAGuard guard(param.device());
   const at::Tensor grad = float_or_same(grad_in, param);
   const int64_t rows_total = shape.factored ? shape.batch * shape.rows : 1;
+  TORCH_CHECK(rows_total < (int64_t{1} << 31) && shape.batch * ((shape.cols + 31) / 32) < (int64_t{1} << 31),
+              "lowmem: ", op, ": ", rows_total, " rows of ", shape.cols, " exceed the CUDA kernels' grid");
   const int64_t partials = shape.factored ? factored_col_chunks(shape.rows) * shape.batch * shape.cols : 1;
   auto opts = param.options();
   at::Tensor r_factor = at::empty({rows_total}, opts.dtype(at::kFloat));
   at::Tensor row_param_sq = at::empty({rows_total}, opts.dtype(at::kDouble));
   at::Tensor col_partial = at::empty({partials}, opts.dtype(at::kDouble));
   at::Tensor scalars = at::empty({2}, opts.dtype(at::kDouble));
-  const FactoredScalars s{static_cast<float>(lr), static_cast<float>(decay_rate), static_cast<float>(eps1),
+  const FactoredScalars s{lr, decay_rate, static_cast<float>(eps1),
                           static_cast<float>(clip_threshold), static_cast<float>(eps2),
                           static_cast<float>(weight_decay), static_cast<float>(beta1), relative_step, scale_parameter};
   const FactoredWorkspace ws{r_factor.data_ptr<float>(), row_param_sq.data_ptr<double>(),
