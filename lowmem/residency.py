@@ -16,19 +16,23 @@ logged at debug level and ``device_resident_bytes`` counts what the plan keeps o
 machine host and device are the same memory: the moves are no-ops, while the plan and the counts still run.
 
 A unit whose weights are also used outside it stays on the device: a tied output head runs after every layer,
-on the embeddings' weight (Llama-3.2-1B/3B, Gemma, small Qwen models).
+on the embeddings' weight (Llama-3.2-1B/3B, Gemma, small Qwen models). While the remainder unit (parameters outside
+the embeddings, the layers and the head) trains, no unit is streamed: it may hold weights used before every layer
+(GPT-2's position embeddings), and then backward passes through all of them.
 
 CUDA streams and the caching allocator (DESIGN §4a). The allocator gives a freed block back to the stream that
 allocated it and may hand it out again at once, so these rules hold for every copy here:
 
 1. Host memory is pinned, and every copy between host and device is ``non_blocking``: from pageable memory a copy
    is synchronous, and would wait for everything queued on the device.
-2. Before the side stream reads what the default stream wrote (state after its update, host copies written by
-   device-to-host copies), it waits for it: ``side.wait_stream(current)``.
+2. Before the side stream reads what the default stream wrote, it waits for it: for a state's host copy, on the
+   event recorded after the device-to-host copy that wrote it (so the next group's state comes in while this
+   group's update and outgoing copies run); for weights, ``side.wait_stream(current)``.
 3. A tensor allocated on the side stream and used on the default stream is ``record_stream(current)``-ed when it
    is made, so when it is dropped its block is not reused before the default-stream kernels that read it ran.
 4. Before the default stream uses what the side stream copied in, it waits for it: ``current.wait_stream(side)``
-   before the step (prefetched state) or before the unit's forward (streamed weights).
+   before backward (prefetched state: the forward, which needs none, overlaps the copy) or before the unit's
+   forward (streamed weights).
 5. A host copy made by a non-blocking device-to-host copy is read on the host only after :meth:`synchronize`
    (checkpoints call it). A pinned host buffer is kept per tensor and rewritten on the default stream only: the
    side stream's reads of it are ordered before by rule 4.
@@ -74,6 +78,7 @@ class ResidencyScheduler:
         self._hooks = []
         self.last_plan: list[Move] = []
         self._host_state: dict[str, dict[str, torch.Tensor]] = {}  # pinned host buffer per state tensor
+        self._written: dict[str, torch.cuda.Event] = {}  # per parameter: its state's last device-to-host copy
         self._host_weights: dict[str, list[torch.Tensor]] = {}  # pinned host copy per unit tensor
         self._stale_host_weights: set[str] = {u.name for u in units}  # units trained since their host copy
         self._streamed_in: dict[str, list[torch.Tensor]] = {}  # device copies prefetched for a unit's forward
@@ -86,6 +91,13 @@ class ResidencyScheduler:
     def offloadable(self, unit: Unit) -> bool:
         """Whether a frozen unit may leave the device: it has a module whose weights no other module uses."""
         return unit.module is not None and unit.name not in self.pinned_units
+
+    def lowest_active(self, active: list[Unit]) -> int:
+        """The first unit backward may pass through: the lowest active one, or the first of all when the active
+        group holds the remainder unit, whose weights may be used before every layer."""
+        if any(u.module is None for u in active):
+            return 0
+        return min(self.unit_index[u.name] for u in active)
 
     def planned_weight_location(self, index: int, lowest_active: int) -> str:
         unit = self.units[index]
@@ -101,7 +113,7 @@ class ResidencyScheduler:
                 if self.state_location.get(name, DEVICE) == HOST:
                     moves.append(Move("state", name, DEVICE, self._state_bytes(name)))
         if self.offload_frozen_weights:
-            lowest = min(self.unit_index[u.name] for u in active)
+            lowest = self.lowest_active(active)
             for i, unit in enumerate(self.units):
                 want = self.planned_weight_location(i, lowest)
                 if self.weight_location[unit.name] != want:
@@ -130,7 +142,7 @@ class ResidencyScheduler:
         """Put a model loaded in host memory where the plan for the step of ``active`` wants it: units planned
         off the device are pinned where they are (the full model never visits the device), everything else
         moves to the device. Then the plan's next moves are none."""
-        lowest = min(self.unit_index[u.name] for u in active)
+        lowest = self.lowest_active(active)
         on_host = set()
         for i, unit in enumerate(self.units):
             if self.planned_weight_location(i, lowest) == HOST:
@@ -173,8 +185,6 @@ class ResidencyScheduler:
 
     def before_step(self, active: list[Unit]) -> list[Move]:
         moves = self.plan_before(active)
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)  # rule 4: prefetches have landed
         self._apply(moves)
         self._stale_host_weights.update(u.name for u in active)  # their weights change in this step
         self.last_plan = moves
@@ -191,6 +201,11 @@ class ResidencyScheduler:
                       self.device_resident_bytes())
         return moves
 
+    def states_ready(self) -> None:
+        """Before backward: the default stream waits for the state prefetched on the side stream (rule 4)."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
     def synchronize(self) -> None:
         """Wait until every copy queued here has landed, so host copies may be read (checkpoints)."""
         if self.real:
@@ -205,7 +220,9 @@ class ResidencyScheduler:
                 self._move_weights(move)
         if prefetching and self.real:
             current = torch.cuda.current_stream(self.device)
-            self.stream.wait_stream(current)  # rule 2
+            for move in prefetching:  # rule 2: the copies that wrote these host buffers have run
+                if move.name in self._written:
+                    self.stream.wait_event(self._written[move.name])
             with torch.cuda.stream(self.stream):
                 for move in prefetching:
                     self._move_state(move, user=current)
@@ -227,6 +244,8 @@ class ResidencyScheduler:
                     host = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
                 host.copy_(tensor, non_blocking=True)  # rule 1; the device tensor is dropped after this
                 state[key] = host
+            self._written[move.name] = torch.cuda.Event()
+            self._written[move.name].record(torch.cuda.current_stream(self.device))
             return
         for key, tensor in state.items():
             on_device = tensor.to(self.device, non_blocking=True)
@@ -245,14 +264,14 @@ class ResidencyScheduler:
                 hosts = self._host_weights[unit.name] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                                                          for t in tensors]
             stale = unit.name in self._stale_host_weights
-            for t, host in zip(tensors, hosts):
+            for t, host in zip(tensors, hosts, strict=True):
                 if stale:
                     host.copy_(t.data, non_blocking=True)
                 t.data = host
             self._stale_host_weights.discard(unit.name)
         else:
             self._stream_for_forward(unit.name, enabled=False)
-            for t, host in zip(tensors, self._host_weights[unit.name]):
+            for t, host in zip(tensors, self._host_weights[unit.name], strict=True):
                 t.data = host.to(self.device, non_blocking=True)
             return
         self._stream_for_forward(unit.name, enabled=True)
@@ -274,23 +293,28 @@ class ResidencyScheduler:
             return
         module = self.units[self.unit_index[name]].module
 
-        def to_device(mod, args):
+        def to_device(mod, args, kwargs):
+            if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                               for a in (*args, *kwargs.values())):
+                raise RuntimeError(f"residency: unit {name} is streamed for its forward only, but its input "
+                                   "requires grad, so backward would pass through it (a lowmem bug: please report)")
             current = torch.cuda.current_stream(self.device)
             copies = self._streamed_in.pop(name, None)
             if copies is None:
                 copies = [host.to(self.device, non_blocking=True) for host in self._host_weights[name]]
             else:
                 current.wait_stream(self.stream)  # rule 4
-            for t, on_device in zip(_tensors_of(mod), copies):
+            for t, on_device in zip(_tensors_of(mod), copies, strict=True):
                 t.data = on_device
             self._prefetch_weights(self._next_host_unit(name))
 
         def to_host(mod, args, output):
-            for t, host in zip(_tensors_of(mod), self._host_weights[name]):
+            for t, host in zip(_tensors_of(mod), self._host_weights[name], strict=True):
                 t.data = host  # the device copy is dropped; never copied back: frozen weights did not change
 
-        self._hooks.append((name, module.register_forward_pre_hook(to_device)))
-        self._hooks.append((name, module.register_forward_hook(to_host)))
+        self._hooks.append((name, module.register_forward_pre_hook(to_device, with_kwargs=True)))
+        # always_call: a forward that raises still leaves the weights in host memory, as the plan says
+        self._hooks.append((name, module.register_forward_hook(to_host, always_call=True)))
 
     def _next_host_unit(self, name: str) -> str | None:
         following = self.unit_index[name] + 1

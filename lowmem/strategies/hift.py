@@ -71,6 +71,7 @@ class HiftStrategy:
         self.inner.prepare(lr)
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.residency.states_ready()  # the forward overlapped the state prefetch; backward's updates need it
         self.inner.backward(loss)
 
     def step(self) -> dict[str, float]:
