@@ -223,3 +223,18 @@ def test_cuda_ops_refuse_host_scalars_and_mixed_devices():
         torch.ops.lowmem.sgd_update_(param.cuda(), grad.cuda(), 0.1, 0.0, torch.ones(()))
     with pytest.raises(RuntimeError, match="grad is on cpu, param on cuda"):
         sgd_update_(param.cuda(), grad, 0.1)
+
+
+@pytest.mark.cuda
+def test_cuda_factored_with_more_than_65535_stacked_matrices():
+    # a conv-like [256, 257, 3, 3] weight is 65792 stacked 3×3 matrices: more than a grid's y or z dimension holds
+    param, grad = tensors((256, 257, 3, 3), torch.float32, seed=6)
+    states = factored_state(param, False)
+    ours, ref = param.clone().cuda(), param.clone()
+    ours_state, ref_state = [s.clone().cuda() for s in states], [s.clone() for s in states]
+    common = dict(FACTORED_COMMON, scale_parameter=True, weight_decay=0.0)
+    factored_update_(ours, grad.cuda(), *ours_state, **common)
+    factored_ref(ref, grad, *ref_state, **common)
+    torch.testing.assert_close(ours.cpu(), ref, rtol=2e-5, atol=1e-6)
+    for mine, theirs in zip(ours_state, ref_state):
+        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=1e-7)
