@@ -156,7 +156,7 @@ class ResidencyScheduler:
                     self._stale_host_weights.discard(unit.name)
                     self._stream_for_forward(unit.name, enabled=True)
         for module in model.modules():
-            for t in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
+            for t in _direct_tensors(module):
                 if id(t) not in on_host and t.device != self.device:
                     on_host.add(id(t))  # a tied weight is seen twice: move it once
                     self._to_device(t)
@@ -346,8 +346,7 @@ class ResidencyScheduler:
             for module in model.modules():
                 if id(module) in inside:
                     continue
-                direct = itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
-                if any(id(t) in own for t in direct):
+                if any(id(t) in own for t in _direct_tensors(module)):
                     shared.add(unit.name)
                     break
         return shared
@@ -370,6 +369,11 @@ def _tensors_of(module: torch.nn.Module):
     """What a weight move carries: parameters and buffers (int8 weights are buffers)."""
     yield from module.parameters()
     yield from module.buffers()
+
+
+def _direct_tensors(module: torch.nn.Module):
+    """A module's own parameters and buffers, not its children's."""
+    return itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
 
 
 def _pin(tensor: torch.Tensor) -> torch.Tensor:

@@ -178,13 +178,8 @@ def test_bad_arguments_get_one_line_errors(call, match):
     assert "\n" not in str(err.value).split("\nException raised from")[0].strip()
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("options,momentum", FACTORED_OPTIONS)
-def test_cuda_update_kernels_equal_reference(dtype, rtol, atol, shape, options, momentum):
-    assert ensure_loaded().with_cuda, "lowmem._C was built without CUDA kernels"
-    param, grad = tensors(shape, dtype, seed=3)
+def assert_cuda_factored_equals_reference(param, grad, momentum, rtol, atol, **options):
+    """One factored step on the GPU and in the reference on the CPU, from the same weight, gradient and state."""
     states = factored_state(param, momentum)
     ours, ref = param.clone().cuda(), param.clone()
     ours_state, ref_state = [s.clone().cuda() for s in states], [s.clone() for s in states]
@@ -194,6 +189,16 @@ def test_cuda_update_kernels_equal_reference(dtype, rtol, atol, shape, options, 
     torch.testing.assert_close(ours.cpu(), ref, rtol=rtol, atol=atol)
     for mine, theirs in zip(ours_state, ref_state):
         torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("options,momentum", FACTORED_OPTIONS)
+def test_cuda_update_kernels_equal_reference(dtype, rtol, atol, shape, options, momentum):
+    assert ensure_loaded().with_cuda, "lowmem._C was built without CUDA kernels"
+    param, grad = tensors(shape, dtype, seed=3)
+    assert_cuda_factored_equals_reference(param, grad, momentum, rtol, atol, **options)
     sgd_ours, sgd_ref = param.clone().cuda(), param.clone()
     sgd_update_(sgd_ours, grad.cuda(), 0.05, 0.1, 0.5)
     sgd_update_ref(sgd_ref, grad, 0.05, 0.1, 0.5)
@@ -205,15 +210,7 @@ def test_cuda_update_kernels_equal_reference(dtype, rtol, atol, shape, options, 
 def test_cuda_factored_with_a_float32_gradient_of_a_bfloat16_weight(shape):
     param, grad = tensors(shape, torch.bfloat16, seed=4)
     grad = grad.float() * 1.001  # values bfloat16 cannot hold
-    states = factored_state(param, False)
-    ours, ref = param.clone().cuda(), param.clone()
-    ours_state, ref_state = [s.clone().cuda() for s in states], [s.clone() for s in states]
-    common = dict(FACTORED_COMMON, scale_parameter=True, weight_decay=0.0)
-    factored_update_(ours, grad.cuda(), *ours_state, **common)
-    factored_ref(ref, grad, *ref_state, **common)
-    torch.testing.assert_close(ours.cpu(), ref, rtol=1.6e-2, atol=1e-5)
-    for mine, theirs in zip(ours_state, ref_state):
-        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=1e-7)
+    assert_cuda_factored_equals_reference(param, grad, False, 1.6e-2, 1e-5, scale_parameter=True, weight_decay=0.0)
 
 
 @pytest.mark.cuda
@@ -229,12 +226,4 @@ def test_cuda_ops_refuse_host_scalars_and_mixed_devices():
 def test_cuda_factored_with_more_than_65535_stacked_matrices():
     # a conv-like [256, 257, 3, 3] weight is 65792 stacked 3×3 matrices: more than a grid's y or z dimension holds
     param, grad = tensors((256, 257, 3, 3), torch.float32, seed=6)
-    states = factored_state(param, False)
-    ours, ref = param.clone().cuda(), param.clone()
-    ours_state, ref_state = [s.clone().cuda() for s in states], [s.clone() for s in states]
-    common = dict(FACTORED_COMMON, scale_parameter=True, weight_decay=0.0)
-    factored_update_(ours, grad.cuda(), *ours_state, **common)
-    factored_ref(ref, grad, *ref_state, **common)
-    torch.testing.assert_close(ours.cpu(), ref, rtol=2e-5, atol=1e-6)
-    for mine, theirs in zip(ours_state, ref_state):
-        torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=1e-7)
+    assert_cuda_factored_equals_reference(param, grad, False, 2e-5, 1e-6, scale_parameter=True, weight_decay=0.0)
