@@ -15,10 +15,10 @@ So at most one group's state is on the device. Every decision is a :class:`Move`
 logged at debug level and ``device_resident_bytes`` counts what the plan keeps on the device. On a CPU-only
 machine host and device are the same memory: the moves are no-ops, while the plan and the counts still run.
 
-A unit whose weights are also used outside it stays on the device: a tied output head runs after every layer,
-on the embeddings' weight (Llama-3.2-1B/3B, Gemma, small Qwen models). While the remainder unit (parameters outside
-the embeddings, the layers and the head) trains, no unit is streamed: it may hold weights used before every layer
-(GPT-2's position embeddings), and then backward passes through all of them.
+A unit whose weights are also used outside its modules stays on the device: a tied output head runs after every
+layer, on the embeddings' weight (Llama-3.2-1B/3B, Gemma, small Qwen models). Units are in forward order and no
+unit's weights are used below it (``lowmem.units``), so backward stops at the lowest active unit. A unit with
+several modules (GPT-2's embeddings: ``wte`` and ``wpe``) streams each module's tensors for that module's forward.
 
 CUDA streams and the caching allocator (DESIGN §4a). The allocator gives a freed block back to the stream that
 allocated it and may hand it out again at once, so these rules hold for every copy here:
@@ -81,7 +81,7 @@ class ResidencyScheduler:
         self._written: dict[str, torch.cuda.Event] = {}  # per parameter: its state's last device-to-host copy
         self._host_weights: dict[str, list[torch.Tensor]] = {}  # pinned host copy per unit tensor
         self._stale_host_weights: set[str] = {u.name for u in units}  # units trained since their host copy
-        self._streamed_in: dict[str, list[torch.Tensor]] = {}  # device copies prefetched for a unit's forward
+        self._streamed_in: dict[tuple[str, int], list[torch.Tensor]] = {}  # device copies prefetched for (unit, module j)
         self.pinned_units = self._units_used_outside(model) if model is not None else set()
         for name in sorted(self.pinned_units):
             log.info("residency: unit %s stays on the device: its weights are also used outside it (tied)", name)
@@ -89,14 +89,11 @@ class ResidencyScheduler:
     # ------------------------------------------------------------------------------------------- plan
 
     def offloadable(self, unit: Unit) -> bool:
-        """Whether a frozen unit may leave the device: it has a module whose weights no other module uses."""
-        return unit.module is not None and unit.name not in self.pinned_units
+        """Whether a frozen unit may leave the device: its weights are used inside its modules' forwards only."""
+        return bool(unit.modules) and unit.name not in self.pinned_units
 
     def lowest_active(self, active: list[Unit]) -> int:
-        """The first unit backward may pass through: the lowest active one, or the first of all when the active
-        group holds the remainder unit, whose weights may be used before every layer."""
-        if any(u.module is None for u in active):
-            return 0
+        """The first unit backward passes through: the lowest active one (no unit's weights are used below it)."""
         return min(self.unit_index[u.name] for u in active)
 
     def planned_weight_location(self, index: int, lowest_active: int) -> str:
@@ -146,11 +143,11 @@ class ResidencyScheduler:
         on_host = set()
         for i, unit in enumerate(self.units):
             if self.planned_weight_location(i, lowest) == HOST:
-                on_host.update(id(t) for t in _tensors_of(unit.module))
+                on_host.update(id(t) for t in _unit_tensors(unit))
                 self.weight_location[unit.name] = HOST
                 if self.real:
                     hosts = self._host_weights[unit.name] = []
-                    for t in _tensors_of(unit.module):
+                    for t in _unit_tensors(unit):
                         hosts.append(_pin(t.data))
                         t.data = hosts[-1]
                     self._stale_host_weights.discard(unit.name)
@@ -257,7 +254,7 @@ class ResidencyScheduler:
         if not self.real:
             return
         unit = self.units[self.unit_index[move.name]]
-        tensors = list(_tensors_of(unit.module))
+        tensors = _unit_tensors(unit)
         if move.dst == HOST:
             hosts = self._host_weights.get(unit.name)
             if hosts is None:
@@ -280,7 +277,7 @@ class ResidencyScheduler:
 
     def _stream_for_forward(self, name: str, enabled: bool) -> None:
         """A host-resident unit visits the device for its forward only (it has no backward: it is frozen and
-        below every trainable unit), prefetching the next host-resident unit meanwhile."""
+        below every trainable unit), module by module, prefetching the next host-resident module meanwhile."""
         kept = []
         for owner, handle in self._hooks:
             if owner == name:
@@ -288,61 +285,79 @@ class ResidencyScheduler:
             else:
                 kept.append((owner, handle))
         self._hooks = kept
-        self._streamed_in.pop(name, None)
+        unit = self.units[self.unit_index[name]]
+        for j in range(len(unit.modules)):
+            self._streamed_in.pop((name, j), None)
         if not enabled:
             return
-        module = self.units[self.unit_index[name]].module
+        for j, module in enumerate(unit.modules):
+            self._hooks.append((name, module.register_forward_pre_hook(self._bring_in_hook((name, j)), with_kwargs=True)))
+            # always_call: a forward that raises still leaves the weights in host memory, as the plan says
+            self._hooks.append((name, module.register_forward_hook(self._send_back_hook((name, j)), always_call=True)))
 
+    def _piece_hosts(self, piece: tuple[str, int]) -> list[torch.Tensor]:
+        """The pinned host copies of one module of a unit (a slice of the unit's, in ``_unit_tensors`` order)."""
+        name, j = piece
+        unit = self.units[self.unit_index[name]]
+        start = sum(len(_own_tensors(m)) for m in unit.modules[:j])
+        return self._host_weights[name][start:start + len(_own_tensors(unit.modules[j]))]
+
+    def _bring_in_hook(self, piece: tuple[str, int]):
         def to_device(mod, args, kwargs):
             if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
                                                for a in (*args, *kwargs.values())):
-                raise RuntimeError(f"residency: unit {name} is streamed for its forward only, but its input "
+                raise RuntimeError(f"residency: unit {piece[0]} is streamed for its forward only, but its input "
                                    "requires grad, so backward would pass through it (a lowmem bug: please report)")
             current = torch.cuda.current_stream(self.device)
-            copies = self._streamed_in.pop(name, None)
+            copies = self._streamed_in.pop(piece, None)
             if copies is None:
-                copies = [host.to(self.device, non_blocking=True) for host in self._host_weights[name]]
+                copies = [host.to(self.device, non_blocking=True) for host in self._piece_hosts(piece)]
             else:
                 current.wait_stream(self.stream)  # rule 4
-            for t, on_device in zip(_tensors_of(mod), copies, strict=True):
+            for t, on_device in zip(_own_tensors(mod), copies, strict=True):
                 t.data = on_device
-            self._prefetch_weights(self._next_host_unit(name))
+            self._prefetch_weights(self._next_host_piece(piece))
 
+        return to_device
+
+    def _send_back_hook(self, piece: tuple[str, int]):
         def to_host(mod, args, output):
-            for t, host in zip(_tensors_of(mod), self._host_weights[name], strict=True):
+            for t, host in zip(_own_tensors(mod), self._piece_hosts(piece), strict=True):
                 t.data = host  # the device copy is dropped; never copied back: frozen weights did not change
 
-        self._hooks.append((name, module.register_forward_pre_hook(to_device, with_kwargs=True)))
-        # always_call: a forward that raises still leaves the weights in host memory, as the plan says
-        self._hooks.append((name, module.register_forward_hook(to_host, always_call=True)))
+        return to_host
 
-    def _next_host_unit(self, name: str) -> str | None:
-        following = self.unit_index[name] + 1
+    def _next_host_piece(self, piece: tuple[str, int]) -> tuple[str, int] | None:
+        name, j = piece
+        index = self.unit_index[name]
+        if j + 1 < len(self.units[index].modules):
+            return name, j + 1
+        following = index + 1
         if following < len(self.units) and self.weight_location[self.units[following].name] == HOST:
-            return self.units[following].name
+            return self.units[following].name, 0
         return None
 
-    def _prefetch_weights(self, name: str | None) -> None:
-        if name is None or name in self._streamed_in:
+    def _prefetch_weights(self, piece: tuple[str, int] | None) -> None:
+        if piece is None or piece in self._streamed_in:
             return
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)  # rule 2: the host copies may have been written by a queued copy
         with torch.cuda.stream(self.stream):
-            copies = [host.to(self.device, non_blocking=True) for host in self._host_weights[name]]
+            copies = [host.to(self.device, non_blocking=True) for host in self._piece_hosts(piece)]
         for on_device in copies:
             on_device.record_stream(current)  # rule 3
-        self._streamed_in[name] = copies
+        self._streamed_in[piece] = copies
 
     # ----------------------------------------------------------------------------------------- count
 
     def _units_used_outside(self, model: torch.nn.Module) -> set[str]:
-        """Units whose weights another module outside the unit also uses (a tied output head)."""
+        """Units whose weights another module outside the unit's modules also uses (a tied output head)."""
         shared = set()
         for unit in self.units:
-            if unit.module is None:
+            if not unit.modules:
                 continue
-            inside = {id(m) for m in unit.module.modules()}
-            own = {id(t) for t in _tensors_of(unit.module)}
+            inside = {id(m) for module in unit.modules for m in module.modules()}
+            own = {id(t) for t in _unit_tensors(unit)}
             for module in model.modules():
                 if id(module) in inside:
                     continue
@@ -365,10 +380,14 @@ class ResidencyScheduler:
         return weights + states
 
 
-def _tensors_of(module: torch.nn.Module):
-    """What a weight move carries: parameters and buffers (int8 weights are buffers)."""
-    yield from module.parameters()
-    yield from module.buffers()
+def _own_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """What a weight move carries for one module: its parameters and buffers (int8 weights are buffers)."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _unit_tensors(unit: Unit) -> list[torch.Tensor]:
+    """A unit's modules' tensors, module by module in forward order."""
+    return [t for module in unit.modules for t in _own_tensors(module)]
 
 
 def _direct_tensors(module: torch.nn.Module):

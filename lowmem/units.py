@@ -1,22 +1,38 @@
-"""HiFT's units, found generically in any HF decoder model: the input embeddings, each decoder layer, the
-remaining parameters (final norm, and whatever else the model has), and the output head. No per-
-architecture tables: the decoder stack is the ModuleList of same-class modules holding the most parameters.
+"""HiFT's units, found generically in any HF decoder model, bottom to top in the order the forward uses them:
+
+    embeddings   the input embeddings and every weight used before the first decoder layer (GPT-2's ``wpe``,
+                 OPT's ``embed_positions`` and ``project_in``);
+    layers.i     decoder layer i (and any weight first used inside it or just before it);
+    norm         every weight used after the last layer that is not the output head (the final norm, OPT's
+                 ``project_out``);
+    lm_head      the output head, unless it is tied to the input embeddings.
+
+No per-architecture tables: the decoder stack is the ModuleList of same-class modules holding the most
+parameters, and where each other weight is used comes from one forward of a two-token input under a fake
+tensor mode (no compute, no memory): a module is placed by the first time the forward calls it. A unit's
+weights are then never used below it, so training it needs no backward below it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from lowmem.int8_weights import Int8Weight, trainable_tensors
+
+log = logging.getLogger("lowmem")
 
 
 @dataclass
 class Unit:
     name: str
     params: dict[str, torch.nn.Parameter | Int8Weight]  # name → trainable parameter or int8 weight
-    module: torch.nn.Module | None = None  # the module holding them; None for the "norm" remainder
+    # The modules whose forwards use these weights, in forward order; each one's tensors belong to this unit and
+    # are used only inside its forward. Empty when some weight's use could not be tied to a module: the unit then
+    # cannot be streamed.
+    modules: list[torch.nn.Module] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -43,42 +59,133 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     return best
 
 
+BEFORE_LAYERS = -0.5
+
+
+def forward_stages(model: torch.nn.Module, layers) -> dict[str, float]:
+    """Module name → where the forward first calls it: ``i`` inside decoder layer i, ``i + 0.5`` after layer i
+    and before the next, ``-0.5`` before the first. One forward of two tokens under ``FakeTensorMode``: shapes
+    only, nothing computed or allocated; in eval mode, so no dropout draws from the real generator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    stage = [BEFORE_LAYERS]
+    first: dict[str, float] = {}
+    handles = []
+    for i, layer in enumerate(layers if layers is not None else []):
+        handles.append(layer.register_forward_pre_hook(lambda *_, i=i: stage.__setitem__(0, float(i)), prepend=True))
+        handles.append(layer.register_forward_hook(lambda *_, i=i: stage.__setitem__(0, i + 0.5)))
+    def record(name):
+        def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
+            first.setdefault(name, stage[0])
+        return hook
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(record(name)))
+    was_training = model.training
+    device = model.get_input_embeddings().weight.device
+    try:
+        model.eval()
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return first
+
+
 def discover_units(model: torch.nn.Module) -> list[Unit]:
-    """Units bottom to top: embeddings, layers.0 … layers.N-1, norm (everything else), lm_head.
+    """Units bottom to top: embeddings, layers.0 … layers.N-1, norm, lm_head (see the module docstring).
 
     Only parameters that require grad are placed; a tied weight belongs to the first unit that owns it
     (the embeddings), so an lm_head tied to them forms no unit of its own.
     """
     named = trainable_tensors(model)
-    name_of = {id(p): n for n, p in named.items()}
-    taken: set[str] = set()
-    units: list[Unit] = []
-
-    def add(name: str, module: torch.nn.Module | None) -> None:
-        params = {}
-        for p in _weights_of(module) if module is not None else []:
-            n = name_of.get(id(p))
-            if n is not None and n not in taken:
-                params[n] = p
-                taken.add(n)
-        if params:
-            units.append(Unit(name, params, module))
-
-    head = model.get_output_embeddings()
-    add("embeddings", model.get_input_embeddings())
+    modules = dict(model.named_modules())
+    path_of = {id(m): n for n, m in modules.items()}
     layers = decoder_layers(model)
-    for i, layer in enumerate(layers if layers is not None else []):
-        add(f"layers.{i}", layer)
-    head_ids = {id(p) for p in _weights_of(head)} if head is not None else set()
-    rest = {n: p for n, p in named.items() if n not in taken and id(p) not in head_ids}
-    if rest:
-        units.append(Unit("norm", rest))
-        taken.update(rest)
-    add("lm_head", head)
-    missing = set(named) - taken
-    if missing:  # cannot happen with the rules above; a silent gap would leave weights untrained
-        raise AssertionError(f"parameters in no HiFT unit: {sorted(missing)[:5]}")
+    n_layers = len(layers) if layers is not None else 0
+    layer_paths = [path_of[id(layer)] for layer in (layers if layers is not None else [])]
+    embed_path = path_of[id(model.get_input_embeddings())]
+    head = model.get_output_embeddings()
+    head_path = path_of.get(id(head)) if head is not None else None
+
+    try:
+        stages = forward_stages(model, layers)
+    except Exception as err:  # noqa: BLE001 — a model the fake mode cannot run still trains, placed conservatively
+        log.warning("hift: the forward could not be traced (%s: %s); weights outside the embeddings, the layers "
+                    "and the head are trained with the embeddings", type(err).__name__, str(err).splitlines()[0])
+        stages = {}
+
+    def inside(path: str, root: str | None) -> bool:
+        return root is not None and (root == "" or path == root or path.startswith(root + "."))
+
+    stack_ancestors = {p.rsplit(".", 1)[0] if "." in p else "" for p in layer_paths}
+    stack_ancestors |= {a for p in stack_ancestors for a in _ancestors(p)}
+
+    def placement(name: str) -> tuple[str, str | None]:
+        """(unit, module path whose forward uses the weight, or None when unknown)."""
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if inside(owner, embed_path):
+            return "embeddings", embed_path
+        for i, path in enumerate(layer_paths):
+            if inside(owner, path):
+                return f"layers.{i}", path
+        if inside(owner, head_path):
+            return "lm_head", head_path
+        # Elsewhere: the nearest module the forward called that does not contain the decoder stack.
+        for path in [owner, *_ancestors(owner)]:
+            if path in stack_ancestors:
+                break
+            if path in stages:
+                return _unit_at(stages[path], n_layers), path
+        return "embeddings", None  # used who knows where: lowest, so no backward ever stops above it
+
+    order = ["embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "lm_head"]
+    params: dict[str, dict] = {u: {} for u in order}
+    roots: dict[str, list[str]] = {"embeddings": [embed_path], "lm_head": [head_path] if head_path is not None else []}
+    roots.update({f"layers.{i}": [p] for i, p in enumerate(layer_paths)})
+    unstreamable: set[str] = set()
+    for name, tensor in named.items():
+        unit, path = placement(name)
+        params[unit][name] = tensor
+        if path is None:
+            unstreamable.add(unit)
+        elif path not in roots.setdefault(unit, []):
+            roots[unit].append(path)
+    all_roots = [(u, p) for u in order if params[u] for p in roots.get(u, [])]
+    for unit, path in all_roots:  # a module holding another unit's module would move that unit's weights too
+        if any(other != path and (inside(other, path) or inside(path, other)) for _, other in all_roots):
+            unstreamable.add(unit)
+    units = []
+    for unit in order:
+        if not params[unit]:
+            continue
+        paths = sorted(roots.get(unit, []), key=lambda p: stages.get(p, 0.0))
+        mods = [] if unit in unstreamable else [modules[p] for p in paths]
+        units.append(Unit(unit, params[unit], mods))
+    placed = {n for u in units for n in u.params}
+    if placed != set(named):  # cannot happen with the rules above; a silent gap would leave weights untrained
+        raise AssertionError(f"parameters in no HiFT unit: {sorted(set(named) - placed)[:5]}")
     return units
+
+
+def _ancestors(path: str) -> list[str]:
+    """``a.b.c`` → ``a.b``, ``a``, ``""`` (the model)."""
+    out = []
+    while path:
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+        out.append(path)
+    return out
+
+
+def _unit_at(stage: float, n_layers: int) -> str:
+    """The unit of a weight first used at ``stage``: inside layer i or just before it → layers.i."""
+    if stage < 0:
+        return "embeddings"
+    if stage > n_layers - 1:
+        return "norm"
+    return f"layers.{int(-(-stage // 1))}"
 
 
 def make_groups(units: list[Unit], group_size: int, order: str, seed: int) -> list[list[Unit]]:

@@ -54,3 +54,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def arch_path(micro_model_path, tmp_path_factory):
+    """``arch_path(name)``: the folder of a tiny random model of that architecture (see ``tiny_archs``)."""
+    from tiny_archs import tiny_arch
+
+    root = tmp_path_factory.mktemp("archs")
+    return lambda name: tiny_arch(name, micro_model_path, root)

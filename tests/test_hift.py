@@ -46,6 +46,40 @@ def test_units_are_found_generically(micro_model_path):
     assert sum(len(u.params) for u in units) == len(list(tied.parameters()))
 
 
+def test_units_follow_the_forward_order(arch_path):
+    # weights outside the embeddings, the layers and the head go where the forward first uses them: position
+    # embeddings and OPT's project_in before the layers, OPT's project_out with the final norm after them
+    units = {u.name: sorted(u.params) for u in discover_units(load_model(arch_path("gpt2")))}
+    assert units["embeddings"] == ["transformer.wpe.weight", "transformer.wte.weight"]
+    assert units["norm"] == ["transformer.ln_f.bias", "transformer.ln_f.weight"]
+    opt = {u.name: u for u in discover_units(load_model(arch_path("opt")))}
+    assert sorted(opt["embeddings"].params) == [f"model.decoder.{n}.weight" for n in
+                                                ("embed_positions", "embed_tokens", "project_in")]
+    assert sorted(opt["norm"].params) == ["model.decoder.final_layer_norm.bias", "model.decoder.final_layer_norm.weight",
+                                          "model.decoder.project_out.weight"]
+    # the modules each unit streams, in forward order
+    assert [type(m).__name__ for m in opt["embeddings"].modules] == [
+        "Embedding", "OPTLearnedPositionalEmbedding", "Linear"]
+
+
+def test_the_norm_step_of_gpt2_runs_no_backward_through_the_layers(arch_path):
+    # GPT-2's wpe used to train with the final norm, so that step saved as many activations as the embeddings step
+    model = load_model(arch_path("gpt2"))
+    strategy = build(model, hift_config())
+    saved = {}
+    for batch in batches(strategy.n_groups, model.config.vocab_size):
+        name = strategy.active[0].name
+        strategy.prepare(1e-3)
+        with SavedTensorBytes(model.parameters()) as counter:
+            loss = loss_sum(model, batch) / count_label_tokens(batch)
+        strategy.backward(loss)
+        strategy.step()
+        saved[name] = counter.nbytes
+    assert list(saved) == ["embeddings", "layers.0", "layers.1", "norm"]
+    assert saved["norm"] < saved["layers.1"] < saved["layers.0"]  # backward stops at the active unit
+    assert saved["norm"] < saved["embeddings"] / 3
+
+
 def test_group_orders(micro_model_path):
     units = discover_units(load_model(micro_model_path, "float32"))
     names = lambda groups: [[u.name for u in g] for g in groups]  # noqa: E731
@@ -187,9 +221,9 @@ def test_frozen_weights_below_the_active_group_are_planned_off_the_device(micro_
     strategy = build(model, hift_config(group_size=1, order="top_down", offload_frozen=True))
     batch = batches(1, model.config.vocab_size)[0]
     total = sum(p.numel() * 4 for p in model.parameters())
-    stats = step(model, strategy, batch, 1e-3)  # lm_head active: embeddings and both layers stream
+    stats = step(model, strategy, batch, 1e-3)  # lm_head active: every unit below it streams
     streamed = {m.name for m in strategy.residency.last_plan if m.kind == "weights" and m.dst == "host"}
-    assert streamed == {"embeddings", "layers.0", "layers.1"}
+    assert streamed == {"embeddings", "layers.0", "layers.1", "norm"}
     units = {u.name: u.nbytes for u in strategy.units}
     assert stats["device_resident_bytes"] == total - sum(units[n] for n in streamed)
 

@@ -81,17 +81,36 @@ def test_tied_embeddings_stay_on_the_device_while_the_head_uses_them():
     assert hift(untied).residency.pinned_units == set()
 
 
-def test_no_unit_is_streamed_while_the_remainder_trains(micro_model_path):
-    # the remainder unit (here the final norm; GPT-2's position embeddings in the future) may be used before every
-    # layer, so backward may pass through all of them
+def test_every_unit_below_the_norm_streams_while_it_trains(micro_model_path):
+    # the final norm is used after every layer (units follow the forward order), so backward stops at it
     model = load_model(micro_model_path, "float32")
     strategy = hift(model, order="top_down")  # lm_head, norm, layers.1, layers.0, embeddings
     step(model, strategy, batches(1, model.config.vocab_size)[0])
-    assert {n for n, where in strategy.residency.weight_location.items() if where == HOST} == {
-        "embeddings", "layers.0", "layers.1"}
     assert [u.name for u in strategy.active] == ["norm"]
     step(model, strategy, batches(1, model.config.vocab_size)[0])
-    assert set(strategy.residency.weight_location.values()) == {DEVICE}
+    assert {n for n, where in strategy.residency.weight_location.items() if where == HOST} == {
+        "embeddings", "layers.0", "layers.1"}
+
+
+def untied_opt(arch_path, device="cpu"):
+    """The tiny OPT with its head untied, so its embeddings unit (embed_tokens, embed_positions, project_in) may
+    leave the device."""
+    model = load_model(arch_path("opt"), "float32", device)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    return model
+
+
+def test_a_unit_of_several_modules_is_planned_off_the_device(arch_path):
+    model = untied_opt(arch_path)
+    strategy = hift(model, order="top_down", device=torch.device("meta"))  # lm_head first: all below frozen
+    embeddings = strategy.units[0]
+    assert embeddings.name == "embeddings" and len(embeddings.modules) == 3
+    assert strategy.residency.pinned_units == set()
+    sent = []
+    strategy.residency._to_device = lambda t: sent.append(id(t))
+    strategy.place(model)
+    assert strategy.residency.weight_location["embeddings"] == HOST
+    assert not {id(t) for m in embeddings.modules for t in m.parameters()} & set(sent)
 
 
 def test_a_model_loaded_in_host_memory_is_placed_without_visiting_the_device(micro_model_path):
@@ -102,9 +121,9 @@ def test_a_model_loaded_in_host_memory_is_placed_without_visiting_the_device(mic
     sent = []
     strategy.residency._to_device = lambda t: sent.append(id(t))
     strategy.place(model)
-    host_units = {"embeddings", "layers.0", "layers.1"}
+    host_units = {"embeddings", "layers.0", "layers.1", "norm"}
     assert {n for n, where in strategy.residency.weight_location.items() if where == HOST} == host_units
-    kept = {id(t) for u in strategy.units if u.name in host_units for t in [*u.module.parameters(), *u.module.buffers()]}
+    kept = {id(t) for u in strategy.units if u.name in host_units for m in u.modules for t in [*m.parameters(), *m.buffers()]}
     everything = {id(t) for t in [*model.parameters(), *model.buffers()]}
     assert set(sent) == everything - kept and len(sent) == len(set(sent))  # each once, tied or not
     assert id(model.model.rotary_emb.inv_freq) in sent  # a buffer outside every unit goes too
@@ -209,6 +228,22 @@ def test_cuda_streamed_frozen_units_leave_the_device_and_tied_heads_still_run():
     tied = cuda_model("micro-llama-tied")
     tied_strategy = hift(tied, rule="sgd", order="top_down", offload_states=False)
     run_cycles(tied, tied_strategy, tied_strategy.n_groups)  # the head runs on the embeddings' device-resident weight
+
+
+@pytest.mark.cuda
+def test_cuda_a_unit_of_several_modules_streams_each_for_its_own_forward(arch_path):
+    # OPT's embeddings unit: embed_tokens and embed_positions called by the decoder, then project_in
+    streamed_model, plain_model = untied_opt(arch_path, "cuda"), untied_opt(arch_path, "cuda")
+    streamed = hift(streamed_model, rule="adamw", order="top_down")
+    plain = hift(plain_model, rule="adamw", order="top_down", offload_states=False, offload_frozen=False)
+    run_cycles(streamed_model, streamed, 1)
+    assert streamed.residency.weight_location["embeddings"] == HOST
+    assert streamed_model.model.decoder.project_in.weight.device.type == "cpu"
+    run_cycles(streamed_model, streamed, 2 * streamed.n_groups - 1, seed=1)
+    run_cycles(plain_model, plain, 1)
+    run_cycles(plain_model, plain, 2 * plain.n_groups - 1, seed=1)
+    for (name, x), (_, y) in zip(streamed_model.named_parameters(), plain_model.named_parameters()):
+        assert torch.equal(x.cuda(), y.cuda()), name
 
 
 @pytest.mark.cuda
