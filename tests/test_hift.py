@@ -140,7 +140,7 @@ def test_accumulation_2x2_equals_batch_4_under_hift(tmp_path, micro_model_path, 
     assert a.losses == pytest.approx(b.losses, rel=1e-5, abs=1e-6)
     wa, wb = weights(a.final_dir), weights(b.final_dir)
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5, msg=key)  # lr 3e-3: a bug moves 1e-3
 
 
 def test_delayed_schedule_steps_once_per_cycle_over_the_whole_run(tmp_path, micro_model_path, text_data):
@@ -151,19 +151,34 @@ def test_delayed_schedule_steps_once_per_cycle_over_the_whole_run(tmp_path, micr
                       "train.max_steps=9", "train.lr_schedule=linear", "train.warmup_ratio=0", name="lr"))
     records = [json.loads(line) for line in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "loss" in r]
-    assert lrs == pytest.approx([3e-3] * 3 + [2e-3] * 3 + [1e-3] * 3)  # one lr per cycle, decay over all cycles
+    # one lr per cycle: the plain 9-step schedule at the cycle's last step (2, 5, 8)
+    assert lrs == pytest.approx([3e-3 * 7 / 9] * 3 + [3e-3 * 4 / 9] * 3 + [3e-3 / 9] * 3)
     assert [r["hift_group"] for r in records if "loss" in r] == [0, 1, 2] * 3
 
 
-def test_delayed_warmup_is_counted_in_cycles(tmp_path, micro_model_path, text_data):
+def test_every_step_of_a_warmup_trains_at_a_positive_lr(tmp_path, micro_model_path, text_data):
     from lowmem.trainer import train
 
     train(make_config(tmp_path, micro_model_path, text_data, "update.strategy=hift", "hift.group_size=2",
-                      "train.max_steps=12", "train.lr_schedule=cosine", "train.warmup_ratio=0.25", name="wu"))
+                      "train.max_steps=13", "train.lr_schedule=cosine", "train.warmup_ratio=0.5", name="wu"))
     records = [json.loads(line) for line in (tmp_path / "wu" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "loss" in r]
-    assert lrs == pytest.approx([learning_rate(s // 3, 3e-3, 4, 0.25, "cosine") for s in range(12)])
-    assert lrs[:3] == [0.0] * 3 and lrs[3] == pytest.approx(3e-3)  # 1 warmup cycle of 4
+    cycle_ends = [2, 2, 2, 5, 5, 5, 8, 8, 8, 11, 11, 11, 12]  # the last, partial cycle ends at the last step
+    assert lrs == pytest.approx([learning_rate(s, 3e-3, 13, 0.5, "cosine") for s in cycle_ends])
+    assert min(lrs) > 0
+    assert lrs[0] < lrs[3] < lrs[6] and lrs[9] < lrs[6]  # 7 warmup steps, then cosine decay
+
+
+def test_a_three_step_hift_run_with_warmup_moves_every_weight(tmp_path, micro_model_path, text_data):
+    from lowmem.trainer import train
+
+    # 3 groups, 3 steps: one cycle, inside the warmup; each group trains once and must change
+    result = train(make_config(tmp_path, micro_model_path, text_data, "update.strategy=hift", "hift.group_size=2",
+                               "update.rule=sgd", "train.max_steps=3", "train.warmup_ratio=0.5", name="smoke"))
+    before = weights(__import__("pathlib").Path(micro_model_path))
+    after = weights(result.final_dir)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged
 
 
 def test_layers_below_the_active_group_keep_no_graph(micro_model_path):

@@ -9,15 +9,15 @@ bottom_up, top_down or in an order drawn once at random. Only the active group h
   reference rotates per micro-batch, so with accumulation only some groups ever train);
 * layers below the lowest trainable unit get inputs and weights that need no gradient, so autograd
   records no graph and saves no activations for them: backward stops at the active group;
-* the learning-rate schedule advances once per full cycle and is built over cycles (``schedule_step``),
-  so warmup and decay span the whole run and every group of a cycle sees the same lr.
+* the learning rate is held for a full cycle, so every group of a cycle trains at the same lr: the value the
+  plain schedule over all steps reaches at the cycle's last step (``schedule_step``). So warmup and decay span
+  the whole run, and no group trains at lr 0: a schedule's position 0 is lr 0 under warmup, and a schedule
+  counted in cycles would spend the whole first cycle there (k steps that change nothing).
 
 The per-step update is delegated to the ``standard`` strategy, or to ``fused`` with ``hift.fused``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -62,8 +62,9 @@ class HiftStrategy:
                 param.requires_grad_(name in active)
 
     def schedule_step(self, step: int, total_steps: int) -> tuple[int, int]:
-        """The delayed schedule: position ``step // k`` of ``ceil(total / k)`` cycles."""
-        return step // self.n_groups, math.ceil(total_steps / self.n_groups)
+        """The delayed schedule: the plain schedule's position for the last step of ``step``'s cycle."""
+        k = self.n_groups
+        return min((step // k + 1) * k, total_steps) - 1, total_steps
 
     def prepare(self, lr: float) -> None:
         self._activate(self.active)
