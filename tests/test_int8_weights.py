@@ -200,7 +200,8 @@ def test_resume_is_exact_with_int8_weights(tmp_path, micro_model_path, text_data
     # refreshes fall after the resume point (step 2 of 4): outliers, scales and rounding RNG all resume
     second = assert_resume_is_exact(tmp_path, micro_model_path, text_data, "model.weight_format=int8",
                                     f"model.int8.refresh_every={refresh}", f"update.strategy={strategy}",
-                                    f"update.rule={rule}", "update.lr=1e-3", "hift.fused=true")
+                                    f"update.rule={rule}", "update.lr=1e-3", "hift.fused=true",
+                                    "hift.group_size=2", "train.warmup_ratio=0")
     checkpoint = second.output_dir / "checkpoint-4"
     assert (checkpoint / "weights_int8.safetensors").is_file()
     assert not (second.final_dir / "weights_int8.safetensors").exists()

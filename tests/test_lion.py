@@ -50,13 +50,21 @@ def test_lion_equals_the_formula(wd):
     torch.testing.assert_close(ours, lion_formula(theta, gs, 1e-2, 0.9, 0.99, wd), rtol=1e-6, atol=1e-6)
 
 
-def test_lion8bit_without_quantization_equals_lion():
-    theta = torch.randn(64, 128)
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_lion8bit_with_lossless_quantization_equals_lion(wd):
+    # the 8-bit path with its quantization made exact: one value per block, and a code map holding -1, 0 and 1,
+    # so every momentum value is stored as ±absmax or 0
+    from lowmem.int8_weights import linear_map
+
+    theta = torch.randn(64, 129)
     gs = grads(theta.shape, 10, seed=1)
     a, b = theta.clone(), theta.clone()
-    run(rule("lion"), a, gs, lr=1e-2)
-    state = run(rule("lion8bit", min_8bit_size=10**12), b, gs, lr=1e-2)
-    assert "exp_avg" in state and torch.equal(a, b)
+    run(rule("lion", weight_decay=wd), a, gs, lr=1e-2)
+    lossless = rule("lion8bit", weight_decay=wd, min_8bit_size=1)
+    lossless.blocksize, lossless.code = 1, linear_map()
+    state = run(lossless, b, gs, lr=1e-2)
+    assert set(state) == {"exp_avg_codes", "exp_avg_absmax"} and state["exp_avg_absmax"].numel() == theta.numel()
+    assert torch.equal(a, b)
 
 
 def test_lion8bit_state_is_1_016_bytes_per_parameter_and_small_tensors_stay_float32():

@@ -1,6 +1,7 @@
 """The standard loop end to end on a tiny Llama: accumulation, determinism, resume, export, metrics."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,16 +29,44 @@ def weights(path):
     return load_file(path / "model.safetensors")
 
 
+class Interrupted(Exception):
+    pass
+
+
+def stop_after(n_steps):
+    """A ``step_guard`` that kills the run as step ``n_steps + 1`` begins, as a hard kill would."""
+    entered = [0]
+
+    class Guard:
+        def __enter__(self):
+            entered[0] += 1
+            if entered[0] > n_steps:
+                raise Interrupted
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    return Guard
+
+
 def assert_resume_is_exact(tmp_path, model_path, data_path, *overrides, split_at=2):
-    """A full run equals: run to ``split_at``, resume (checkpoint.resume=auto) and finish, loss for loss
-    and weight for weight."""
+    """A full run equals: the same run killed after step ``split_at`` (checkpointed there), resumed
+    (checkpoint.resume=auto) and finished, loss for loss and weight for weight."""
     full = train(make_config(tmp_path, model_path, data_path, *overrides, name="full"))
-    first = train(make_config(tmp_path, model_path, data_path, *overrides, f"train.max_steps={split_at}",
-                              name="split"))
+    killed = make_config(tmp_path, model_path, data_path, *overrides, f"checkpoint.save_every_n_steps={split_at}",
+                         name="split")
+    with pytest.raises(Interrupted):
+        train(killed, step_guard=stop_after(split_at))
+    at_split = weights(tmp_path / "split" / f"checkpoint-{split_at}")
     second = train(make_config(tmp_path, model_path, data_path, *overrides, name="split"))
-    assert first.losses + second.losses == full.losses
+    assert second.losses == full.losses[split_at:]
     wa, wb = weights(full.final_dir), weights(second.final_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the equality means something only if the steps moved the weights: every weight before the split or after it
+    initial = weights(Path(model_path))
+    before, after = [{k for k in wb if not torch.equal(a[k], b[k])} for a, b in ((initial, at_split), (at_split, wb))]
+    assert after and before | after == set(wb), f"weights that never moved: {sorted(set(wb) - before - after)[:3]}"
     return second
 
 

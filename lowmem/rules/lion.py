@@ -30,6 +30,8 @@ class Lion:
     min_8bit_size: int = 4096
     quantize_embeddings: bool = False
     name: str = "lion"
+    blocksize: int = BLOCKSIZE  # momentum values per absmax
+    code: torch.Tensor | None = None  # the momentum's 256-entry code map (None: the signed dynamic map)
 
     @classmethod
     def from_config(cls, update) -> "Lion":
@@ -44,7 +46,7 @@ class Lion:
 
     def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
         if self.quantized(param, name):
-            n_blocks = -(-param.numel() // BLOCKSIZE)
+            n_blocks = -(-param.numel() // self.blocksize)
             return {"exp_avg_codes": torch.full((param.numel(),), 127, dtype=torch.uint8, device=param.device),
                     "exp_avg_absmax": torch.zeros(n_blocks, dtype=torch.float32, device=param.device)}
         return {"exp_avg": torch.zeros(param.shape, dtype=torch.float32, device=param.device)}
@@ -53,7 +55,9 @@ class Lion:
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
                grad_scale: float | torch.Tensor = 1.0) -> None:
         if "exp_avg_codes" in state:
+            code = self.code.to(param.device) if self.code is not None else None
             lion8bit_update_(param, grad, state["exp_avg_codes"], state["exp_avg_absmax"], lr=lr, beta1=self.beta1,
-                             beta2=self.beta2, weight_decay=self.weight_decay, grad_scale=grad_scale)
+                             beta2=self.beta2, weight_decay=self.weight_decay, grad_scale=grad_scale,
+                             blocksize=self.blocksize, code=code)
             return
         lion_update_(param, grad, state["exp_avg"], lr, self.beta1, self.beta2, self.weight_decay, grad_scale)
