@@ -72,6 +72,17 @@ def publish_folder(write, dest: Path) -> Path:
     return dest
 
 
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete the ``.tmp-*`` and ``.old-*`` folders a hard kill left behind in ``output_dir`` (each may hold a whole
+    model). Nothing reads them: a checkpoint exists only once renamed into place."""
+    if not output_dir.is_dir():
+        return
+    for child in output_dir.iterdir():
+        if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
+            log.info("removing %s, left by an interrupted checkpoint write", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def rng_tensors() -> dict[str, torch.Tensor]:
     states = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

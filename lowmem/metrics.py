@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 from pathlib import Path
 
@@ -70,12 +71,23 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line, path) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str, path: Path) -> float:
+    """The step of a metrics line; a line cut short by a kill mid-write (or empty) counts as after every step, so
+    the resume drops it."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        if line.strip():
+            log.warning("%s: dropping an incomplete line (a run killed while writing it): %.60s", path, line)
+        return math.inf
 
 
 class Progress:

@@ -28,6 +28,7 @@ from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes,
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
 from lowmem.rules import make_rule
+from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
 from lowmem.strategies import make_strategy
 
@@ -84,8 +85,11 @@ def train(config: Config, step_guard=None) -> TrainResult:
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
 
+    ckpt.remove_stale_temporaries(output_dir)
     resume_from = find_resume_point(config)
     resume_state = ckpt.load_trainer_state(resume_from) if resume_from else None
+    if resume_state is not None:
+        check_compatible(resume_from, resume_state.get("config"), config.to_dict())
     # A resumed run loads the weights saved in the checkpoint, which is itself an HF model folder.
     weights = str(resume_from) if resume_from else config.model.path
     tokenizer = load_tokenizer(config.model.path)
@@ -98,6 +102,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)
+    if resume_state is not None:
+        check_same_data(resume_from, resume_state.get("train_sequences"), len(data.train))
     stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
     steps = total_steps(config, len(data.train))
 
@@ -137,7 +143,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
             progress.message(f"step 0: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
 
     def save(step: int) -> None:
-        trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict()}
+        trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
+                         "train_sequences": len(data.train)}
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last)
 
     accum = config.train.gradient_accumulation_steps

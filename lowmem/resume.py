@@ -1,0 +1,94 @@
+"""What a resumed run may change from the recipe its checkpoint was written with.
+
+A checkpoint holds weights, rule state, a data position and the recipe that made them. Changing a setting that
+gives the saved state another meaning (AdamW's ``exp_avg`` read as Lion's momentum, a data position into another
+dataset, HiFT's position into other groups, int8 blocks of another size) would train on silently. So a resume
+refuses every change except the settings listed here, which only steer what happens next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lowmem.errors import UserError
+
+# Steering only: the schedule and its length, clipping, the hyperparameters of the same rule, logging,
+# evaluation, checkpointing, where tensors live, and recomputation.
+SAFE_KEYS = {
+    "model.gradient_checkpointing",
+    "model.int8.refresh_every",
+    "model.int8.stochastic_rounding",
+    "update.lr",
+    "update.weight_decay",
+    "update.clip_grad_norm",
+    "update.clip_mode",
+    "update.beta1",
+    "update.beta2",
+    "update.eps",
+    "update.adafactor.relative_step",
+    "update.adafactor.scale_parameter",
+    "update.adafactor.clip_threshold",
+    "update.adafactor.decay_rate",
+    "update.adafactor.eps1",
+    "update.adafactor.eps2",
+    "update.adalomo.clip_threshold",
+    "update.adalomo.decay_rate",
+    "update.adalomo.eps1",
+    "update.adalomo.eps2",
+    "update.lion.beta1",
+    "update.lion.beta2",
+    "hift.fused",
+    "train.max_steps",
+    "train.epochs",
+    "train.lr_schedule",
+    "train.warmup_ratio",
+    "train.eval_every_n_steps",
+    "train.eval_max_batches",
+    "train.device",
+}
+SAFE_SECTIONS = ("log.", "checkpoint.", "memory.", "update.loss_scale.")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_compatible(checkpoint, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Raise a one-line error naming the first setting whose change would give the state in ``checkpoint``
+    another meaning. ``saved`` and ``current`` are ``Config.to_dict()`` trees; ``saved`` None (a checkpoint
+    without its recipe) checks nothing. Keys the saved recipe lacks (added by a newer lowmem) are not compared."""
+    if saved is None:
+        return
+    old, new = _flatten(saved), _flatten(current)
+    for key, value in new.items():
+        if key in SAFE_KEYS or key.startswith(SAFE_SECTIONS) or key not in old or old[key] == value:
+            continue
+        raise UserError(
+            f"resume: {key} was {old[key]!r} when {checkpoint} was saved and is {value!r} now, which changes the "
+            f"meaning of the saved state (set {key}={_yaml(old[key])} to resume, or start a new run with "
+            "checkpoint.resume=never or another checkpoint.output_dir)"
+        )
+
+
+def check_same_data(checkpoint, saved_sequences: int | None, sequences: int) -> None:
+    """The data position is an index into the shuffled training sequences: their count must be the same."""
+    if saved_sequences is not None and saved_sequences != sequences:
+        raise UserError(
+            f"resume: the training data now makes {sequences} sequences, {saved_sequences} when {checkpoint} was "
+            "saved: the data changed, so the saved data position means nothing (resume with the same data, or "
+            "start a new run with checkpoint.resume=never)"
+        )
+
+
+def _yaml(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
