@@ -8,6 +8,8 @@ tokenizer and any template whose rendering of a conversation prefix is a prefix 
 
 from __future__ import annotations
 
+import json
+
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +63,36 @@ def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable files; all mean bad input here
+        if p.is_file() and p.suffix in (".json", ".jsonl"):
+            where = json_error(p)
+            if where:
+                raise DataError(f"data.path {path}: {where}") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"data.path {path}: could not be read as a dataset ({first})") from None
     return [dict(row) for row in ds], name
+
+
+def json_error(p: Path) -> str | None:
+    """Where a .json/.jsonl file stops being JSON: ``line N is not valid JSON (why); fix or remove it``, or None.
+    A .json file may hold one document or one object per line, as the ``datasets`` reader allows."""
+    text = p.read_text(errors="replace")
+    if p.suffix == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as err:
+            if text.lstrip().startswith("["):
+                return f"line {err.lineno} is not valid JSON ({err.msg}); fix the file"
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number} is not valid JSON ({err.msg} at column {err.colno}); fix or remove that line"
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object with fields; fix or remove that line"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -112,10 +112,18 @@ def test_missing_file_and_bad_json_are_one_line_errors(tmp_path, tokenizer):
     with pytest.raises(DataError, match="does not exist"):
         build_datasets(DataConfig(path=str(tmp_path / "nope.jsonl")), tokenizer, 0)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "ok"}\n{not json\n')
-    with pytest.raises(DataError, match="could not be read") as err:
+    bad.write_text('{"text": "ok"}\n\n{"text": "fine"}\n{not json\n{"text": "after"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 4 is not valid JSON \(.* column 2\); fix or remove") as err:
         build_datasets(DataConfig(path=str(bad)), tokenizer, 0)
     assert "\n" not in str(err.value)
+    listed = tmp_path / "list.jsonl"
+    listed.write_text('{"text": "ok"}\n["a", "b"]\n')
+    with pytest.raises(DataError, match="list.jsonl: line 2 is a JSON list, not an object"):
+        build_datasets(DataConfig(path=str(listed)), tokenizer, 0)
+    document = tmp_path / "doc.json"
+    document.write_text('[\n {"text": "ok"},\n {"text": oops}\n]\n')
+    with pytest.raises(DataError, match="doc.json: line 3 is not valid JSON"):
+        build_datasets(DataConfig(path=str(document)), tokenizer, 0)
 
 
 def test_batch_stream_order_is_independent_of_batch_size_and_resumes(tokenizer):

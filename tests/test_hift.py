@@ -94,7 +94,7 @@ def test_one_group_of_everything_equals_standard(tmp_path, micro_model_path, tex
     from lowmem.trainer import train
 
     standard = train(make_config(tmp_path, micro_model_path, text_data, name="std"))
-    hift = train(make_config(tmp_path, micro_model_path, text_data, "update.strategy=hift", "hift.group_size=99",
+    hift = train(make_config(tmp_path, micro_model_path, text_data, "update.strategy=hift", "hift.group_size=5",
                              name="hift1"))
     assert hift.losses == standard.losses
     wa, wb = weights(standard.final_dir), weights(hift.final_dir)
@@ -251,6 +251,15 @@ def test_resume_mid_cycle_is_exact(tmp_path, micro_model_path, text_data, fused)
                                     "memory.offload_states=true", "train.max_steps=5",
                                     "train.warmup_ratio=0")
     assert second.losses and json.loads((tmp_path / "split" / "checkpoint-5" / "trainer_state.json").read_text())
+
+
+def test_a_group_size_above_the_unit_count_is_refused(micro_model_path, caplog):
+    from lowmem.errors import UserError
+
+    with pytest.raises(UserError, match="hift.group_size 6 is more than the model's 5 HiFT units .*hift.group_size=5"):
+        build(load_model(micro_model_path, "float32"), hift_config(group_size=6))
+    build(load_model(micro_model_path, "float32"), hift_config(group_size=5))
+    assert "one group of all 5 units" in caplog.text
 
 
 def test_hift_fused_refuses_accumulation(tmp_path, micro_model_path, text_data):

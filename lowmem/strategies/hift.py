@@ -19,14 +19,18 @@ The per-step update is delegated to the ``standard`` strategy, or to ``fused`` w
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from lowmem.errors import UserError
 from lowmem.residency import ResidencyScheduler
 from lowmem.strategies.fused import FusedStrategy
 from lowmem.strategies.standard import StandardStrategy
 from lowmem.units import discover_units, make_groups
 
 POSITION_KEY = "__hift__::position"
+log = logging.getLogger("lowmem")
 
 
 class HiftStrategy:
@@ -37,7 +41,16 @@ class HiftStrategy:
         ``memory.offload_frozen_weights`` is put in place by :meth:`place`."""
         hift, memory = config.hift, config.memory
         self.units = discover_units(model)
+        if hift.group_size > len(self.units):
+            raise UserError(f"hift.group_size {hift.group_size} is more than the model's {len(self.units)} HiFT units "
+                            f"({self.units[0].name} … {self.units[-1].name}): every step would train everything; use "
+                            f"hift.group_size={len(self.units)} or less, or update.strategy=standard")
         self.groups = make_groups(self.units, hift.group_size, hift.order, config.train.seed)
+        if len(self.groups) == 1:
+            log.warning("hift: one group of all %d units: every step trains the whole model, as update.strategy="
+                        "standard does", len(self.units))
+        log.info("hift: %d units in %d groups: %s", len(self.units), len(self.groups),
+                 " | ".join("+".join(u.name for u in g) for g in self.groups))
         # The inner strategy is built while every unit is trainable, so it knows (and hooks) all of them.
         inner_cls = FusedStrategy if hift.fused else StandardStrategy
         self.inner = inner_cls(model, rule, update_config)
