@@ -10,7 +10,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 
@@ -52,4 +52,12 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    # The recipes live in recipes/ of the checkout and ship inside the package as lowmem/recipes, so a wheel
+    # install lists and copies them (`lowmem ls`, `lowmem cp`).
+    packages=[*find_packages(include=["lowmem", "lowmem.*"]), "lowmem.recipes"],
+    package_dir={"lowmem.recipes": "recipes"},
+    package_data={"lowmem.recipes": ["*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -17,8 +17,11 @@ log = logging.getLogger("lowmem")
 
 
 def recipes_dir() -> Path:
-    """The shipped recipes: ``recipes/`` of the source checkout lowmem is installed from."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The shipped recipes: package data ``lowmem/recipes`` in an installed wheel (setup.py maps the checkout's
+    ``recipes/`` there), else ``recipes/`` of the source checkout lowmem runs from."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipes"
+    return installed if installed.is_dir() else here.parent / "recipes"
 
 
 def shipped_recipes() -> dict[str, Path]:

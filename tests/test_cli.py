@@ -1,6 +1,7 @@
 """The lowmem command as a user runs it: train from a shipped recipe, eval, ls, cp, env, --help."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,40 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "lowmem"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+def test_a_wheel_install_lists_and_copies_the_recipes(tmp_path):
+    # built from a copy of the tree (no build files left in the checkout), without the extension, and unpacked as
+    # pip installs it; run from elsewhere, so the checkout's recipes/ cannot be found
+    import shutil
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    shutil.copytree(root / "lowmem", source / "lowmem", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copytree(root / "recipes", source / "recipes")
+    env = {**os.environ, "LOWMEM_SKIP_BUILD": "1"}
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
+                            str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, env=env)
+    assert built.returncode == 0, built.stderr
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next((tmp_path / "wheel").glob("lowmem-*.whl"))) as wheel:
+        wheel.extractall(site)
+    shipped = sorted(p.name for p in (root / "recipes").glob("*.yaml"))
+    assert sorted(p.name for p in (site / "lowmem" / "recipes").glob("*.yaml")) == shipped
+    cli = "import sys, lowmem; assert lowmem.__file__.startswith(sys.argv[1]); from lowmem.cli import main; main(sys.argv[2:])"
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+
+    def lowmem(*args):
+        return subprocess.run([sys.executable, "-P", "-c", cli, str(site), *args], capture_output=True, text=True,
+                              cwd=work, env={**env, "PYTHONPATH": str(site)})
+
+    listing = lowmem("ls")
+    assert listing.returncode == 0 and all(name.removesuffix(".yaml") in listing.stdout for name in shipped), listing
+    copied = lowmem("cp", "tiny-llama-pydoc", str(work))
+    assert copied.returncode == 0 and (work / "tiny-llama-pydoc.yaml").read_text() == (
+        root / "recipes" / "tiny-llama-pydoc.yaml").read_text()
