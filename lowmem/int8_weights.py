@@ -1,6 +1,7 @@
 """Int8 weights with a dense-and-sparse split (QFT, Li et al. 2023): no float copy of a linear weight is kept.
 
-Each ``nn.Linear`` weight (except the output head) becomes an :class:`Int8Weight`:
+Each ``nn.Linear`` and transformers ``Conv1D`` weight (except the output head) becomes an :class:`Int8Weight`,
+in the layer's own layout:
     dense part   uint8 codes of a symmetric linear map (code 128 is zero, 128 ± 127 is ± absmax) with one
                  float32 absmax per block of ``blocksize`` values: 1 + 4/256 ≈ 1.016 bytes per value;
     sparse part  the ``outlier_fraction`` largest magnitudes, kept exactly as float32 values at int32
@@ -214,67 +215,112 @@ def _padded_blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 class _Int8LinearFunction(torch.autograd.Function):
-    """y = x·Wᵀ + b with W dequantized in forward and again in backward; only x is saved.
+    """y = x·Wᵀ + b (``nn.Linear``, W stored [out, in]) or y = x·W + b (transformers' ``Conv1D``, W stored
+    [in, out]), with W dequantized in forward and again in backward; only x is saved.
 
     ``anchor`` is an empty tensor that requires grad while the weight trains, so backward reaches this
     node even when neither the input nor the bias needs a gradient (a frozen layer below it).
     """
 
     @staticmethod
-    def forward(ctx, x, anchor, weight: Int8Weight, bias):
-        ctx.weight = weight
+    def forward(ctx, x, anchor, weight: Int8Weight, bias, transposed: bool):
+        ctx.weight, ctx.transposed = weight, transposed
         ctx.save_for_backward(x)
-        return F.linear(x, weight.dequantize(x.dtype), bias)
+        w = weight.dequantize(x.dtype)
+        return F.linear(x, w.T if transposed else w, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         weight: Int8Weight = ctx.weight
-        grad_x = grad_out @ weight.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = weight.dequantize(grad_out.dtype)
+            grad_x = grad_out @ (w.T if ctx.transposed else w)
+        flat_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_bias = flat_out.sum(0) if ctx.needs_input_grad[3] else None
         if weight.requires_grad:
-            grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+            flat_x = x.reshape(-1, x.shape[-1])
+            grad_w = flat_x.T @ flat_out if ctx.transposed else flat_out.T @ flat_x  # in the stored layout
             weight.accumulate_grad(grad_w)  # a fused strategy applies and frees it right here
-        return grad_x, None, None, grad_bias
+        return grad_x, None, None, grad_bias, None
 
 
 _ANCHOR = torch.empty(0, requires_grad=True)
 
 
-class Int8Linear(torch.nn.Module):
-    """Drop-in for ``nn.Linear`` whose weight is an :class:`Int8Weight`."""
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it
+        return None
+    return Conv1D
 
-    def __init__(self, linear: torch.nn.Linear, **int8_options):
+
+class Int8Linear(torch.nn.Module):
+    """Drop-in for ``nn.Linear``, or for transformers' ``Conv1D`` (GPT-2's projections: weight stored [in, out],
+    ``x @ W + b``), whose weight is an :class:`Int8Weight` kept in the replaced layer's own layout, so the state
+    dict (and the exported HF folder) has the same keys and shapes as before."""
+
+    def __init__(self, layer: torch.nn.Module, **int8_options):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = Int8Weight(linear.weight.data, **int8_options)
-        self.bias = linear.bias
+        self.transposed = not isinstance(layer, torch.nn.Linear)
+        if self.transposed:
+            self.in_features, self.out_features = layer.weight.shape
+        else:
+            self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight = Int8Weight(layer.weight.data, **int8_options)
+        self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         anchor = _ANCHOR if self.weight.requires_grad and torch.is_grad_enabled() else None
-        return _Int8LinearFunction.apply(x, anchor, self.weight, self.bias)
+        return _Int8LinearFunction.apply(x, anchor, self.weight, self.bias, self.transposed)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        layout = ", layout=Conv1D [in, out]" if self.transposed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{layout}"
 
 
 # -- whole models ---------------------------------------------------------------------------------------
 
 
-def quantize_model(model: torch.nn.Module, outlier_fraction: float = 0.01, refresh_every: int = 100,
-                   blocksize: int = WEIGHT_BLOCKSIZE, seed: int = 0, stochastic: bool = True) -> int:
-    """Replace every ``nn.Linear`` except the output head (and any weight shared with an embedding) by an
-    :class:`Int8Linear`, one at a time, so the float weight of each is freed as it goes. Returns how many."""
+def matrix_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The layers int8 weights replace: every ``nn.Linear`` and transformers ``Conv1D`` except the output head
+    and any whose weight is shared with an embedding."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and module is not head
-               and id(module.weight) not in embedding_weights]
-    for name, linear in targets:
+    conv1d = _conv1d_type()
+    kinds = (torch.nn.Linear, conv1d) if conv1d is not None else (torch.nn.Linear,)
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, kinds) and module is not head and id(module.weight) not in embedding_weights]
+
+
+def quantize_model(model: torch.nn.Module, outlier_fraction: float = 0.01, refresh_every: int = 100,
+                   blocksize: int = WEIGHT_BLOCKSIZE, seed: int = 0, stochastic: bool = True) -> int:
+    """Replace every layer of :func:`matrix_layers` by an :class:`Int8Linear`, one at a time, so the float
+    weight of each is freed as it goes. Returns how many.
+
+    Raises ``UserError`` when a matrix weight outside embeddings and the output head would stay float: a layer
+    type lowmem does not quantize (a model's own linear class), which would otherwise train in float silently.
+    """
+    from lowmem.errors import UserError
+
+    targets = matrix_layers(model)
+    replaced = {id(module.weight) for _, module in targets}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    kept = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    kept |= {id(p) for p in head.parameters()} if head is not None else set()
+    for name, param in model.named_parameters():
+        if param.dim() >= 2 and id(param) not in replaced and id(param) not in kept:
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            raise UserError(f"model.weight_format=int8: {name} ({type(owner).__name__}, shape {tuple(param.shape)}) "
+                            "would stay float: lowmem stores nn.Linear and transformers Conv1D weights as int8 only "
+                            "(use model.weight_format=float for this model)")
+    for name, layer in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         weight_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-        setattr(parent, child, Int8Linear(linear, outlier_fraction=outlier_fraction, refresh_every=refresh_every,
+        setattr(parent, child, Int8Linear(layer, outlier_fraction=outlier_fraction, refresh_every=refresh_every,
                                           blocksize=blocksize, seed=weight_seed, stochastic=stochastic))
     return len(targets)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lowmem.checkpoint import save_model
 from lowmem.config import UpdateConfig
 from lowmem.int8_weights import Int8Linear, Int8Weight, int8_weights, quantize_model, trainable_tensors
 from lowmem.loss import count_label_tokens, loss_sum
@@ -142,6 +143,66 @@ def test_int8_linear_equals_f_linear_on_the_dequantized_weight(bias, input_grad)
         torch.testing.assert_close(linear.bias.grad, b.grad)
 
 
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_int8_conv1d_equals_conv1d_on_the_dequantized_weight(input_grad):
+    # transformers' Conv1D (GPT-2): weight stored [in, out], y = x @ W + b; the int8 weight keeps that layout
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(70, 300)  # nf=70 outputs, nx=300 inputs
+    torch.nn.init.normal_(conv.bias)
+    layer = Int8Linear(conv)
+    assert layer.weight.shape == (300, 70) and (layer.in_features, layer.out_features) == (300, 70)
+    x = torch.randn(3, 5, 300, requires_grad=input_grad)
+    y = layer(x)
+    (y * torch.arange(70.0)).sum().backward()
+    reference = Conv1D(70, 300)
+    reference.weight.data.copy_(layer.weight.dequantize())
+    reference.bias.data.copy_(conv.bias.detach())
+    x2 = x.detach().clone().requires_grad_(input_grad)
+    y2 = reference(x2)
+    (y2 * torch.arange(70.0)).sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad)
+    if input_grad:
+        torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_gpt2_int8_quantizes_every_conv1d_and_exports_its_own_layout(arch_path, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    model = load_model(arch_path("gpt2"), "float32")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    n_conv = sum(isinstance(m, Conv1D) for m in model.modules())
+    assert quantize_model(model) == n_conv == 8  # c_attn, c_proj, c_fc, mlp.c_proj per layer
+    assert not any(isinstance(m, Conv1D) for m in model.modules())
+    batch = batches(1, model.config.vocab_size)[0]
+    loss = float(loss_sum(model.eval(), batch))  # eval: GPT-2 has dropout
+    save_model(model, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert {k: v.shape for k, v in reloaded.state_dict().items()} == shapes
+    assert float(loss_sum(reloaded.eval(), batch)) == pytest.approx(loss, rel=1e-5)
+
+
+def test_int8_refuses_a_matrix_layer_it_would_leave_float(micro_model_path):
+    from lowmem.errors import UserError
+
+    class OwnLinear(torch.nn.Module):  # a model's own projection class: not nn.Linear, not Conv1D
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(64, 64))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    model = load_model(micro_model_path, "float32")
+    model.model.layers[1].mlp.extra = OwnLinear()
+    with pytest.raises(UserError, match=r"int8: model.layers.1.mlp.extra.weight \(OwnLinear, shape \(64, 64\)\) "
+                                        "would stay float"):
+        quantize_model(model)
+
+
 def test_a_frozen_int8_weight_gets_no_gradient_and_no_graph():
     layer = Int8Linear(torch.nn.Linear(64, 32, bias=False))
     layer.weight.requires_grad_(False)
@@ -254,10 +315,16 @@ def test_checkpoint_versions_older_resume_newer_and_mismatched_are_refused(tmp_p
     state_file.write_text(json.dumps({**state, "format_version": 1}))
     resumed = train(make_config(tmp_path, micro_model_path, text_data, *args, f"checkpoint.resume={checkpoint}"))
     assert len(resumed.losses) == 2 and all(math.isfinite(x) for x in resumed.losses)
+    # other int8 settings: refused by the recipe check, or, for a checkpoint without its recipe, by the shapes
+    last = first.output_dir / "checkpoint-4"
+    other = (*args, "model.int8.outlier_fraction=0.02", f"checkpoint.resume={last}")
+    with pytest.raises(UserError, match="model.int8.outlier_fraction was 0.01 when .* is 0.02 now"):
+        train(make_config(tmp_path, micro_model_path, text_data, *other))
+    last_state = json.loads((last / "trainer_state.json").read_text())
+    (last / "trainer_state.json").write_text(json.dumps({k: v for k, v in last_state.items() if k != "config"}))
     mismatch = r"outlier_index has shape \(41,\), the model expects \(82,\) \(resume with the model.int8 settings"
     with pytest.raises(UserError, match=mismatch):
-        train(make_config(tmp_path, micro_model_path, text_data, *args, "model.int8.outlier_fraction=0.02",
-                          f"checkpoint.resume={first.output_dir / 'checkpoint-4'}"))
+        train(make_config(tmp_path, micro_model_path, text_data, *other))
     state_file.write_text(json.dumps({**state, "format_version": 4}))
     with pytest.raises(UserError, match="format version 4, newer"):
         train(make_config(tmp_path, micro_model_path, text_data, *args, f"checkpoint.resume={checkpoint}"))
