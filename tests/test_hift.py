@@ -62,6 +62,21 @@ def test_units_follow_the_forward_order(arch_path):
         "Embedding", "OPTLearnedPositionalEmbedding", "Linear"]
 
 
+def test_a_forward_that_cannot_be_traced_places_stray_weights_lowest_and_unstreamed(arch_path, monkeypatch, caplog):
+    # then wpe's use is unknown: with the embeddings (no backward stops above it), and that unit is never streamed
+    import lowmem.units
+
+    def untraceable(model, layers):
+        raise RuntimeError("data-dependent op")
+
+    monkeypatch.setattr(lowmem.units, "forward_stages", untraceable)
+    units = {u.name: u for u in discover_units(load_model(arch_path("gpt2")))}
+    assert sorted(units["embeddings"].params) == ["transformer.ln_f.bias", "transformer.ln_f.weight",
+                                                  "transformer.wpe.weight", "transformer.wte.weight"]
+    assert units["embeddings"].modules == [] and "norm" not in units
+    assert "could not be traced (RuntimeError: data-dependent op)" in caplog.text
+
+
 def test_the_norm_step_of_gpt2_runs_no_backward_through_the_layers(arch_path):
     # GPT-2's wpe used to train with the final norm, so that step saved as many activations as the embeddings step
     model = load_model(arch_path("gpt2"))
