@@ -154,8 +154,11 @@ def discover_units(model: torch.nn.Module) -> list[Unit]:
         elif path not in roots.setdefault(unit, []):
             roots[unit].append(path)
     all_roots = [(u, p) for u in order if params[u] for p in roots.get(u, [])]
-    for unit, path in all_roots:  # a module holding another unit's module would move that unit's weights too
-        if any(other != path and (inside(other, path) or inside(path, other)) for _, other in all_roots):
+    for unit, path in all_roots:
+        # a module holding another unit's module would move that unit's weights too; a module the forward never
+        # called (its weights read directly) would never bring them in
+        nested = any(other != path and (inside(other, path) or inside(path, other)) for _, other in all_roots)
+        if nested or (stages and path not in stages):
             unstreamable.add(unit)
     units = []
     for unit in order:
