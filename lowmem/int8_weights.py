@@ -23,7 +23,6 @@ depend on the order the strategy updates weights in, and its state checkpoints w
 
 from __future__ import annotations
 
-import functools
 import zlib
 from collections import OrderedDict
 
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
 from lowmem.ops.quant import dequantize_blockwise, quantize_blockwise
+from lowmem.tensor_cache import tensor_cache
 
 WEIGHT_BLOCKSIZE = 256
 ZERO_CODE = 128
@@ -40,7 +40,7 @@ HEADROOM = 1 + 2 / MAX_CODE  # a scale that must grow grows two codes beyond the
 RNG_KEY = "rounding_rng"
 
 
-@functools.lru_cache(maxsize=None)
+@tensor_cache()
 def _linear_map_on(device: str) -> torch.Tensor:
     return (torch.arange(256, dtype=torch.float32, device=device) - ZERO_CODE) / MAX_CODE
 

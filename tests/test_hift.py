@@ -62,6 +62,32 @@ def test_units_follow_the_forward_order(arch_path):
         "Embedding", "OPTLearnedPositionalEmbedding", "Linear"]
 
 
+def test_the_trace_leaves_no_fake_tensor_in_the_constant_caches(micro_model_path):
+    # the trace may be the first to ask for a device's int8 code map (weights quantized on the host, then moved):
+    # a fake tensor cached then would make every later real forward fake
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from lowmem.int8_weights import _linear_map_on, quantize_model
+    from lowmem.ops.quant import _dynamic_map_on
+    from lowmem.ops.update import _constant
+
+    model = load_model(micro_model_path, "float32")
+    quantize_model(model)
+    for cache in (_linear_map_on, _dynamic_map_on, _constant):
+        cache.cache_clear()
+    discover_units(model)
+    batch = batches(1, model.config.vocab_size)[0]
+    assert not isinstance(loss_sum(model, batch), FakeTensor)
+    from lowmem.int8_weights import linear_map
+    from lowmem.ops.quant import dynamic_map
+    from lowmem.ops.update import device_scalar
+
+    with FakeTensorMode():
+        made = [linear_map("cpu"), dynamic_map("cpu"), device_scalar(0.5, "cpu")]
+    assert not any(isinstance(t, FakeTensor) for t in made)
+    assert made[0] is linear_map("cpu") and made[2] is device_scalar(0.5, "cpu")
+
+
 def test_a_forward_that_cannot_be_traced_places_stray_weights_lowest_and_unstreamed(arch_path, monkeypatch, caplog):
     # then wpe's use is unknown: with the embeddings (no backward stops above it), and that unit is never streamed
     import lowmem.units

@@ -12,9 +12,9 @@ zero, with a power-of-ten exponent and a linear fraction per entry.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from lowmem.tensor_cache import tensor_cache
 
 BLOCKSIZE = 256
 
@@ -23,7 +23,7 @@ _lib.define("quantize_blockwise(Tensor x, Tensor code, int blocksize, bool prese
 _lib.define("dequantize_blockwise(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor")
 
 
-@functools.lru_cache(maxsize=None)
+@tensor_cache()
 def _dynamic_map_cpu(max_exponent_bits: int = 7) -> torch.Tensor:
     # 8 bits = 1 sign bit + 7 bits shared by the exponent (how many leading zeros) and the fraction.
     # Exponent i spans [0.1, 1] * 10**(i - max_exponent_bits + 1) with 2**i evenly spaced fractions,
@@ -42,7 +42,7 @@ def _dynamic_map_cpu(max_exponent_bits: int = 7) -> torch.Tensor:
     return code.sort().values
 
 
-@functools.lru_cache(maxsize=None)
+@tensor_cache()
 def _dynamic_map_on(device: str) -> torch.Tensor:
     return _dynamic_map_cpu().to(device)
 

@@ -18,11 +18,10 @@ on the weight's device, read by the kernels there: no op waits for the device to
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from lowmem.ops.quant import _lib  # the one "lowmem" library
+from lowmem.tensor_cache import tensor_cache
 
 _lib.define("sgd_update_(Tensor(a!) param, Tensor grad, float lr, float weight_decay, Tensor grad_scale) -> ()")
 _lib.define(
@@ -32,7 +31,7 @@ _lib.define(
 )
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _constant(value: float, device: str) -> torch.Tensor:
     return torch.full((), value, dtype=torch.float32, device=device)
 
