@@ -73,12 +73,24 @@ def publish_folder(write, dest: Path) -> Path:
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
-    """Delete the ``.tmp-*`` and ``.old-*`` folders a hard kill left behind in ``output_dir`` (each may hold a whole
-    model). Nothing reads them: a checkpoint exists only once renamed into place."""
+    """Clean up after a hard kill inside :func:`publish_folder`, before anything reads ``output_dir``.
+
+    ``.tmp-NAME-*`` folders (each may hold a whole model) are deleted: a folder exists only once renamed into
+    place. ``.old-NAME-PID`` is the previous ``NAME`` moved aside just before the new one was renamed in: if the
+    kill fell between the two renames, ``NAME`` is missing and the old folder is put back; otherwise it is deleted.
+    """
     if not output_dir.is_dir():
         return
-    for child in output_dir.iterdir():
-        if child.is_dir() and child.name.startswith((".tmp-", ".old-")):
+    for child in sorted(output_dir.iterdir()):
+        if not child.is_dir():
+            continue
+        if child.name.startswith(".old-"):
+            dest = output_dir / child.name[len(".old-"):].rsplit("-", 1)[0]
+            if not dest.exists():
+                log.warning("restoring %s from %s (a run was killed while replacing it)", dest, child)
+                os.rename(child, dest)
+                continue
+        if child.name.startswith((".tmp-", ".old-")):
             log.info("removing %s, left by an interrupted checkpoint write", child)
             shutil.rmtree(child, ignore_errors=True)
 

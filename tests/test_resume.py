@@ -3,6 +3,7 @@ the field; what only steers the rest of the run may change; a metrics file cut s
 folders left by one do not get in the way."""
 
 import json
+import os
 
 import pytest
 
@@ -72,3 +73,13 @@ def test_a_metrics_line_cut_short_and_stale_temporaries_are_cleaned_up(saved_run
     train(saved_run())
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [0, 1, 2, 3, 4]
     assert not stale.exists() and not (tmp_path / "run" / ".old-final-123").exists()
+
+
+def test_a_kill_between_the_two_renames_of_a_replaced_folder_restores_the_old_one(saved_run, tmp_path):
+    # publish_folder moves checkpoint-2 aside, then renames the new one in; killed in between, only .old- holds it
+    run = tmp_path / "run"
+    os.rename(run / "checkpoint-2", run / ".old-checkpoint-2-4242")
+    (run / ".tmp-checkpoint-2-x1y2").mkdir()
+    result = train(saved_run())
+    assert len(result.losses) == 2  # steps 3 and 4: resumed from the restored checkpoint-2
+    assert not list(run.glob(".old-*")) and not list(run.glob(".tmp-*"))
