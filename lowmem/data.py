@@ -8,6 +8,7 @@ tokenizer and any template whose rendering of a conversation prefix is a prefix 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import logging
@@ -37,6 +38,18 @@ class Example:
 class Datasets:
     train: list[Example]
     val: list[Example]
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """A hash of the sequences' tokens and labels, in order: equal exactly when the data a position indexes is."""
+    from array import array
+
+    digest = hashlib.blake2b(digest_size=16)
+    for example in examples:
+        digest.update(array("q", [len(example.input_ids)]).tobytes())
+        digest.update(array("q", example.input_ids).tobytes())
+        digest.update(array("q", example.labels).tobytes())
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -76,14 +76,18 @@ def check_compatible(checkpoint, saved: dict[str, Any] | None, current: dict[str
         )
 
 
-def check_same_data(checkpoint, saved_sequences: int | None, sequences: int) -> None:
-    """The data position is an index into the shuffled training sequences: their count must be the same."""
-    if saved_sequences is not None and saved_sequences != sequences:
-        raise UserError(
-            f"resume: the training data now makes {sequences} sequences, {saved_sequences} when {checkpoint} was "
-            "saved: the data changed, so the saved data position means nothing (resume with the same data, or "
-            "start a new run with checkpoint.resume=never)"
-        )
+def check_same_data(checkpoint, saved: dict[str, Any], sequences: int, fingerprint: str) -> None:
+    """The data position is an index into the shuffled training sequences: they must be the same (their count and
+    a hash of their tokens, saved as ``train_sequences`` and ``train_fingerprint``)."""
+    count, digest = saved.get("train_sequences"), saved.get("train_fingerprint")
+    if count is not None and count != sequences:
+        changed = f"now makes {sequences} sequences, {count} when {checkpoint} was saved"
+    elif digest is not None and digest != fingerprint:
+        changed = f"now makes {sequences} sequences as when {checkpoint} was saved, but other ones"
+    else:
+        return
+    raise UserError(f"resume: the training data {changed}: the data changed, so the saved data position means "
+                    "nothing (resume with the same data, or start a new run with checkpoint.resume=never)")
 
 
 def _yaml(value: Any) -> str:

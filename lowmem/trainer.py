@@ -20,7 +20,7 @@ import torch
 
 from lowmem import checkpoint as ckpt
 from lowmem.config import Config
-from lowmem.data import BatchStream, build_datasets, eval_batches
+from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.errors import UserError
 from lowmem.host_sync import read_all
 from lowmem.loss import count_label_tokens, evaluate, loss_sum
@@ -102,8 +102,9 @@ def train(config: Config, step_guard=None) -> TrainResult:
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)
+    data_fingerprint = fingerprint(data.train)
     if resume_state is not None:
-        check_same_data(resume_from, resume_state.get("train_sequences"), len(data.train))
+        check_same_data(resume_from, resume_state, len(data.train), data_fingerprint)
     stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
     steps = total_steps(config, len(data.train))
 
@@ -144,7 +145,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
 
     def save(step: int) -> None:
         trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
-                         "train_sequences": len(data.train)}
+                         "train_sequences": len(data.train), "train_fingerprint": data_fingerprint}
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last)
 
     accum = config.train.gradient_accumulation_steps

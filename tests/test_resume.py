@@ -48,6 +48,7 @@ def test_resume_refuses_other_data_under_the_same_name(saved_run, text_data):
             f.write("\n".join(lines[:30]) + "\n")
         with pytest.raises(UserError, match="the training data now makes .* sequences, .* when .* was saved"):
             train(saved_run())
+
     finally:
         with open(text_data, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -83,3 +84,18 @@ def test_a_kill_between_the_two_renames_of_a_replaced_folder_restores_the_old_on
     result = train(saved_run())
     assert len(result.losses) == 2  # steps 3 and 4: resumed from the restored checkpoint-2
     assert not list(run.glob(".old-*")) and not list(run.glob(".tmp-*"))
+
+
+def test_as_many_sequences_with_other_tokens_are_other_data():
+    from lowmem.data import Example, fingerprint
+    from lowmem.resume import check_same_data
+
+    examples = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5], [4, 5])]
+    saved = {"train_sequences": 2, "train_fingerprint": fingerprint(examples)}
+    check_same_data("ckpt", saved, 2, fingerprint([Example([1, 2, 3], [-100, 2, 3]), Example([4, 5], [4, 5])]))
+    for other in ([Example([1, 2, 3], [-100, 2, 3]), Example([4, 6], [4, 6])],  # a token
+                  [Example([1, 2, 3], [1, 2, 3]), Example([4, 5], [4, 5])],  # a label mask
+                  [Example([4, 5], [4, 5]), Example([1, 2, 3], [-100, 2, 3])],  # the order
+                  [Example([1, 2], [-100, 2]), Example([3, 4, 5], [3, 4, 5])]):  # the boundaries
+        with pytest.raises(UserError, match="now makes 2 sequences as when ckpt was saved, but other ones"):
+            check_same_data("ckpt", saved, 2, fingerprint(other))
