@@ -94,9 +94,10 @@ def json_error(p: Path) -> str | None:
             json.loads(text)
             return None
         except json.JSONDecodeError as err:
-            if text.lstrip().startswith("["):
-                return f"line {err.lineno} is not valid JSON ({err.msg}); fix the file"
-    for number, line in enumerate(text.splitlines(), start=1):
+            if err.msg != "Extra data":  # "Extra data": a first line that parsed alone, so one object per line
+                return f"line {err.lineno} is not valid JSON ({err.msg} at column {err.colno}); fix the file"
+    # split on newlines only: str.splitlines also splits on U+2028 and others, which JSON strings may hold raw
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -124,6 +124,13 @@ def test_missing_file_and_bad_json_are_one_line_errors(tmp_path, tokenizer):
     document.write_text('[\n {"text": "ok"},\n {"text": oops}\n]\n')
     with pytest.raises(DataError, match="doc.json: line 3 is not valid JSON"):
         build_datasets(DataConfig(path=str(document)), tokenizer, 0)
+    document.write_text('{\n "text": "ok",\n "more": [1, 2,]\n}\n')  # one pretty-printed object
+    with pytest.raises(DataError, match="doc.json: line 3 is not valid JSON"):
+        build_datasets(DataConfig(path=str(document)), tokenizer, 0)
+    separators = tmp_path / "sep.jsonl"  # U+2028 inside a string is valid JSON; the bad line is the third
+    separators.write_text('{"text": "a\u2028b"}\n{"text": "c"}\n{oops}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="sep.jsonl: line 3 is not valid JSON"):
+        build_datasets(DataConfig(path=str(separators)), tokenizer, 0)
 
 
 def test_batch_stream_order_is_independent_of_batch_size_and_resumes(tokenizer):
