@@ -62,21 +62,22 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
 BEFORE_LAYERS = -0.5
 
 
-def forward_stages(model: torch.nn.Module, layers) -> dict[str, float]:
-    """Module name → where the forward first calls it: ``i`` inside decoder layer i, ``i + 0.5`` after layer i
-    and before the next, ``-0.5`` before the first. One forward of two tokens under ``FakeTensorMode``: shapes
-    only, nothing computed or allocated; in eval mode, so no dropout draws from the real generator."""
+def forward_stages(model: torch.nn.Module, layers) -> dict[str, tuple[float, int]]:
+    """Module name → (where the forward first calls it: ``i`` inside decoder layer i, ``i + 0.5`` after layer i
+    and before the next, ``-0.5`` before the first; the order of that first call among all modules). One forward
+    of two tokens under ``FakeTensorMode``: shapes only, nothing computed or allocated; in eval mode, so no
+    dropout draws from the real generator."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     stage = [BEFORE_LAYERS]
-    first: dict[str, float] = {}
+    first: dict[str, tuple[float, int]] = {}
     handles = []
     for i, layer in enumerate(layers if layers is not None else []):
         handles.append(layer.register_forward_pre_hook(lambda *_, i=i: stage.__setitem__(0, float(i)), prepend=True))
         handles.append(layer.register_forward_hook(lambda *_, i=i: stage.__setitem__(0, i + 0.5)))
     def record(name):
         def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
-            first.setdefault(name, stage[0])
+            first.setdefault(name, (stage[0], len(first)))
         return hook
 
     for name, module in model.named_modules():
@@ -138,7 +139,7 @@ def discover_units(model: torch.nn.Module) -> list[Unit]:
             if path in stack_ancestors:
                 break
             if path in stages:
-                return _unit_at(stages[path], n_layers), path
+                return _unit_at(stages[path][0], n_layers), path
         return "embeddings", None  # used who knows where: lowest, so no backward ever stops above it
 
     order = ["embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "lm_head"]
@@ -164,7 +165,7 @@ def discover_units(model: torch.nn.Module) -> list[Unit]:
     for unit in order:
         if not params[unit]:
             continue
-        paths = sorted(roots.get(unit, []), key=lambda p: stages.get(p, 0.0))
+        paths = sorted(roots.get(unit, []), key=lambda p: stages.get(p, (0.0, 0)))  # the order the forward calls
         mods = [] if unit in unstreamable else [modules[p] for p in paths]
         units.append(Unit(unit, params[unit], mods))
     placed = {n for u in units for n in u.params}

@@ -57,8 +57,14 @@ def test_units_follow_the_forward_order(arch_path):
                                                 ("embed_positions", "embed_tokens", "project_in")]
     assert sorted(opt["norm"].params) == ["model.decoder.final_layer_norm.bias", "model.decoder.final_layer_norm.weight",
                                           "model.decoder.project_out.weight"]
-    # the modules each unit streams, in forward order
+    # the modules each unit streams, in the order the forward calls them, whatever order they were registered in
     assert [type(m).__name__ for m in opt["embeddings"].modules] == [
+        "Embedding", "OPTLearnedPositionalEmbedding", "Linear"]
+    model = load_model(arch_path("opt"))
+    decoder = model.model.decoder
+    decoder._modules["embed_positions"] = decoder._modules.pop("embed_positions")  # registered last now
+    reordered = {u.name: u for u in discover_units(model)}
+    assert [type(m).__name__ for m in reordered["embeddings"].modules] == [
         "Embedding", "OPTLearnedPositionalEmbedding", "Linear"]
 
 
