@@ -15,6 +15,7 @@ from lowmem.errors import UserError
 # Steering only: the schedule and its length, clipping, the hyperparameters of the same rule, logging,
 # evaluation, checkpointing, where tensors live, and recomputation.
 SAFE_KEYS = {
+    "model.path",  # a resume loads the weights and the tokenizer from the checkpoint, never from model.path
     "model.gradient_checkpointing",
     "model.int8.refresh_every",
     "model.int8.stochastic_rounding",
@@ -47,6 +48,8 @@ SAFE_KEYS = {
     "train.device",
 }
 SAFE_SECTIONS = ("log.", "checkpoint.", "memory.", "update.loss_scale.")
+# Safe to change between two values, not to or from null (null means the state does not exist).
+SAFE_UNLESS_NULL = {"update.adafactor.beta1"}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,6 +71,8 @@ def check_compatible(checkpoint, saved: dict[str, Any] | None, current: dict[str
     old, new = _flatten(saved), _flatten(current)
     for key, value in new.items():
         if key in SAFE_KEYS or key.startswith(SAFE_SECTIONS) or key not in old or old[key] == value:
+            continue
+        if key in SAFE_UNLESS_NULL and None not in (old[key], value):
             continue
         raise UserError(
             f"resume: {key} was {old[key]!r} when {checkpoint} was saved and is {value!r} now, which changes the "

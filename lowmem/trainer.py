@@ -91,8 +91,9 @@ def train(config: Config, step_guard=None) -> TrainResult:
     if resume_state is not None:
         check_compatible(resume_from, resume_state.get("config"), config.to_dict())
     # A resumed run loads the weights saved in the checkpoint, which is itself an HF model folder.
+    # So does its tokenizer: model.path is not read on resume.
     weights = str(resume_from) if resume_from else config.model.path
-    tokenizer = load_tokenizer(config.model.path)
+    tokenizer = load_tokenizer(weights)
     int8 = config.model.int8 if config.model.weight_format == "int8" else None
     # Streaming frozen weights: the model is loaded in host memory and HiFT's plan places it, so the units it
     # keeps off the device never visit it (the load does not peak at the whole model there).
@@ -107,6 +108,9 @@ def train(config: Config, step_guard=None) -> TrainResult:
         check_same_data(resume_from, resume_state, len(data.train), data_fingerprint)
     stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
     steps = total_steps(config, len(data.train))
+    if resume_state is not None and resume_state["step"] > steps:
+        raise UserError(f"resume: {resume_from} is at step {resume_state['step']}, past this run's {steps} steps "
+                        f"(train.max_steps / train.epochs); set train.max_steps={resume_state['step']} or more")
 
     rule = make_rule(config.update)
     strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)

@@ -32,6 +32,15 @@ def test_resume_refuses_what_changes_the_meaning_of_saved_state(saved_run):
     for override, message in changes.items():
         with pytest.raises(UserError, match=message):
             train(saved_run(override))
+    with pytest.raises(UserError, match="checkpoint-2 is at step 2, past this run's 1 steps .* train.max_steps=2"):
+        train(saved_run("train.max_steps=1"))
+    # a beta1 for Adafactor creates its first-moment state: null ↔ value changes its meaning, value ↔ value not
+    from lowmem.resume import check_compatible
+
+    adafactor = lambda beta1: {"update": {"rule": "adafactor", "adafactor": {"beta1": beta1}}}  # noqa: E731
+    check_compatible("ckpt", adafactor(0.9), adafactor(0.8))
+    with pytest.raises(UserError, match="update.adafactor.beta1 was None when ckpt was saved and is 0.9 now"):
+        check_compatible("ckpt", adafactor(None), adafactor(0.9))
 
 
 def test_resume_refuses_a_hift_regrouping(tmp_path, micro_model_path, text_data):
@@ -55,8 +64,9 @@ def test_resume_refuses_other_data_under_the_same_name(saved_run, text_data):
 
 
 def test_resume_allows_what_only_steers_the_rest_of_the_run(saved_run, tmp_path):
+    moved = tmp_path / "moved-model"  # model.path is not read on resume: weights and tokenizer come from the checkpoint
     result = train(saved_run("update.lr=1e-3", "log.every_n_steps=2", "train.eval_every_n_steps=3",
-                             "checkpoint.keep_last=1", "update.clip_grad_norm=0.5"))
+                             "checkpoint.keep_last=1", "update.clip_grad_norm=0.5", f"model.path={moved}"))
     assert len(result.losses) == 2
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # 3: an evaluation (a log point), 4: the last step

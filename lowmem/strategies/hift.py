@@ -11,8 +11,10 @@ bottom_up, top_down or in an order drawn once at random. Only the active group h
   records no graph and saves no activations for them: backward stops at the active group;
 * the learning rate is held for a full cycle, so every group of a cycle trains at the same lr: the value the
   plain schedule over all steps reaches at the cycle's last step (``schedule_step``). So warmup and decay span
-  the whole run, and no group trains at lr 0: a schedule's position 0 is lr 0 under warmup, and a schedule
-  counted in cycles would spend the whole first cycle there (k steps that change nothing).
+  the whole run, and with two groups or more no group trains at lr 0: a schedule's position 0 is lr 0 under
+  warmup, and a schedule counted in cycles would spend the whole first cycle there (k steps that change nothing).
+  With one group HiFT is the plain loop and follows the plain schedule, whose first warmup step is lr 0 as in
+  transformers.
 
 The per-step update is delegated to the ``standard`` strategy, or to ``fused`` with ``hift.fused``.
 """
