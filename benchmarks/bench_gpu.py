@@ -154,7 +154,7 @@ def lowmem_step(config, model, device: torch.device, n_steps: int):
 
 
 def run_provider(name: str, spec: dict, config_name: str, args, device: torch.device) -> dict:
-    from lowmem.loss import count_label_tokens, loss_sum
+    from lowmem.loss import chunk_tokens_for, count_label_tokens, loss_sum
     from lowmem.model import DTYPES, enable_gradient_checkpointing
 
     gc.collect()
@@ -177,12 +177,14 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
             return loss
     else:
         step, n_steps = lowmem_step(recipe, model, device, n_steps)
+    # lowmem rows compute the loss as their recipe does (chunked from a 32k vocabulary unless it says otherwise)
+    chunk = chunk_tokens_for(recipe.memory.loss_chunk_tokens, model.config.vocab_size) if recipe else 0
     batches = make_batches(model.config.vocab_size, args.tokens, n_steps, device)
     losses, times = [], []
     for batch in batches:
         tokens = count_label_tokens(batch)
         start = time.perf_counter()
-        loss = step(lambda: loss_sum(model, batch) / tokens)
+        loss = step(lambda: loss_sum(model, batch, chunk) / tokens)
         losses.append(float(loss.detach()))  # waits for the step: the time below is the step's
         times.append(time.perf_counter() - start)
     steady = times[1:] or times

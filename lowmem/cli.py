@@ -120,20 +120,25 @@ def train(recipe: str, overrides: tuple[str, ...]) -> None:
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--max-batches", default=None, type=int, help="Evaluate only the first N batches.")
+@click.option("--loss-chunk-tokens", default=None, type=click.IntRange(min=0),
+              help="Head and loss this many positions at a time (0: off; default: 512 from a 32k vocabulary).")
 @user_errors
-def eval_command(checkpoint, data_path, fmt, max_seq_len, batch_size, dtype, max_batches) -> None:
+def eval_command(checkpoint, data_path, fmt, max_seq_len, batch_size, dtype, max_batches, loss_chunk_tokens) -> None:
     """Loss and perplexity of the model in CHECKPOINT (an HF folder) on a whole dataset."""
     from lowmem.config import DataConfig
     from lowmem.data import build_datasets, eval_batches
-    from lowmem.loss import evaluate
+    from lowmem.loss import check_chunked_head, chunk_tokens_for, evaluate
     from lowmem.model import load_model, load_tokenizer, pick_device
 
     device = pick_device("auto")
     tokenizer = load_tokenizer(checkpoint)
     model = load_model(checkpoint, dtype, device)
+    chunk = chunk_tokens_for(loss_chunk_tokens, model.config.vocab_size)
+    if chunk:
+        check_chunked_head(model)
     data = build_datasets(DataConfig(path=data_path, format=fmt, max_seq_len=max_seq_len, val_fraction=0.0),
                           tokenizer, seed=0)
-    scores = evaluate(model, eval_batches(data.train, batch_size, tokenizer.pad_token_id, max_batches), device)
+    scores = evaluate(model, eval_batches(data.train, batch_size, tokenizer.pad_token_id, max_batches), device, chunk)
     if not scores:
         raise UserError(f"eval: {data_path} has no label tokens to evaluate")
     click.echo(json.dumps({"loss": scores["val_loss"], "perplexity": scores["val_ppl"], "tokens": scores["val_tokens"]}))

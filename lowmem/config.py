@@ -111,6 +111,9 @@ class HiftConfig:
 class MemoryConfig:
     offload_states: bool = False  # hift: rule state of inactive groups in (pinned) host memory
     offload_frozen_weights: bool = False  # hift: frozen units below the active group stream in for forward
+    # head + loss this many positions at a time, so the full logits never exist; null: 512 from a 32k vocabulary,
+    # else off; 0: off
+    loss_chunk_tokens: Optional[int] = None
 
 
 @dataclass
@@ -365,6 +368,9 @@ def validate(config: Config) -> None:
     beta1 = config.update.adafactor.beta1
     if beta1 is not None and not 0.0 <= beta1 < 1.0:
         raise ConfigError(f"config: update.adafactor.beta1 must be in [0, 1) or null, got {beta1}")
+    if config.memory.loss_chunk_tokens is not None and config.memory.loss_chunk_tokens < 0:
+        raise ConfigError(f"config: memory.loss_chunk_tokens must be >= 0 (0: off, null: auto), got "
+                          f"{config.memory.loss_chunk_tokens}")
     if config.hift.group_size < 1:
         raise ConfigError(f"config: hift.group_size must be positive, got {config.hift.group_size}")
     if config.update.strategy != "hift" and (config.memory.offload_states or config.memory.offload_frozen_weights):

@@ -1,5 +1,14 @@
 """Causal-LM loss as a sum over label tokens, so the loop can normalize by the label tokens of a whole
-optimizer step: accumulating micro-batches then equals one large batch exactly."""
+optimizer step: accumulating micro-batches then equals one large batch exactly.
+
+Chunked loss (``memory.loss_chunk_tokens``; LeMo's segmented loss): the model body runs to its last hidden states,
+then the output head and the cross-entropy run ``chunk`` positions at a time, each chunk under non-reentrant
+activation checkpointing. A chunk's logits (and their float32 upcast) exist only while that chunk is computed, in
+forward and again in backward, so the ``[batch, seq, vocab]`` logits tensor never does. The loss and every
+gradient are those of the plain computation (summed in another order). What the model does to logits after its
+head is applied the same way: Gemma-2/3's soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``;
+:func:`check_chunked_head` refuses, in one line, a model whose logits come out otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +16,20 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lowmem.data import IGNORE
+from lowmem.errors import UserError
+
+AUTO_CHUNK_TOKENS = 512  # positions per chunk when memory.loss_chunk_tokens is null (auto)
+AUTO_MIN_VOCAB = 32_000  # auto turns chunking on from this vocabulary size
+
+
+def chunk_tokens_for(setting: int | None, vocab_size: int) -> int:
+    """``memory.loss_chunk_tokens`` resolved: null → AUTO_CHUNK_TOKENS from a 32k vocabulary, else 0 (off)."""
+    if setting is None:
+        return AUTO_CHUNK_TOKENS if vocab_size >= AUTO_MIN_VOCAB else 0
+    return setting
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -16,26 +37,96 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the label tokens of ``batch`` (float32 scalar)."""
+def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 0) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the label tokens of ``batch`` (float32 scalar); ``chunk_tokens`` > 0
+    computes head and loss that many positions at a time (see the module docstring)."""
+    targets = batch["labels"][:, 1:]
+    if chunk_tokens > 0:
+        return _chunked_loss_sum(model, batch, targets, chunk_tokens)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shifted_logits = logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
 
 
+def _body(model: torch.nn.Module) -> torch.nn.Module:
+    body = model.base_model
+    if body is model:
+        raise UserError(f"memory.loss_chunk_tokens: {type(model).__name__} has no separate base model to run up to "
+                        "the head (set memory.loss_chunk_tokens=0)")
+    return body
+
+
+def _after_head(config):
+    """What the model does to its head's output before the loss (as its own forward does it, in its dtype)."""
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)  # Cohere: multiplies
+    divisor = getattr(config, "logits_scaling", None)  # Granite: divides
+
+    def apply(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return apply
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, after_head) -> torch.Tensor:
+    logits = after_head(head(hidden)).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+
+
+def _chunked_loss_sum(model, batch, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    out = _body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    hidden = out[0][:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    head, after_head = model.get_output_embeddings(), _after_head(model.config)
+    total = None
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        args = (hidden[start:end], flat_targets[start:end], head, after_head)
+        # recomputed in backward, so no chunk's logits are kept for it; without grad there is no backward
+        part = checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args)
+        total = part if total is None else total + part
+    return total
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device) -> dict[str, float]:
-    """Token-weighted mean loss and perplexity over ``batches``."""
+def check_chunked_head(model: torch.nn.Module) -> None:
+    """Refuse, in one line, a model whose logits are not its head applied to its base model's last hidden states
+    (and the known transforms after it): chunking would compute another loss. One forward of four tokens."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.get_input_embeddings().weight.device
+        ids = torch.arange(4, device=device).unsqueeze(0) % model.config.vocab_size
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        expected = model(**batch).logits.float()
+        ours = _after_head(model.config)(model.get_output_embeddings()(_body(model)(**batch)[0])).float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(ours, expected, rtol=1e-3, atol=1e-3):
+        raise UserError(f"memory.loss_chunk_tokens: {type(model).__name__} computes its logits otherwise than its "
+                        "head on its last hidden states, so a chunked loss would differ (set memory.loss_chunk_tokens=0)")
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, device: torch.device, chunk_tokens: int = 0) -> dict[str, float]:
+    """Token-weighted mean loss and perplexity over ``batches`` (head and loss ``chunk_tokens`` positions at a
+    time when > 0)."""
     was_training = model.training
     model.eval()
     total, tokens = None, 0
     for batch in batches:
         tokens += count_label_tokens(batch)  # on the host batch
         batch = {k: v.to(device) for k, v in batch.items()}
-        summed = loss_sum(model, batch)
+        summed = loss_sum(model, batch, chunk_tokens)
         total = summed if total is None else total + summed  # summed on the device, read once at the end
     model.train(was_training)
     if tokens == 0 or total is None:

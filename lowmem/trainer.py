@@ -23,7 +23,7 @@ from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.errors import UserError
 from lowmem.host_sync import read_all
-from lowmem.loss import count_label_tokens, evaluate, loss_sum
+from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, evaluate, loss_sum
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
@@ -102,6 +102,10 @@ def train(config: Config, step_guard=None) -> TrainResult:
                        config.model.gradient_checkpointing, int8, config.train.seed)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
+    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
+    if chunk:
+        check_chunked_head(model)
+        log.info("loss: head and cross-entropy %d positions at a time (the full logits never exist)", chunk)
     data = build_datasets(config.data, tokenizer, config.train.seed)
     data_fingerprint = fingerprint(data.train)
     if resume_state is not None:
@@ -134,7 +138,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
         if not data.val:
             return None
         scores = evaluate(model, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id,
-                                              config.train.eval_max_batches), device)
+                                              config.train.eval_max_batches), device, chunk)
         if result.first_eval is None:
             result.first_eval = scores
         result.last_eval = scores
@@ -170,7 +174,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
             activation_bytes = 0
             for batch in micro_batches:
                 with SavedTensorBytes(model.parameters()) as saved:
-                    loss = loss_sum(model, batch) / max(step_tokens, 1)
+                    loss = loss_sum(model, batch, chunk) / max(step_tokens, 1)
                 activation_bytes = max(activation_bytes, saved.nbytes)
                 strategy.backward(loss)
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()

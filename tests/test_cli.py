@@ -28,6 +28,10 @@ def test_train_shipped_recipe_by_name_then_eval(tmp_path, micro_model_path, text
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert scores["perplexity"] == pytest.approx(2.718281828 ** scores["loss"], rel=1e-6) and scores["tokens"] > 0
+    chunked = run("eval", str(out / "final"), "--data", text_data, "--max-seq-len", "32", "--max-batches", "2",
+                  "--loss-chunk-tokens", "5")
+    assert chunked.exit_code == 0, chunked.output
+    assert json.loads(chunked.stdout.strip().splitlines()[-1])["loss"] == pytest.approx(scores["loss"], rel=1e-6)
 
 
 def test_eval_rejects_bad_data_with_one_line(tmp_path, micro_model_path):
