@@ -59,6 +59,53 @@ class SavedTensorBytes:
         self._hooks.__exit__(*exc)
 
 
+class LiveTensorBytes:
+    """Bytes of the distinct storages made inside the ``with`` block that are still alive when it ends.
+
+    Around a forward this is everything the forward leaves for backward, counted exactly and whatever holds it:
+    tensors autograd saved, the inputs activation checkpointing keeps, the loss. (:class:`SavedTensorBytes` sees
+    only what autograd's saved-tensor hooks see, and activation checkpointing keeps its inputs outside them.)
+    """
+
+    def __init__(self, exclude=()):
+        """``exclude``: tensors whose storage is not counted (parameters: their transposes and other views are made
+        inside the block and saved for backward)."""
+        self.nbytes = 0
+        self._made: list = []
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def __enter__(self) -> "LiveTensorBytes":
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        made = self._made
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                        made.append(weakref.ref(t))
+                return out
+
+        self._mode = Record()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        storages = {}
+        for ref in self._made:
+            t = ref()
+            if t is not None:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self._excluded:
+                    storages[storage.data_ptr()] = storage.nbytes()
+        self.nbytes = sum(storages.values())
+        self._made = []
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to ``metrics.jsonl``.
 

@@ -150,3 +150,18 @@ def test_auto_chunking_and_a_head_that_cannot_be_chunked(micro_model_path):
     model.__class__ = ScaledLogits
     with pytest.raises(UserError, match="ScaledLogits computes its logits otherwise .* memory.loss_chunk_tokens=0"):
         check_chunked_head(model)
+
+
+def test_live_tensor_bytes_counts_what_a_forward_leaves_alive():
+    from lowmem.metrics import LiveTensorBytes
+
+    w = torch.nn.Parameter(torch.randn(100, 100))
+    x = torch.randn(10, 100)
+    with LiveTensorBytes([w]) as live:
+        y = (x @ w).relu()  # x @ w is freed (relu saves its output); y is saved by the next matmul
+        z = (y @ w).sum()  # y @ w is freed (sum saves nothing); z remains
+    assert live.nbytes == 10 * 100 * 4 + 4
+    with LiveTensorBytes() as counted_with_weight:  # w.t() is made inside and saved: w's storage counts then
+        out = (x @ w.t()).sum()
+    assert counted_with_weight.nbytes == 100 * 100 * 4 + 4
+    del y, z, out
