@@ -162,6 +162,6 @@ def test_live_tensor_bytes_counts_what_a_forward_leaves_alive():
         z = (y @ w).sum()  # y @ w is freed (sum saves nothing); z remains
     assert live.nbytes == 10 * 100 * 4 + 4
     with LiveTensorBytes() as counted_with_weight:  # w.t() is made inside and saved: w's storage counts then
-        out = (x @ w.t()).sum()
+        out = (x.requires_grad_() @ w.t()).sum()  # the grad of x needs w.t(), a view of w
     assert counted_with_weight.nbytes == 100 * 100 * 4 + 4
     del y, z, out
