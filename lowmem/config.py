@@ -117,6 +117,14 @@ class MemoryConfig:
 
 
 @dataclass
+class TokensConfig:
+    eliminate: bool = False  # LeMo: in the sparse layers only the most informative token blocks are computed
+    keep_ratio: float = 0.4  # share of token blocks kept in each sparse layer
+    dense_layers: int = 2  # the first layers that stay dense (the last one always is)
+    block_size: int = 64  # tokens per block, scored and kept together
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -151,6 +159,7 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     hift: HiftConfig = field(default_factory=HiftConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -371,6 +380,12 @@ def validate(config: Config) -> None:
     if config.memory.loss_chunk_tokens is not None and config.memory.loss_chunk_tokens < 0:
         raise ConfigError(f"config: memory.loss_chunk_tokens must be >= 0 (0: off, null: auto), got "
                           f"{config.memory.loss_chunk_tokens}")
+    tokens = config.tokens
+    if not 0.0 < tokens.keep_ratio <= 1.0:
+        raise ConfigError(f"config: tokens.keep_ratio must be in (0, 1], got {tokens.keep_ratio}")
+    if tokens.block_size < 1 or tokens.dense_layers < 0:
+        raise ConfigError(f"config: tokens.block_size must be >= 1 and tokens.dense_layers >= 0, got "
+                          f"{tokens.block_size} and {tokens.dense_layers}")
     if config.hift.group_size < 1:
         raise ConfigError(f"config: hift.group_size must be positive, got {config.hift.group_size}")
     if config.update.strategy != "hift" and (config.memory.offload_states or config.memory.offload_frozen_weights):

@@ -13,7 +13,7 @@ from typing import Any
 from lowmem.errors import UserError
 
 # Steering only: the schedule and its length, clipping, the hyperparameters of the same rule, logging,
-# evaluation, checkpointing, where tensors live, and recomputation.
+# evaluation, checkpointing, where tensors live, recomputation and token elimination.
 SAFE_KEYS = {
     "model.path",  # a resume loads the weights and the tokenizer from the checkpoint, never from model.path
     "model.gradient_checkpointing",
@@ -47,7 +47,7 @@ SAFE_KEYS = {
     "train.eval_max_batches",
     "train.device",
 }
-SAFE_SECTIONS = ("log.", "checkpoint.", "memory.", "update.loss_scale.")
+SAFE_SECTIONS = ("log.", "checkpoint.", "memory.", "update.loss_scale.", "tokens.")
 # Safe to change between two values, not to or from null (null means the state does not exist).
 SAFE_UNLESS_NULL = {"update.adafactor.beta1"}
 

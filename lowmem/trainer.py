@@ -31,6 +31,7 @@ from lowmem.rules import make_rule
 from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
 from lowmem.strategies import make_strategy
+from lowmem.tokens import TokenEliminator
 
 log = logging.getLogger("lowmem")
 
@@ -118,6 +119,11 @@ def train(config: Config, step_guard=None) -> TrainResult:
 
     rule = make_rule(config.update)
     strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
+    if config.tokens.eliminate:  # after the strategy: its hooks bring streamed weights in before scoring needs them
+        t = config.tokens
+        eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size)
+        log.info("tokens: %d sparse layers keep %.0f%% of their %d-token blocks", len(eliminator.sparse),
+                 100 * t.keep_ratio, t.block_size)
     start_step = 0
     if resume_from:
         strategy.load_state_dict(ckpt.load_strategy_state(resume_from))

@@ -1,0 +1,166 @@
+"""LeMo's token elimination (Wang et al. 2025): in the sparse decoder layers only the most informative token blocks
+enter attention and MLP; the others pass through the residual unchanged and rejoin before the next layer.
+
+Per sparse layer and sequence:
+
+    score      informativeness of key token j: Σ over queries i ≥ j (causal, not padding) of positive Q_i·K_j,
+               summed over heads, with the layer's own projections and rotary embedding; pooled per block of
+               ``tokens.block_size`` tokens. Computed without gradient, over query chunks (never a full T×T map
+               per head at once), by running the layer's attention with a scoring attention function in place
+               of the real one, so every architecture that computes Q and K its own way (fused qkv, q/k norms,
+               GQA) is scored as it attends.
+    keep       the top ``ceil(keep_ratio · blocks)`` blocks, in their original order (a tail shorter than a block
+               is always kept); the same count for every sequence of the batch (static shapes), its own pattern.
+    run        the layer on the kept tokens only: hidden states, the rotary cos/sin of their own positions, the
+               attention mask restricted to them (causal among the kept, padding as it was).
+    rejoin     eliminated tokens keep their input hidden state; kept ones take the layer's output.
+
+The first ``tokens.dense_layers`` layers and the last are dense, so every position reaches the loss. Gradients are
+exact for everything computed: the selection is a constant, gather and scatter are linear. Only in training mode:
+evaluation (``model.eval()``) measures the dense model, the one that is exported. Installed as forward
+hooks on the layers (no copied model file, parameter names unchanged), for decoder layers that take
+``position_embeddings`` (Llama, Qwen2/3, Mistral, Gemma, Phi-3); other models are refused in one line.
+
+Not yet (LeMo's other parts): the per-layer pattern predictor (scores from hidden states, refreshed during training)
+and native gather/scatter and pooling kernels; scoring costs the layer's Q/K/V/O projections on every token plus
+Σ positive QK over the causal triangle.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from lowmem.errors import UserError
+
+SCORING = "lowmem_block_scores"
+QUERY_CHUNK = 256  # queries scored at a time: a [batch, heads, 256, seq] block of products at most
+
+
+def _score_attention(module, query, key, value, attention_mask, **kwargs):
+    """An attention function that records Σ_i positive Q_i·K_j per key token (causal, unmasked) and returns zeros."""
+    batch, heads, length, head_dim = query.shape
+    if key.shape[1] != heads:  # grouped-query attention: each key head serves heads // kv heads query heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    scores = query.new_zeros(batch, length, dtype=torch.float32)
+    keys = torch.arange(length, device=query.device)
+    for start in range(0, length, QUERY_CHUNK):
+        q = query[:, :, start:start + QUERY_CHUNK].float()
+        products = (q @ key.float().transpose(-1, -2)).clamp_min_(0)  # [b, h, chunk, length]
+        queries = torch.arange(start, start + q.shape[2], device=query.device)
+        allowed = keys[None, :] <= queries[:, None]  # causal
+        if attention_mask is not None and attention_mask.dim() == 4:  # padding (and causal) as the model masks
+            mask = attention_mask[:, :, start:start + q.shape[2], :length]
+            allowed = allowed & (mask == 0 if mask.dtype != torch.bool else mask)
+        scores += (products * allowed).sum(dim=(1, 2))
+    module._lowmem_scores = scores
+    return query.new_zeros(batch, length, heads, head_dim), None
+
+
+class TokenEliminator:
+    """Forward hooks on the sparse decoder layers of ``model`` (see the module docstring); :meth:`remove` undoes."""
+
+    def __init__(self, model: torch.nn.Module, keep_ratio: float, dense_layers: int, block_size: int = 64):
+        from transformers import AttentionInterface
+
+        from lowmem.units import decoder_layers
+
+        layers = decoder_layers(model)
+        if layers is None or not all(_takes_position_embeddings(layer) for layer in layers):
+            raise UserError(f"tokens.eliminate: {type(model).__name__}'s decoder layers do not take "
+                            "position_embeddings (supported: Llama, Qwen2/3, Mistral, Gemma, Phi-3; set "
+                            "tokens.eliminate=false)")
+        if not 0 < keep_ratio <= 1 or block_size < 1 or not 0 <= dense_layers:
+            raise UserError("tokens: keep_ratio must be in (0, 1], block_size >= 1 and dense_layers >= 0")
+        AttentionInterface.register(SCORING, _score_attention)
+        self.model, self.keep_ratio, self.block_size = model, keep_ratio, block_size
+        self.sparse = [layer for i, layer in enumerate(layers) if dense_layers <= i < len(layers) - 1]
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = []
+        for layer in self.sparse:
+            self._handles.append(layer.register_forward_pre_hook(self._gather, with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._rejoin, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------------------------------- choose
+
+    @torch.no_grad()
+    def block_scores(self, layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """[batch, full blocks] informativeness of each block of ``hidden`` for ``layer``."""
+        attention, config = layer.self_attn, self.model.config
+        normed = layer.input_layernorm(hidden)
+        saved = config._attn_implementation
+        config._attn_implementation = SCORING
+        try:
+            attention(hidden_states=normed, position_embeddings=kwargs["position_embeddings"],
+                      attention_mask=kwargs.get("attention_mask"))
+        finally:
+            config._attn_implementation = saved
+        scores = attention.__dict__.pop("_lowmem_scores")
+        n_blocks = hidden.shape[1] // self.block_size
+        return scores[:, :n_blocks * self.block_size].view(scores.shape[0], n_blocks, self.block_size).sum(-1)
+
+    def kept_positions(self, scores: torch.Tensor, length: int) -> torch.Tensor:
+        """[batch, kept] token positions, ascending: the top blocks' tokens, then the tail shorter than a block."""
+        n_blocks = scores.shape[1]
+        keep = max(1, math.ceil(self.keep_ratio * n_blocks))
+        blocks = scores.topk(keep, dim=1).indices.sort(dim=1).values  # [b, keep]
+        offsets = torch.arange(self.block_size, device=scores.device)
+        positions = (blocks[:, :, None] * self.block_size + offsets).reshape(scores.shape[0], -1)
+        tail = torch.arange(n_blocks * self.block_size, length, device=scores.device)
+        return torch.cat([positions, tail.expand(scores.shape[0], -1)], dim=1)
+
+    # ------------------------------------------------------------------------------------------- hooks
+
+    def _gather(self, layer, args, kwargs):
+        args, kwargs = list(args), dict(kwargs)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        length = hidden.shape[1]
+        if not layer.training or length // self.block_size == 0:  # evaluation measures the dense model
+            return None
+        index = self.kept_positions(self.block_scores(layer, hidden, kwargs), length)  # [b, kept]
+        self._pending[id(layer)] = (hidden, index)
+        gathered = _gather_tokens(hidden, index)
+        if args:
+            args[0] = gathered
+        else:
+            kwargs["hidden_states"] = gathered
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (_gather_tokens(cos, index), _gather_tokens(sin, index))
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 4:  # [b, 1, q, k]: the kept queries' rows and the kept keys' columns
+            mask = mask.expand(hidden.shape[0], -1, -1, -1)
+            rows = torch.gather(mask, 2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
+            kwargs["attention_mask"] = torch.gather(rows, 3, index[:, None, None, :].expand(-1, mask.shape[1],
+                                                                                            index.shape[1], -1))
+        elif mask is not None:
+            raise UserError(f"tokens.eliminate: attention masks of shape {tuple(mask.shape)} are not supported")
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = torch.gather(kwargs["position_ids"].expand(hidden.shape[0], -1), 1, index)
+        return tuple(args), kwargs
+
+    def _rejoin(self, layer, args, kwargs, output):
+        pending = self._pending.pop(id(layer), None)
+        if pending is None:
+            return None
+        hidden, index = pending
+        computed = output[0] if isinstance(output, tuple) else output
+        rejoined = hidden.scatter(1, index[:, :, None].expand(-1, -1, hidden.shape[2]), computed)
+        return (rejoined, *output[1:]) if isinstance(output, tuple) else rejoined
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b]]`` for [b or 1, seq, ...] ``x`` and [b, kept] ``index``."""
+    x = x.expand(index.shape[0], *x.shape[1:])
+    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
+
+
+def _takes_position_embeddings(layer: torch.nn.Module) -> bool:
+    return ("position_embeddings" in inspect.signature(layer.forward).parameters
+            and hasattr(layer, "self_attn") and hasattr(layer, "input_layernorm"))

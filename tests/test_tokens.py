@@ -1,0 +1,192 @@
+"""LeMo token elimination (lowmem/tokens.py): keep_ratio 1 equals no elimination exactly; eliminated tokens pass
+through unchanged and every position reaches the loss; kept tokens are computed at their original positions
+(against the layer run by hand on them); a batch of 2 with different patterns equals the two run separately; no
+host reads; the trainer runs it under every strategy; unsupported layers are refused."""
+
+import pytest
+import torch
+
+from lowmem.errors import UserError
+from lowmem.host_sync import ForbidHostReads
+from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.model import load_model
+from lowmem.tokens import TokenEliminator
+from test_trainer import make_config
+
+
+def batch_of(n, length, vocab, seed=0, pad_last=0):
+    ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    if pad_last:
+        batch["attention_mask"][-1, -pad_last:] = 0
+        batch["labels"][-1, -pad_last:] = -100
+    return batch
+
+
+def grads_of(model, batch):
+    model.zero_grad()
+    loss = loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3"])
+def test_keeping_every_block_equals_no_elimination_exactly(arch, arch_path):
+    model = load_model(arch_path(arch), "float32")
+    model.config.attention_dropout = 0.0
+    batch = batch_of(2, 70, model.config.vocab_size, pad_last=9)  # a tail shorter than a block; padding
+    plain, plain_grads = grads_of(model, batch)
+    eliminator = TokenEliminator(model, keep_ratio=1.0, dense_layers=0, block_size=16)
+    loss, grads = grads_of(model, batch)
+    eliminator.remove()
+    assert torch.equal(loss, plain)
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in plain_grads)
+
+
+def plant_content_scores(eliminator):
+    """Block scores from the hidden states' content (a sum per block): the same for a sequence alone or in a batch,
+    and another pattern per sequence, where the true scores of a random tiny model favour early blocks."""
+    def scores(layer, hidden, kwargs):
+        b, length, width = hidden.shape
+        n = length // eliminator.block_size
+        return hidden[:, :n * eliminator.block_size].reshape(b, n, -1).sum(-1).detach()
+
+    eliminator.block_scores = scores
+
+
+def test_block_scores_are_the_positive_query_key_products_each_key_receives(arch_path):
+    # independent: Q and K by hand from the layer's projections and the model's rotary, then Σ_i relu(Q_i·K_j)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = load_model(arch_path("llama"), "float32")
+    layer, config = model.model.layers[0], model.config
+    batch = batch_of(2, 40, config.vocab_size, seed=2, pad_last=6)
+    hidden = model.model.embed_tokens(batch["input_ids"]).detach()
+    positions = torch.arange(40)[None]
+    cos, sin = model.model.rotary_emb(hidden, position_ids=positions)
+    heads, kv, dim = config.num_attention_heads, config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    normed = layer.input_layernorm(hidden)
+    q = layer.self_attn.q_proj(normed).view(2, 40, heads, dim).transpose(1, 2)
+    k = layer.self_attn.k_proj(normed).view(2, 40, kv, dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k = k.repeat_interleave(heads // kv, dim=1)
+    products = (q @ k.transpose(-1, -2)).clamp_min(0)  # [b, h, query, key]
+    valid = torch.ones(40, 40).tril().bool()[None] & batch["attention_mask"].bool()[:, None, :]
+    expected = (products * valid[:, None]).sum(dim=(1, 2)).view(2, 5, 8).sum(-1)
+    eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
+    from transformers.masking_utils import create_causal_mask
+
+    mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=batch["attention_mask"],
+                              cache=None, position_ids=positions)
+    scores = eliminator.block_scores(layer, hidden, {"position_embeddings": (cos, sin), "attention_mask": mask})
+    eliminator.remove()
+    torch.testing.assert_close(scores, expected.detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_eliminated_tokens_pass_through_and_kept_ones_are_computed_at_their_positions(arch_path):
+    model = load_model(arch_path("llama"), "float32")
+    layer = model.model.layers[0]
+    batch = batch_of(2, 64, model.config.vocab_size, seed=3)
+    eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
+    plant_content_scores(eliminator)
+    chosen = []
+    kept_positions = eliminator.kept_positions
+    eliminator.kept_positions = lambda scores, length: chosen.append(kept_positions(scores, length)) or chosen[-1]
+    inputs = []
+    pre = layer.register_forward_pre_hook(lambda mod, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True, prepend=True)
+    outputs = []
+    post = layer.register_forward_hook(lambda mod, args, out: outputs.append(out))  # after the rejoin
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    pre.remove(), post.remove()
+    eliminator.remove()
+    index = chosen[0]
+    assert index.shape == (2, 32) and not torch.equal(index[0], index[1])  # each sequence its own pattern
+    assert torch.isfinite(logits).all()  # every position reaches the loss through the dense last layer
+    hidden_in, hidden_out = inputs[0], outputs[0]
+    dropped = torch.ones(2, 64, dtype=torch.bool)
+    dropped[torch.arange(2)[:, None], index] = False
+    assert torch.equal(hidden_out[dropped], hidden_in[dropped])  # eliminated: unchanged
+    assert not torch.allclose(hidden_out[~dropped], hidden_in[~dropped])
+    # independent: the layer run by hand on each sequence's kept tokens, with the rotary of their own positions
+    for b in range(2):
+        positions = index[b][None]
+        x = hidden_in[b:b + 1, index[b]]
+        cos_sin = model.model.rotary_emb(x, position_ids=positions)
+        expected = layer(x, position_embeddings=cos_sin, attention_mask=None, position_ids=positions)
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        torch.testing.assert_close(hidden_out[b, index[b]], expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_two_with_different_patterns_equals_each_alone(arch_path):
+    model = load_model(arch_path("qwen2"), "float32")
+    eliminator = TokenEliminator(model, keep_ratio=0.4, dense_layers=0, block_size=8)
+    plant_content_scores(eliminator)
+    pair = batch_of(2, 80, model.config.vocab_size, seed=5)
+    chosen = eliminator.kept_positions(eliminator.block_scores(None, model.model.embed_tokens(pair["input_ids"]), {}), 80)
+    assert not torch.equal(chosen[0], chosen[1])  # the patterns differ (in layer 0, whose input is the embedding)
+    loss, grads = grads_of(model, pair)
+    alone = [grads_of(model, {k: v[i:i + 1] for k, v in pair.items()}) for i in range(2)]
+    eliminator.remove()
+    torch.testing.assert_close(loss, alone[0][0] + alone[1][0], rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, alone[0][1][name] + alone[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_eliminating_step_reads_nothing_on_the_host(arch_path):
+    from lowmem.config import UpdateConfig
+    from lowmem.rules import make_rule
+    from lowmem.strategies import make_strategy
+
+    model = load_model(arch_path("llama"), "float32")
+    TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
+    config = UpdateConfig(rule="adamw", clip_grad_norm=1.0)
+    strategy = make_strategy("fused", model, make_rule(config), config)
+    guard = ForbidHostReads()
+    for seed in range(2):
+        batch = batch_of(2, 64, model.config.vocab_size, seed=seed)
+        tokens = count_label_tokens(batch)
+        with guard:
+            strategy.prepare(1e-3)
+            strategy.backward(loss_sum(model, batch) / tokens)
+            strategy.step()
+    assert not guard.marked and sum(guard.tolerated.values()) <= 2
+
+
+@pytest.mark.parametrize("args", [["update.strategy=standard"], ["update.strategy=fused", "update.rule=adalomo"],
+                                  ["update.strategy=hift", "hift.group_size=2"],
+                                  ["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"]],
+                         ids=["standard", "fused", "hift", "int8"])
+def test_training_with_token_elimination(tmp_path, micro_model_path, text_data, args):
+    from lowmem.trainer import train
+
+    common = [*args, "train.max_steps=3", "tokens.dense_layers=0", "tokens.block_size=8"]
+    plain = train(make_config(tmp_path, micro_model_path, text_data, *common, name="plain"))
+    kept_all = train(make_config(tmp_path, micro_model_path, text_data, *common, "tokens.eliminate=true",
+                                 "tokens.keep_ratio=1.0", name="all"))
+    assert kept_all.losses == plain.losses
+    sparse = train(make_config(tmp_path, micro_model_path, text_data, *common, "tokens.eliminate=true",
+                               "tokens.keep_ratio=0.5", name="sparse"))
+    assert sparse.losses[0] == pytest.approx(plain.losses[0], rel=0.05) and sparse.losses != plain.losses
+    assert sparse.last_eval["val_loss"] < sparse.first_eval["val_loss"]
+
+
+def test_layers_without_position_embeddings_are_refused(arch_path):
+    with pytest.raises(UserError, match="GPT2LMHeadModel's decoder layers do not take position_embeddings"):
+        TokenEliminator(load_model(arch_path("gpt2")), 0.5, 0)
+
+
+def test_elimination_under_gradient_checkpointing_equals_it_without(arch_path):
+    from lowmem.model import enable_gradient_checkpointing
+
+    results = []
+    for checkpointing in (False, True):
+        model = load_model(arch_path("llama"), "float32")
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
+        plant_content_scores(eliminator)
+        results.append(grads_of(model, batch_of(2, 64, model.config.vocab_size, seed=9)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-8, msg=name)
