@@ -1,8 +1,9 @@
 """Activation memory of one long-context step on the ~100M Llama (vocab 32000), batch 1, by loss mode, sequence
 length and gradient checkpointing:
 
-    dense     the plain loss: the [seq, vocab] logits and their float32 log-softmax are kept for backward
-    chunked   memory.loss_chunk_tokens=512: head + cross-entropy per chunk, recomputed in backward
+    dense            the plain loss: the [seq, vocab] logits and their float32 log-softmax are kept for backward
+    chunked          memory.loss_chunk_tokens=512: head + cross-entropy per chunk, recomputed in backward
+    chunked+keepR    and token elimination: layers 2..6 of 8 keep the top R of their 64-token blocks
 
     python benchmarks/bench_activations.py [--seqs 1024,2048,4096] [--steps 3] [--threads 2]
 
@@ -24,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-MODES = {"dense": dict(chunk=0), "chunked": dict(chunk=512)}
+MODES = {"dense": dict(chunk=0), "chunked": dict(chunk=512), "chunked+keep0.6": dict(chunk=512, keep=0.6),
+         "chunked+keep0.4": dict(chunk=512, keep=0.4)}
+DENSE_LAYERS = 2  # of 8: tokens.dense_layers for the keep modes (the last layer is dense too)
 
 
 def rss(field: str) -> int:
@@ -61,6 +64,10 @@ def worker(mode: str, seq: int, checkpointing: bool, steps: int) -> dict:
     update = UpdateConfig(strategy="fused", rule="adalomo", lr=2e-2, clip_grad_norm=None)
     strategy = make_strategy("fused", model, make_rule(update), update)
     chunk = MODES[mode]["chunk"]
+    if "keep" in MODES[mode]:
+        from lowmem.tokens import TokenEliminator
+
+        TokenEliminator(model, MODES[mode]["keep"], DENSE_LAYERS, 64)
     base = rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from here
     times, losses, activations = [], [], None

@@ -291,7 +291,9 @@ class ResidencyScheduler:
         if not enabled:
             return
         for j, module in enumerate(unit.modules):
-            self._hooks.append((name, module.register_forward_pre_hook(self._bring_in_hook((name, j)), with_kwargs=True)))
+            # prepend: the weights are in before any other pre-hook (token elimination scores with them)
+            self._hooks.append((name, module.register_forward_pre_hook(self._bring_in_hook((name, j)), with_kwargs=True,
+                                                                       prepend=True)))
             # always_call: a forward that raises still leaves the weights in host memory, as the plan says
             self._hooks.append((name, module.register_forward_hook(self._send_back_hook((name, j)), always_call=True)))
 

@@ -3,10 +3,10 @@ enter attention and MLP; the others pass through the residual unchanged and rejo
 
 Per sparse layer and sequence:
 
-    score      informativeness of key token j: Σ over queries i ≥ j (causal, not padding) of positive Q_i·K_j,
-               summed over heads, with the layer's own projections and rotary embedding; pooled per block of
-               ``tokens.block_size`` tokens. Computed without gradient, over query chunks (never a full T×T map
-               per head at once), by running the layer's attention with a scoring attention function in place
+    score      informativeness of key token j: Σ over the queries i that may attend it (causal, the model's mask,
+               not padding) of positive Q_i·K_j, summed over heads, with the layer's own projections and rotary
+               embedding; pooled per block of ``tokens.block_size`` tokens. Computed without gradient, over query
+               chunks sized to 256 MiB of products, by running the layer's attention with a scoring function in place
                of the real one, so every architecture that computes Q and K its own way (fused qkv, q/k norms,
                GQA) is scored as it attends.
     keep       the top ``ceil(keep_ratio · blocks)`` blocks, in their original order (a tail shorter than a block
@@ -36,25 +36,36 @@ import torch
 from lowmem.errors import UserError
 
 SCORING = "lowmem_block_scores"
-QUERY_CHUNK = 256  # queries scored at a time: a [batch, heads, 256, seq] block of products at most
+SCORE_BYTES = 256 * 2**20  # products scored at a time: queries per chunk are sized to stay under this
+SUPPORTED_ATTENTION = ("eager", "sdpa")  # 4-D masks (or none) in original positions, which gather exactly
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D attention mask as booleans: True where a query may attend a key."""
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
 def _score_attention(module, query, key, value, attention_mask, **kwargs):
-    """An attention function that records Σ_i positive Q_i·K_j per key token (causal, unmasked) and returns zeros."""
+    """An attention function that records, per key token, Σ over the queries that may attend it (causal, as the
+    model masks, not padding) of the positive Q·K, summed over heads; it returns zeros."""
     batch, heads, length, head_dim = query.shape
+    key = key.float()
     if key.shape[1] != heads:  # grouped-query attention: each key head serves heads // kv heads query heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    key_t = key.transpose(-1, -2)
     scores = query.new_zeros(batch, length, dtype=torch.float32)
-    keys = torch.arange(length, device=query.device)
-    for start in range(0, length, QUERY_CHUNK):
-        q = query[:, :, start:start + QUERY_CHUNK].float()
-        products = (q @ key.float().transpose(-1, -2)).clamp_min_(0)  # [b, h, chunk, length]
-        queries = torch.arange(start, start + q.shape[2], device=query.device)
-        allowed = keys[None, :] <= queries[:, None]  # causal
-        if attention_mask is not None and attention_mask.dim() == 4:  # padding (and causal) as the model masks
-            mask = attention_mask[:, :, start:start + q.shape[2], :length]
-            allowed = allowed & (mask == 0 if mask.dtype != torch.bool else mask)
-        scores += (products * allowed).sum(dim=(1, 2))
+    positions = torch.arange(length, device=query.device)
+    chunk = max(1, SCORE_BYTES // (4 * batch * heads * length))
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+    if mask is not None:  # a query whose own position is masked (padding) attends nothing that counts
+        query_valid = _allowed(mask.diagonal(dim1=-2, dim2=-1)[..., :length]).expand(batch, -1, -1)
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)  # these queries see keys [0, end) at most: causal
+        products = (query[:, :, start:end].float() @ key_t[..., :end]).clamp_min_(0)  # [b, h, q, end]
+        allowed = positions[None, :end] <= positions[start:end, None]
+        if mask is not None:
+            allowed = allowed & _allowed(mask[:, :, start:end, :end]) & query_valid[:, :, start:end, None]
+        scores[:, :end] += products.masked_fill_(~allowed, 0).sum(dim=(1, 2))
     module._lowmem_scores = scores
     return query.new_zeros(batch, length, heads, head_dim), None
 
@@ -74,6 +85,14 @@ class TokenEliminator:
                             "tokens.eliminate=false)")
         if not 0 < keep_ratio <= 1 or block_size < 1 or not 0 <= dense_layers:
             raise UserError("tokens: keep_ratio must be in (0, 1], block_size >= 1 and dense_layers >= 0")
+        if dense_layers >= len(layers) - 1:
+            raise UserError(f"tokens.dense_layers {dense_layers} leaves no sparse layer in {type(model).__name__}'s "
+                            f"{len(layers)} (the last is always dense): use at most {len(layers) - 2}")
+        implementation = layers[0].self_attn.config._attn_implementation
+        if implementation not in SUPPORTED_ATTENTION:
+            raise UserError(f"tokens.eliminate: attention '{implementation}' is not supported (its masks do not "
+                            f"follow the kept tokens' original positions); load the model with "
+                            f"{' or '.join(SUPPORTED_ATTENTION)} attention")
         AttentionInterface.register(SCORING, _score_attention)
         self.model, self.keep_ratio, self.block_size = model, keep_ratio, block_size
         self.sparse = [layer for i, layer in enumerate(layers) if dense_layers <= i < len(layers) - 1]
@@ -81,7 +100,8 @@ class TokenEliminator:
         self._handles = []
         for layer in self.sparse:
             self._handles.append(layer.register_forward_pre_hook(self._gather, with_kwargs=True))
-            self._handles.append(layer.register_forward_hook(self._rejoin, with_kwargs=True))
+            # always_call: a forward that raises does not leave its input (and graph) held in _pending
+            self._handles.append(layer.register_forward_hook(self._rejoin, with_kwargs=True, always_call=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -93,15 +113,16 @@ class TokenEliminator:
     @torch.no_grad()
     def block_scores(self, layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """[batch, full blocks] informativeness of each block of ``hidden`` for ``layer``."""
-        attention, config = layer.self_attn, self.model.config
+        attention = layer.self_attn
+        config = attention.config  # the config this attention reads; only its own choice is swapped, and back
         normed = layer.input_layernorm(hidden)
-        saved = config._attn_implementation
-        config._attn_implementation = SCORING
+        saved = config._attn_implementation_internal
+        config._attn_implementation_internal = SCORING
         try:
             attention(hidden_states=normed, position_embeddings=kwargs["position_embeddings"],
                       attention_mask=kwargs.get("attention_mask"))
         finally:
-            config._attn_implementation = saved
+            config._attn_implementation_internal = saved
         scores = attention.__dict__.pop("_lowmem_scores")
         n_blocks = hidden.shape[1] // self.block_size
         return scores[:, :n_blocks * self.block_size].view(scores.shape[0], n_blocks, self.block_size).sum(-1)
@@ -122,6 +143,7 @@ class TokenEliminator:
         args, kwargs = list(args), dict(kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
         length = hidden.shape[1]
+        self._pending.pop(id(layer), None)
         if not layer.training or length // self.block_size == 0:  # evaluation measures the dense model
             return None
         index = self.kept_positions(self.block_scores(layer, hidden, kwargs), length)  # [b, kept]
@@ -147,7 +169,7 @@ class TokenEliminator:
 
     def _rejoin(self, layer, args, kwargs, output):
         pending = self._pending.pop(id(layer), None)
-        if pending is None:
+        if pending is None or output is None:  # not eliminating, or the forward raised (always_call)
             return None
         hidden, index = pending
         computed = output[0] if isinstance(output, tuple) else output

@@ -105,8 +105,14 @@ def train(config: Config, step_guard=None) -> TrainResult:
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
     if chunk:
-        check_chunked_head(model)
-        log.info("loss: head and cross-entropy %d positions at a time (the full logits never exist)", chunk)
+        try:
+            check_chunked_head(model)
+            log.info("loss: head and cross-entropy %d positions at a time (the full logits never exist)", chunk)
+        except UserError as err:
+            if config.memory.loss_chunk_tokens is not None:  # asked for: refuse
+                raise
+            log.warning("loss: not chunked (%s)", str(err).split(": ", 1)[1])  # auto: the plain loss
+            chunk = 0
     data = build_datasets(config.data, tokenizer, config.train.seed)
     data_fingerprint = fingerprint(data.train)
     if resume_state is not None:
@@ -119,7 +125,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
 
     rule = make_rule(config.update)
     strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
-    if config.tokens.eliminate:  # after the strategy: its hooks bring streamed weights in before scoring needs them
+    if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
         t = config.tokens
         eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size)
         log.info("tokens: %d sparse layers keep %.0f%% of their %d-token blocks", len(eliminator.sparse),

@@ -71,7 +71,8 @@ def test_block_scores_are_the_positive_query_key_products_each_key_receives(arch
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = k.repeat_interleave(heads // kv, dim=1)
     products = (q @ k.transpose(-1, -2)).clamp_min(0)  # [b, h, query, key]
-    valid = torch.ones(40, 40).tril().bool()[None] & batch["attention_mask"].bool()[:, None, :]
+    padding = batch["attention_mask"].bool()
+    valid = torch.ones(40, 40).tril().bool()[None] & padding[:, None, :] & padding[:, :, None]  # no pad key or query
     expected = (products * valid[:, None]).sum(dim=(1, 2)).view(2, 5, 8).sum(-1)
     eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
     from transformers.masking_utils import create_causal_mask
@@ -83,10 +84,12 @@ def test_block_scores_are_the_positive_query_key_products_each_key_receives(arch
     torch.testing.assert_close(scores, expected.detach(), rtol=1e-5, atol=1e-4)
 
 
-def test_eliminated_tokens_pass_through_and_kept_ones_are_computed_at_their_positions(arch_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_eliminated_tokens_pass_through_and_kept_ones_are_computed_at_their_positions(arch_path, attention):
     model = load_model(arch_path("llama"), "float32")
+    model.set_attn_implementation(attention)
     layer = model.model.layers[0]
-    batch = batch_of(2, 64, model.config.vocab_size, seed=3)
+    batch = batch_of(2, 64, model.config.vocab_size, seed=3, pad_last=11)  # the mask is gathered, not None
     eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
     plant_content_scores(eliminator)
     chosen = []
@@ -107,12 +110,18 @@ def test_eliminated_tokens_pass_through_and_kept_ones_are_computed_at_their_posi
     dropped[torch.arange(2)[:, None], index] = False
     assert torch.equal(hidden_out[dropped], hidden_in[dropped])  # eliminated: unchanged
     assert not torch.allclose(hidden_out[~dropped], hidden_in[~dropped])
-    # independent: the layer run by hand on each sequence's kept tokens, with the rotary of their own positions
+    # independent: the layer run by hand on each sequence's kept tokens, with the rotary of their own positions and
+    # a mask written out: key position ≤ query position, key not padding
     for b in range(2):
         positions = index[b][None]
         x = hidden_in[b:b + 1, index[b]]
         cos_sin = model.model.rotary_emb(x, position_ids=positions)
-        expected = layer(x, position_embeddings=cos_sin, attention_mask=None, position_ids=positions)
+        p = index[b]
+        allowed = (p[None, :] <= p[:, None]) & batch["attention_mask"][b, p].bool()[None, :]
+        mask = allowed if attention == "sdpa" else torch.zeros(allowed.shape).masked_fill(~allowed,
+                                                                                             torch.finfo(torch.float32).min)
+        eliminator.remove()  # the hand run is dense
+        expected = layer(x, position_embeddings=cos_sin, attention_mask=mask[None, None], position_ids=positions)
         expected = expected[0] if isinstance(expected, tuple) else expected
         torch.testing.assert_close(hidden_out[b, index[b]], expected[0], rtol=1e-5, atol=1e-6)
 
@@ -170,9 +179,15 @@ def test_training_with_token_elimination(tmp_path, micro_model_path, text_data, 
     assert sparse.last_eval["val_loss"] < sparse.first_eval["val_loss"]
 
 
-def test_layers_without_position_embeddings_are_refused(arch_path):
+def test_what_cannot_be_eliminated_is_refused(arch_path):
     with pytest.raises(UserError, match="GPT2LMHeadModel's decoder layers do not take position_embeddings"):
         TokenEliminator(load_model(arch_path("gpt2")), 0.5, 0)
+    llama = load_model(arch_path("llama"))
+    with pytest.raises(UserError, match="tokens.dense_layers 1 leaves no sparse layer in LlamaForCausalLM's 2"):
+        TokenEliminator(llama, 0.5, 1)
+    llama.config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(UserError, match="attention 'flash_attention_2' is not supported"):
+        TokenEliminator(llama, 0.5, 0)
 
 
 def test_elimination_under_gradient_checkpointing_equals_it_without(arch_path):
@@ -190,3 +205,20 @@ def test_elimination_under_gradient_checkpointing_equals_it_without(arch_path):
     assert torch.equal(loss_a, loss_b)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_weight_streaming_brings_a_layer_in_before_the_scoring_runs(micro_model_path):
+    # on a GPU a streamed layer's weights must be on the device before the eliminator scores with them: the
+    # residency's pre-hook is prepended whenever it is (re-)registered
+    from lowmem.config import Config, HiftConfig, MemoryConfig, UpdateConfig
+    from lowmem.rules import make_rule
+    from lowmem.strategies import make_strategy
+
+    model = load_model(micro_model_path, "float32")
+    update = UpdateConfig(rule="sgd")
+    config = Config(update=update, hift=HiftConfig(), memory=MemoryConfig(offload_frozen_weights=True))
+    strategy = make_strategy("hift", model, make_rule(update), update, config)
+    TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
+    strategy.residency._stream_for_forward("layers.0", enabled=True)  # what a move to the host does
+    first = next(iter(model.model.layers[0]._forward_pre_hooks.values()))
+    assert "_bring_in_hook" in first.__qualname__
