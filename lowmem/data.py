@@ -232,11 +232,14 @@ def tokenize_chat(conversations: list[list[dict]], tokenizer, mask_prompt: bool 
     return examples
 
 
-def pack(examples: list[Example], block_size: int) -> list[Example]:
-    """Concatenate examples and cut fixed-length blocks; the last partial block is dropped."""
+def pack(examples: list[Example], block_size: int, keep_short: bool = False) -> list[Example]:
+    """Concatenate examples and cut fixed-length blocks; the last partial block is dropped, unless ``keep_short``
+    and there would be no block at all (then the whole, shorter, sequence is one)."""
     ids = [t for e in examples for t in e.input_ids]
     labels = [t for e in examples for t in e.labels]
     n_blocks = len(ids) // block_size
+    if n_blocks == 0 and keep_short and sum(t != IGNORE for t in labels[1:]) > 0:
+        return [Example(ids, labels)]
     return [
         Example(ids[i * block_size : (i + 1) * block_size], labels[i * block_size : (i + 1) * block_size])
         for i in range(n_blocks)
@@ -266,7 +269,7 @@ def build_datasets(data_config, tokenizer, seed: int) -> Datasets:
     train_rows = sorted(order[n_val:])
     packing = data_config.packing if data_config.packing is not None else data_config.format == "text"
 
-    def encode(indices: list[int]) -> list[Example]:
+    def encode(indices: list[int], keep_short: bool = False) -> list[Example]:
         if not indices:
             return []
         if data_config.format == "text":
@@ -276,9 +279,14 @@ def build_datasets(data_config, tokenizer, seed: int) -> Datasets:
         else:
             conversations = [to_messages(rows[i], data_config.format, i, source) for i in indices]
             examples = tokenize_chat(conversations, tokenizer, data_config.mask_prompt)
-        return pack(examples, data_config.max_seq_len) if packing else truncate(examples, data_config.max_seq_len)
+        if packing:
+            return pack(examples, data_config.max_seq_len, keep_short)
+        return truncate(examples, data_config.max_seq_len)
 
-    result = Datasets(train=encode(train_rows), val=encode(val_rows))
+    # validation rows shorter than one block together still make one (shorter) sequence: asked for, it happens
+    result = Datasets(train=encode(train_rows), val=encode(val_rows, keep_short=True))
+    if n_val and not result.val:
+        log.warning("data: the %d validation rows have no label tokens: no validation", n_val)
     log.info("data: %s (%s): %d train and %d validation sequences of up to %d tokens%s", data_config.path,
              data_config.format, len(result.train), len(result.val), data_config.max_seq_len,
              ", packed" if packing else "")

@@ -146,3 +146,13 @@ def test_batch_stream_order_is_independent_of_batch_size_and_resumes(tokenizer):
     resumed = BatchStream(examples, 2, seed=0, pad_id=0)
     resumed.load_state_dict(saved)
     assert [resumed.next()["input_ids"][:, 0].tolist() for _ in range(6)] == expected
+
+
+def test_validation_rows_shorter_than_one_block_still_validate(tmp_path, tokenizer):
+    from conftest import write_jsonl
+
+    rows = [{"text": f"row {i}: " + "word " * 60} for i in range(20)]  # each far shorter than a block
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = build_datasets(DataConfig(path=path, max_seq_len=512, val_fraction=0.05), tokenizer, 0)
+    assert len(data.val) == 1 and 2 <= len(data.val[0].input_ids) < 512  # one row, shorter than a block
+    assert all(len(e.input_ids) == 512 for e in data.train)  # training blocks stay full
