@@ -8,14 +8,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem.config import UpdateConfig
 from lowmem.errors import UserError
-from lowmem.host_sync import ForbidHostReads
-from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, loss_sum
+from lowmem.loss import check_chunked_head, chunk_tokens_for, loss_sum
 from lowmem.metrics import SavedTensorBytes
 from lowmem.model import load_model
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy
+from test_host_sync import guarded_steps
 from test_rules import batches
-from test_trainer import make_config
+from test_trainer import EVERY_STRATEGY, make_config
 
 
 def tiny_extra(name, tmp_path, tokenizer_path):
@@ -110,20 +110,11 @@ def test_a_chunked_step_reads_nothing_on_the_host(micro_model_path, strategy):
     model = load_model(micro_model_path, "float32")
     config = UpdateConfig(rule="adamw", clip_grad_norm=1.0)
     update = make_strategy(strategy, model, make_rule(config), config)
-    guard = ForbidHostReads()
-    for batch in batches(2, model.config.vocab_size):
-        tokens = count_label_tokens(batch)
-        with guard:
-            update.prepare(1e-3)
-            update.backward(loss_sum(model, batch, 16) / tokens)
-            update.step()
+    guard = guarded_steps(model, update, batches(2, model.config.vocab_size), chunk_tokens=16)
     assert not guard.marked and sum(guard.tolerated.values()) <= 2
 
 
-@pytest.mark.parametrize("args", [["update.strategy=standard"], ["update.strategy=fused", "update.rule=adalomo"],
-                                  ["update.strategy=hift", "hift.group_size=2"],
-                                  ["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"]],
-                         ids=["standard", "fused", "hift", "int8"])
+@pytest.mark.parametrize("args", list(EVERY_STRATEGY.values()), ids=list(EVERY_STRATEGY))
 def test_training_with_chunked_loss_equals_training_without(tmp_path, micro_model_path, text_data, args):
     from lowmem.trainer import train
 

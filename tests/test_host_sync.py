@@ -18,7 +18,7 @@ from test_trainer import make_config
 RULE_NAMES = sorted(RULES)
 
 
-def guarded_steps(model, strategy, data, lr=1e-3):
+def guarded_steps(model, strategy, data, lr=1e-3, chunk_tokens=0):
     """Steps as the trainer runs them: token counts on the host batch, then forward, backward and update under
     the guard. Returns the guard."""
     guard = ForbidHostReads()
@@ -26,7 +26,7 @@ def guarded_steps(model, strategy, data, lr=1e-3):
         tokens = count_label_tokens(batch)
         with guard:
             strategy.prepare(lr)
-            strategy.backward(loss_sum(model, batch) / tokens)
+            strategy.backward(loss_sum(model, batch, chunk_tokens) / tokens)
             strategy.step()
     return guard
 

@@ -16,7 +16,6 @@ from lowmem.residency import DEVICE, HOST
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy
 from test_rules import batches
-from test_trainer import make_config
 
 
 def hift(model, rule="adamw", group_size=1, order="bottom_up", fused=False, offload_states=True, offload_frozen=True,

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from lowmem.errors import UserError
-from lowmem.host_sync import ForbidHostReads
-from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.loss import loss_sum
 from lowmem.model import load_model
 from lowmem.tokens import TokenEliminator
-from test_trainer import make_config
+from test_host_sync import guarded_steps
+from test_trainer import EVERY_STRATEGY, make_config
 
 
 def batch_of(n, length, vocab, seed=0, pad_last=0):
@@ -150,21 +150,11 @@ def test_an_eliminating_step_reads_nothing_on_the_host(arch_path):
     TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
     config = UpdateConfig(rule="adamw", clip_grad_norm=1.0)
     strategy = make_strategy("fused", model, make_rule(config), config)
-    guard = ForbidHostReads()
-    for seed in range(2):
-        batch = batch_of(2, 64, model.config.vocab_size, seed=seed)
-        tokens = count_label_tokens(batch)
-        with guard:
-            strategy.prepare(1e-3)
-            strategy.backward(loss_sum(model, batch) / tokens)
-            strategy.step()
+    guard = guarded_steps(model, strategy, [batch_of(2, 64, model.config.vocab_size, seed=seed) for seed in range(2)])
     assert not guard.marked and sum(guard.tolerated.values()) <= 2
 
 
-@pytest.mark.parametrize("args", [["update.strategy=standard"], ["update.strategy=fused", "update.rule=adalomo"],
-                                  ["update.strategy=hift", "hift.group_size=2"],
-                                  ["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"]],
-                         ids=["standard", "fused", "hift", "int8"])
+@pytest.mark.parametrize("args", list(EVERY_STRATEGY.values()), ids=list(EVERY_STRATEGY))
 def test_training_with_token_elimination(tmp_path, micro_model_path, text_data, args):
     from lowmem.trainer import train
 

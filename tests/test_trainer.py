@@ -11,6 +11,15 @@ from lowmem.config import load_config
 from lowmem.trainer import train
 
 
+# Every strategy, and int8 weights, as recipe overrides (for tests of features that compose with all of them)
+EVERY_STRATEGY = {
+    "standard": ["update.strategy=standard"],
+    "fused": ["update.strategy=fused", "update.rule=adalomo"],
+    "hift": ["update.strategy=hift", "hift.group_size=2"],
+    "int8": ["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"],
+}
+
+
 def make_config(tmp_path, micro_model_path, text_data, *overrides, name="run"):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
