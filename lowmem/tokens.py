@@ -6,7 +6,7 @@ Per sparse layer and sequence:
     score      informativeness of key token j: Σ over the queries i that may attend it (causal, the model's mask,
                not padding) of positive Q_i·K_j, summed over heads, with the layer's own projections and rotary
                embedding; pooled per block of ``tokens.block_size`` tokens. Computed without gradient, over query
-               chunks sized to 256 MiB of products, by running the layer's attention with a scoring function in place
+               chunks sized to 64 MiB of products, by running the layer's attention with a scoring function in place
                of the real one, so every architecture that computes Q and K its own way (fused qkv, q/k norms,
                GQA) is scored as it attends.
     keep       the top ``ceil(keep_ratio · blocks)`` blocks, in their original order (a tail shorter than a block
@@ -36,7 +36,7 @@ import torch
 from lowmem.errors import UserError
 
 SCORING = "lowmem_block_scores"
-SCORE_BYTES = 256 * 2**20  # products scored at a time: queries per chunk are sized to stay under this
+SCORE_BYTES = 64 * 2**20  # products scored at a time: queries per chunk are sized to stay under this
 SUPPORTED_ATTENTION = ("eager", "sdpa")  # 4-D masks (or none) in original positions, which gather exactly
 
 
