@@ -80,8 +80,17 @@ def test_block_scores_are_the_positive_query_key_products_each_key_receives(arch
     mask = create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=batch["attention_mask"],
                               cache=None, position_ids=positions)
     scores = eliminator.block_scores(layer, hidden, {"position_embeddings": (cos, sin), "attention_mask": mask})
-    eliminator.remove()
     torch.testing.assert_close(scores, expected.detach(), rtol=1e-5, atol=1e-4)
+    import lowmem.tokens
+
+    budget = lowmem.tokens.SCORE_BYTES
+    lowmem.tokens.SCORE_BYTES = 4 * 2 * 4 * 40 * 7  # 7 queries a chunk: 6 chunks, the last partial
+    try:
+        chunked = eliminator.block_scores(layer, hidden, {"position_embeddings": (cos, sin), "attention_mask": mask})
+    finally:
+        lowmem.tokens.SCORE_BYTES = budget
+    eliminator.remove()
+    torch.testing.assert_close(chunked, expected.detach(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
