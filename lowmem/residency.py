@@ -79,7 +79,8 @@ class ResidencyScheduler:
         self.last_plan: list[Move] = []
         self._host_state: dict[str, dict[str, torch.Tensor]] = {}  # pinned host buffer per state tensor
         self._written: dict[str, torch.cuda.Event] = {}  # per parameter: its state's last device-to-host copy
-        self._host_weights: dict[str, list[torch.Tensor]] = {}  # pinned host copy per unit tensor
+        # pinned host copies of a unit's tensors, module by module (one list per module of ``unit.modules``)
+        self._host_weights: dict[str, list[list[torch.Tensor]]] = {}
         self._stale_host_weights: set[str] = {u.name for u in units}  # units trained since their host copy
         self._streamed_in: dict[tuple[str, int], list[torch.Tensor]] = {}  # device copies prefetched for (unit, module j)
         self.pinned_units = self._units_used_outside(model) if model is not None else set()
@@ -146,10 +147,9 @@ class ResidencyScheduler:
                 on_host.update(id(t) for t in _unit_tensors(unit))
                 self.weight_location[unit.name] = HOST
                 if self.real:
-                    hosts = self._host_weights[unit.name] = []
-                    for t in _unit_tensors(unit):
-                        hosts.append(_pin(t.data))
-                        t.data = hosts[-1]
+                    self._host_weights[unit.name] = [[_pin(t.data) for t in _own_tensors(m)] for m in unit.modules]
+                    for t, host in self._with_hosts(unit):
+                        t.data = host
                     self._stale_host_weights.discard(unit.name)
                     self._stream_for_forward(unit.name, enabled=True)
         for module in model.modules():
@@ -254,24 +254,27 @@ class ResidencyScheduler:
         if not self.real:
             return
         unit = self.units[self.unit_index[move.name]]
-        tensors = _unit_tensors(unit)
         if move.dst == HOST:
-            hosts = self._host_weights.get(unit.name)
-            if hosts is None:
-                hosts = self._host_weights[unit.name] = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                                         for t in tensors]
+            if unit.name not in self._host_weights:
+                self._host_weights[unit.name] = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                                                  for t in _own_tensors(m)] for m in unit.modules]
             stale = unit.name in self._stale_host_weights
-            for t, host in zip(tensors, hosts, strict=True):
+            for t, host in self._with_hosts(unit):
                 if stale:
                     host.copy_(t.data, non_blocking=True)
                 t.data = host
             self._stale_host_weights.discard(unit.name)
         else:
             self._stream_for_forward(unit.name, enabled=False)
-            for t, host in zip(tensors, self._host_weights[unit.name], strict=True):
+            for t, host in self._with_hosts(unit):
                 t.data = host.to(self.device, non_blocking=True)
             return
         self._stream_for_forward(unit.name, enabled=True)
+
+    def _with_hosts(self, unit: Unit):
+        """(tensor, its pinned host copy) for every tensor of ``unit``'s modules."""
+        for module, hosts in zip(unit.modules, self._host_weights[unit.name], strict=True):
+            yield from zip(_own_tensors(module), hosts, strict=True)
 
     # ------------------------------------------------------------------------------ weight streaming
 
@@ -298,11 +301,9 @@ class ResidencyScheduler:
             self._hooks.append((name, module.register_forward_hook(self._send_back_hook((name, j)), always_call=True)))
 
     def _piece_hosts(self, piece: tuple[str, int]) -> list[torch.Tensor]:
-        """The pinned host copies of one module of a unit (a slice of the unit's, in ``_unit_tensors`` order)."""
+        """The pinned host copies of module j of a unit."""
         name, j = piece
-        unit = self.units[self.unit_index[name]]
-        start = sum(len(_own_tensors(m)) for m in unit.modules[:j])
-        return self._host_weights[name][start:start + len(_own_tensors(unit.modules[j]))]
+        return self._host_weights[name][j]
 
     def _bring_in_hook(self, piece: tuple[str, int]):
         def to_device(mod, args, kwargs):
