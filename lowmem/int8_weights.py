@@ -284,15 +284,21 @@ class Int8Linear(torch.nn.Module):
 # -- whole models ---------------------------------------------------------------------------------------
 
 
-def matrix_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The layers int8 weights replace: every ``nn.Linear`` and transformers ``Conv1D`` except the output head
-    and any whose weight is shared with an embedding."""
+def _kept_float(model: torch.nn.Module) -> set[int]:
+    """Ids of the parameters int8 weights leave in ``model.dtype``: the embeddings' and the output head's."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    kept = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return kept | ({id(p) for p in head.parameters()} if head is not None else set())
+
+
+def matrix_layers(model: torch.nn.Module, kept: set[int] | None = None) -> list[tuple[str, torch.nn.Module]]:
+    """The layers int8 weights replace: every ``nn.Linear`` and transformers ``Conv1D`` except the output head
+    and any whose weight is shared with an embedding (``kept``: :func:`_kept_float`, when already known)."""
+    kept = _kept_float(model) if kept is None else kept
     conv1d = _conv1d_type()
     kinds = (torch.nn.Linear, conv1d) if conv1d is not None else (torch.nn.Linear,)
     return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, kinds) and module is not head and id(module.weight) not in embedding_weights]
+            if isinstance(module, kinds) and id(module.weight) not in kept]
 
 
 def quantize_model(model: torch.nn.Module, outlier_fraction: float = 0.01, refresh_every: int = 100,
@@ -305,11 +311,9 @@ def quantize_model(model: torch.nn.Module, outlier_fraction: float = 0.01, refre
     """
     from lowmem.errors import UserError
 
-    targets = matrix_layers(model)
+    kept = _kept_float(model)
+    targets = matrix_layers(model, kept)
     replaced = {id(module.weight) for _, module in targets}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    kept = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    kept |= {id(p) for p in head.parameters()} if head is not None else set()
     for name, param in model.named_parameters():
         if param.dim() >= 2 and id(param) not in replaced and id(param) not in kept:
             owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
