@@ -83,8 +83,6 @@ class TokenEliminator:
             raise UserError(f"tokens.eliminate: {type(model).__name__}'s decoder layers do not take "
                             "position_embeddings (supported: Llama, Qwen2/3, Mistral, Gemma, Phi-3; set "
                             "tokens.eliminate=false)")
-        if not 0 < keep_ratio <= 1 or block_size < 1 or not 0 <= dense_layers:
-            raise UserError("tokens: keep_ratio must be in (0, 1], block_size >= 1 and dense_layers >= 0")
         if dense_layers >= len(layers) - 1:
             raise UserError(f"tokens.dense_layers {dense_layers} leaves no sparse layer in {type(model).__name__}'s "
                             f"{len(layers)} (the last is always dense): use at most {len(layers) - 2}")
