@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 import logging
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +42,6 @@ class Datasets:
 
 def fingerprint(examples: list[Example]) -> str:
     """A hash of the sequences' tokens and labels, in order: equal exactly when the data a position indexes is."""
-    from array import array
-
     digest = hashlib.blake2b(digest_size=16)
     for example in examples:
         digest.update(array("q", [len(example.input_ids)]).tobytes())

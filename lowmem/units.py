@@ -75,6 +75,7 @@ def forward_stages(model: torch.nn.Module, layers) -> dict[str, tuple[float, int
     for i, layer in enumerate(layers if layers is not None else []):
         handles.append(layer.register_forward_pre_hook(lambda *_, i=i: stage.__setitem__(0, float(i)), prepend=True))
         handles.append(layer.register_forward_hook(lambda *_, i=i: stage.__setitem__(0, i + 0.5)))
+
     def record(name):
         def hook(module, args):  # returns None: a pre-hook's return value would replace the inputs
             first.setdefault(name, (stage[0], len(first)))
