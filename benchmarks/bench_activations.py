@@ -30,16 +30,9 @@ MODES = {"dense": dict(chunk=0), "chunked": dict(chunk=512), "chunked+keep0.6": 
 DENSE_LAYERS = 2  # of 8: tokens.dense_layers for the keep modes (the last layer is dense too)
 
 
-def rss(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def worker(mode: str, seq: int, checkpointing: bool, steps: int) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from common import llama_100m, rss_bytes
 
     from lowmem.assets import pydoc_texts
     from lowmem.config import UpdateConfig
@@ -50,11 +43,7 @@ def worker(mode: str, seq: int, checkpointing: bool, steps: int) -> dict:
     from lowmem.rules import make_rule
     from lowmem.strategies import make_strategy
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=max(seq, 1024))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.config.use_cache = False
+    model = llama_100m(max_positions=max(seq, 1024))
     if checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
@@ -68,7 +57,7 @@ def worker(mode: str, seq: int, checkpointing: bool, steps: int) -> dict:
         from lowmem.tokens import TokenEliminator
 
         TokenEliminator(model, MODES[mode]["keep"], DENSE_LAYERS, 64)
-    base = rss("VmRSS")
+    base = rss_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from here
     times, losses, activations = [], [], None
     for batch in batches:
@@ -82,8 +71,8 @@ def worker(mode: str, seq: int, checkpointing: bool, steps: int) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     steady = sorted(times[1:]) or times
-    return {"activations": activations, "peak_over_base": rss("VmHWM") - base, "step_s": steady[len(steady) // 2],
-            "loss": losses[-1], "threads": torch.get_num_threads()}
+    return {"activations": activations, "peak_over_base": rss_bytes("VmHWM") - base,
+            "step_s": steady[len(steady) // 2], "loss": losses[-1], "threads": torch.get_num_threads()}
 
 
 def run(mode: str, seq: int, checkpointing: bool, steps: int, threads: int) -> dict:

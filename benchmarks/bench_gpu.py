@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from common import RESULTS, append_rows, base_row  # noqa: E402
+from common import RESULTS, append_rows, base_row, rss_bytes  # noqa: E402
 
 CONFIGS = {"cuda": ["llama-3.2-1b", "llama-3-8b"], "cpu": ["tiny-llama-tied", "tiny-llama"]}
 # Each shipped 24 GB recipe runs on its model's shape (on CPU: the untied tiny stand-in).
@@ -193,16 +193,9 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
     if device.type == "cuda":
         row.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
     else:
-        row.update(allocated=_rss_peak(), reserved=None)
+        row.update(allocated=rss_bytes("VmHWM"), reserved=None)
     del model, step, batches
     return row
-
-
-def _rss_peak() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def cases(device: torch.device, only: set[str] | None) -> list[tuple[str, dict, str]]:

@@ -48,26 +48,14 @@ PROVIDERS = {
 }
 
 
-def rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def build_model_and_batches(steps: int, batch: int, seq: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from common import llama_100m
 
     from lowmem.data import collate, pack, tokenize_text
     from lowmem.model import load_tokenizer
     from lowmem.assets import pydoc_texts
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.config.use_cache = False
+    model = llama_100m()
     tokenizer = load_tokenizer("lowmem:tiny-llama")
     blocks = pack(tokenize_text(pydoc_texts(), tokenizer), seq)
     batches = [collate(blocks[i * batch:(i + 1) * batch], tokenizer.pad_token_id) for i in range(steps)]
@@ -111,6 +99,7 @@ def weight_bytes(model) -> int:
 
 def worker(name: str, steps: int) -> dict:
     import torch
+    from common import rss_bytes
 
     from lowmem.config import UpdateConfig
     from lowmem.loss import count_label_tokens, loss_sum

@@ -15,6 +15,26 @@ FIELDS = ["date", "device", "threads", "torch", "benchmark", "case", "provider",
           "mb_reserved", "tokens_per_s", "note"]
 
 
+def rss_bytes(field: str) -> int:
+    """A field of /proc/self/status in bytes: ``VmRSS`` (now) or ``VmHWM`` (the high-water mark)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def llama_100m(max_positions: int = 1024):
+    """The ~106M-parameter Llama the CPU benchmarks train (vocab 32000, hidden 768, 8 layers), seeded, no cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=max_positions)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.config.use_cache = False
+    return model
+
+
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
