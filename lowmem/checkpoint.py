@@ -6,7 +6,8 @@ weights, config, tokenizer) plus
     ``rng.safetensors``        torch CPU (and CUDA) generator states,
     ``trainer_state.json``     step, data position, Python RNG state, format version, the recipe,
     ``weights_int8.safetensors`` (int8 weights only) codes, scales, outliers and rounding-RNG states by
-                               device; the HF weights beside it are their dequantized values.
+                               device; the HF weights beside it are their dequantized values,
+    ``tokens.safetensors``     (token elimination's predictor only) each sparse layer's fitted weights.
 Everything is written to a hidden temporary folder, fsynced, and renamed into place, so a crash never
 leaves a half-written checkpoint that resume would pick. Nothing is ever unpickled.
 """
@@ -31,6 +32,7 @@ from lowmem.int8_weights import dequantized_state_dict, int8_state_dict, int8_we
 FORMAT_VERSION = 3
 STATE_FILE = "trainer_state.json"
 INT8_FILE = "weights_int8.safetensors"
+TOKENS_FILE = "tokens.safetensors"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 log = logging.getLogger("lowmem")
 
@@ -115,8 +117,11 @@ def restore_rng(tensors: dict[str, torch.Tensor], python_state) -> None:
         random.setstate((version, tuple(internal), gauss))
 
 
-def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, trainer_state: dict, keep_last: int) -> Path:
-    """Write ``output_dir/checkpoint-STEP`` atomically and delete all but the newest ``keep_last``."""
+def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, trainer_state: dict, keep_last: int,
+                    token_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``output_dir/checkpoint-STEP`` atomically and delete all but the newest ``keep_last``.
+
+    ``token_state``: the token eliminator's predictor weights, if it has any."""
 
     def write(tmp: Path) -> None:
         _settle()
@@ -127,6 +132,8 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, tra
         save_file({k: v.detach().contiguous().cpu() for k, v in strategy.state_dict().items()},
                   tmp / "optimizer.safetensors")
         save_file(rng_tensors(), tmp / "rng.safetensors")
+        if token_state:
+            save_file({k: v.detach().contiguous().cpu() for k, v in token_state.items()}, tmp / TOKENS_FILE)
         state = {**trainer_state, "format_version": FORMAT_VERSION, "step": step,
                  "python_rng": list(random.getstate())}
         # Written last: a folder holding it is complete (and the rename makes that atomic anyway).
@@ -172,6 +179,11 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 def load_strategy_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     path = checkpoint / "optimizer.safetensors"
+    return load_file(path) if path.exists() else {}
+
+
+def load_token_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint / TOKENS_FILE
     return load_file(path) if path.exists() else {}
 
 

@@ -122,6 +122,8 @@ class TokensConfig:
     keep_ratio: float = 0.4  # share of token blocks kept in each sparse layer
     dense_layers: int = 2  # the first layers that stay dense (the last one always is)
     block_size: int = 64  # tokens per block, scored and kept together
+    predictor: bool = False  # estimate block scores from hidden states instead of Q·K (refitted on the exact scores)
+    refresh_every: int = 50  # steps between the predictor's refits (a refit step selects by the exact scores)
 
 
 @dataclass
@@ -383,6 +385,11 @@ def validate(config: Config) -> None:
     tokens = config.tokens
     if not 0.0 < tokens.keep_ratio <= 1.0:
         raise ConfigError(f"config: tokens.keep_ratio must be in (0, 1], got {tokens.keep_ratio}")
+    if tokens.refresh_every < 1:
+        raise ConfigError(f"config: tokens.refresh_every must be >= 1, got {tokens.refresh_every}")
+    if tokens.predictor and not tokens.eliminate:
+        raise ConfigError("config: tokens.predictor predicts which blocks to keep, but tokens.eliminate is false "
+                          "(set tokens.eliminate=true, or drop tokens.predictor)")
     if tokens.block_size < 1 or tokens.dense_layers < 0:
         raise ConfigError(f"config: tokens.block_size must be >= 1 and tokens.dense_layers >= 0, got "
                           f"{tokens.block_size} and {tokens.dense_layers}")

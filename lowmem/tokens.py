@@ -21,9 +21,12 @@ evaluation (``model.eval()``) measures the dense model, the one that is exported
 hooks on the layers (no copied model file, parameter names unchanged), for decoder layers that take
 ``position_embeddings`` (Llama, Qwen2/3, Mistral, Gemma, Phi-3); other models are refused in one line.
 
-Not yet (LeMo's other parts): the per-layer pattern predictor (scores from hidden states, refreshed during training)
-and native gather/scatter and pooling kernels; scoring costs the layer's Q/K/V/O projections on every token plus
-Σ positive QK over the causal triangle.
+Exact scoring costs the layer's Q/K/V/O projections on every token plus Σ positive QK over the causal triangle, and
+needs an attention map that fused kernels never build. With ``tokens.predictor`` a per-layer predictor
+(:class:`ScorePredictor`) estimates the scores from the layer's normed input instead: fitted on the exact scores of
+the first step, and refitted every ``tokens.refresh_every`` steps (full fine-tuning moves the weights the pattern
+depends on). Such a refresh step selects by the exact scores, and first measures the old predictor's recall of the
+exact top blocks on that fresh batch (``token_recall`` in ``metrics.jsonl``).
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def _score_attention(module, query, key, value, attention_mask, **kwargs):
 class TokenEliminator:
     """Forward hooks on the sparse decoder layers of ``model`` (see the module docstring); :meth:`remove` undoes."""
 
-    def __init__(self, model: torch.nn.Module, keep_ratio: float, dense_layers: int, block_size: int = 64):
+    def __init__(self, model: torch.nn.Module, keep_ratio: float, dense_layers: int, block_size: int = 64,
+                 predictor: bool = False, refresh_every: int = 50):
         from transformers import AttentionInterface
 
         from lowmem.units import decoder_layers
@@ -94,6 +98,12 @@ class TokenEliminator:
         AttentionInterface.register(SCORING, _score_attention)
         self.model, self.keep_ratio, self.block_size = model, keep_ratio, block_size
         self.sparse = [layer for i, layer in enumerate(layers) if dense_layers <= i < len(layers) - 1]
+        self._index = {id(layer): i for i, layer in enumerate(self.sparse)}
+        self.predictors = [ScorePredictor() for _ in self.sparse] if predictor else None
+        self.refresh_every = refresh_every
+        self.step = 0
+        self._fitted_at: dict[int, int] = {}  # sparse layer → the step its predictor was last fitted at
+        self._recalls: list[torch.Tensor] = []  # this step's recall per refitted layer (device scalars)
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = []
         for layer in self.sparse:
@@ -106,14 +116,62 @@ class TokenEliminator:
             handle.remove()
         self._handles = []
 
+    # ------------------------------------------------------------------------------------------- steps
+
+    def start_step(self, step: int) -> None:
+        """Called before a training step's forwards: the predictor refreshes on steps divisible by refresh_every."""
+        self.step = step
+        self._recalls = []
+
+    def step_stats(self) -> dict[str, torch.Tensor]:
+        """``token_recall`` (mean over the refitted layers, a device scalar) on a step that refreshed a fitted
+        predictor; nothing otherwise."""
+        return {"token_recall": torch.stack(self._recalls).mean()} if self._recalls else {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.predictors is None:
+            return {}
+        return {f"predictor.{i}.weight": p.weight for i, p in enumerate(self.predictors) if p.weight is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Predictors saved by :meth:`state_dict`; layers without one (none saved, or the predictor was off) fit
+        at their next forward."""
+        for i, predictor in enumerate(self.predictors or []):
+            weight = state.get(f"predictor.{i}.weight")
+            if weight is not None:
+                predictor.weight = weight.to(self.sparse[i].input_layernorm.weight.device)
+
     # ------------------------------------------------------------------------------------------- choose
 
     @torch.no_grad()
     def block_scores(self, layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """[batch, full blocks] informativeness of each block of ``hidden`` for ``layer``."""
+        """[batch, full blocks] informativeness of each block of ``hidden`` for ``layer``: the exact scores, or the
+        predictor's once it is fitted (except on refresh steps, which refit it on the exact scores)."""
+        normed = layer.input_layernorm(hidden)
+        if self.predictors is None:
+            return self.pool(self.exact_token_scores(layer, normed, kwargs))
+        i = self._index[id(layer)]
+        predictor = self.predictors[i]
+        counts = query_counts(kwargs.get("attention_mask"), hidden.shape[0], hidden.shape[1], hidden.device)
+        # A step selects one way throughout: every micro-batch, and every recomputation under checkpointing.
+        fits_now = self.step % self.refresh_every == 0 or predictor.weight is None or self._fitted_at.get(i) == self.step
+        if not fits_now:
+            return self.pool(predictor.predict(normed, counts))
+        exact = self.exact_token_scores(layer, normed, kwargs)
+        if self._fitted_at.get(i) != self.step:  # once per step: not again for later micro-batches or recomputation
+            if predictor.weight is not None:
+                blocks = self.pool(exact)
+                self._recalls.append(block_recall(self.pool(predictor.predict(normed, counts)), blocks,
+                                                  self.keep_count(blocks.shape[1])))
+            predictor.fit(normed, exact, counts)
+            self._fitted_at[i] = self.step
+        return self.pool(exact)
+
+    @torch.no_grad()
+    def exact_token_scores(self, layer, normed: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """[batch, seq] Σ over the queries that may attend each token of its positive Q·K, summed over heads."""
         attention = layer.self_attn
         config = attention.config  # the config this attention reads; only its own choice is swapped, and back
-        normed = layer.input_layernorm(hidden)
         saved = config._attn_implementation_internal
         config._attn_implementation_internal = SCORING
         try:
@@ -121,15 +179,20 @@ class TokenEliminator:
                       attention_mask=kwargs.get("attention_mask"))
         finally:
             config._attn_implementation_internal = saved
-        scores = attention.__dict__.pop("_lowmem_scores")
-        n_blocks = hidden.shape[1] // self.block_size
-        return scores[:, :n_blocks * self.block_size].view(scores.shape[0], n_blocks, self.block_size).sum(-1)
+        return attention.__dict__.pop("_lowmem_scores")
+
+    def pool(self, token_scores: torch.Tensor) -> torch.Tensor:
+        """[batch, full blocks] sums of [batch, seq] token scores over each whole block (a shorter tail is left out:
+        it is always kept)."""
+        return pool_blocks(token_scores, self.block_size)
+
+    def keep_count(self, n_blocks: int) -> int:
+        return max(1, math.ceil(self.keep_ratio * n_blocks))
 
     def kept_positions(self, scores: torch.Tensor, length: int) -> torch.Tensor:
         """[batch, kept] token positions, ascending: the top blocks' tokens, then the tail shorter than a block."""
         n_blocks = scores.shape[1]
-        keep = max(1, math.ceil(self.keep_ratio * n_blocks))
-        blocks = scores.topk(keep, dim=1).indices.sort(dim=1).values  # [b, keep]
+        blocks = scores.topk(self.keep_count(n_blocks), dim=1).indices.sort(dim=1).values  # [b, keep]
         offsets = torch.arange(self.block_size, device=scores.device)
         positions = (blocks[:, :, None] * self.block_size + offsets).reshape(scores.shape[0], -1)
         tail = torch.arange(n_blocks * self.block_size, length, device=scores.device)
@@ -184,3 +247,67 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _takes_position_embeddings(layer: torch.nn.Module) -> bool:
     return ("position_embeddings" in inspect.signature(layer.forward).parameters
             and hasattr(layer, "self_attn") and hasattr(layer, "input_layernorm"))
+
+
+class ScorePredictor:
+    """One sparse layer's estimate of its token scores from its normed input x_j, without Q, K or an attention map:
+
+        score_j ≈ n_j · exp(w·[x_j, 1])
+
+    n_j is the number of queries that may attend token j (counted from the mask: the causal triangle makes early
+    tokens collect more products), and w models the log of the mean positive product a token's key receives per
+    query. w is a ridge regression (λ = 1e-3 of the mean feature energy) of log(score_j / n_j) on [x_j, 1] over the
+    batch's tokens that some query sees; float32 statistics, solved in float64 on the device, no host read.
+    """
+
+    RIDGE = 1e-3
+
+    def __init__(self):
+        self.weight: torch.Tensor | None = None  # [hidden + 1] float32
+
+    @staticmethod
+    def _features(normed: torch.Tensor) -> torch.Tensor:
+        x = normed.float()
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+    @torch.no_grad()
+    def fit(self, normed: torch.Tensor, token_scores: torch.Tensor, counts: torch.Tensor) -> None:
+        x = self._features(normed).flatten(0, 1)  # [tokens, hidden + 1]
+        seen = (counts > 0).flatten().float()  # padding (attended by no query) has no score to fit
+        mean = token_scores.flatten() / counts.flatten().clamp_min(1)
+        floor = 1e-6 * (mean * seen).sum() / seen.sum().clamp_min(1) + 1e-30  # keeps log(0) finite
+        target = torch.log(mean + floor) * seen
+        gram = (x * seen[:, None]).T @ x
+        ridge = self.RIDGE * gram.diagonal().mean()
+        system = gram.double() + ridge.double() * torch.eye(x.shape[1], dtype=torch.float64, device=x.device)
+        solution, _ = torch.linalg.solve_ex(system, (x.T @ target).double()[:, None])  # _ex: no host check
+        self.weight = solution[:, 0].float()
+
+    @torch.no_grad()
+    def predict(self, normed: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] estimated token scores."""
+        return counts * torch.exp(self._features(normed) @ self.weight)
+
+
+def query_counts(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """[batch, seq] float32: how many queries may attend each token, as the exact scoring counts them (the 4-D
+    mask's allowed pairs whose query is not padding; no mask: causal)."""
+    if mask is None:
+        return torch.arange(length, 0, -1, device=device, dtype=torch.float32).expand(batch, -1)
+    allowed = _allowed(mask[:, :, :length, :length])
+    query_valid = allowed.diagonal(dim1=-2, dim2=-1)  # [b, 1, q]: a padded query is masked from itself
+    return (allowed & query_valid[..., None]).sum(dim=2, dtype=torch.float32)[:, 0].expand(batch, -1)
+
+
+def block_recall(predicted: torch.Tensor, exact: torch.Tensor, keep: int) -> torch.Tensor:
+    """Share of the exact top-``keep`` blocks of each sequence that the predicted top-``keep`` contains, averaged
+    over the batch (a 0-d float32 tensor on their device)."""
+    chosen = torch.zeros_like(exact, dtype=torch.float32).scatter_(1, predicted.topk(keep, dim=1).indices, 1.0)
+    hits = chosen.gather(1, exact.topk(keep, dim=1).indices)
+    return hits.sum(dim=1).div(keep).mean()
+
+
+def pool_blocks(token_scores: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[batch, seq // block_size] sums of [batch, seq] scores over each whole block."""
+    n_blocks = token_scores.shape[1] // block_size
+    return token_scores[:, :n_blocks * block_size].reshape(token_scores.shape[0], n_blocks, block_size).sum(-1)

@@ -127,12 +127,17 @@ def train(config: Config, step_guard=None) -> TrainResult:
     strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
     if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
         t = config.tokens
-        eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size)
-        log.info("tokens: %d sparse layers keep %.0f%% of their %d-token blocks", len(eliminator.sparse),
-                 100 * t.keep_ratio, t.block_size)
+        eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor, t.refresh_every)
+        log.info("tokens: %d sparse layers keep %.0f%% of their %d-token blocks, chosen by %s", len(eliminator.sparse),
+                 100 * t.keep_ratio, t.block_size,
+                 f"a predictor refitted every {t.refresh_every} steps" if t.predictor else "exact Q·K scores")
+    else:
+        eliminator = None
     start_step = 0
     if resume_from:
         strategy.load_state_dict(ckpt.load_strategy_state(resume_from))
+        if eliminator is not None:
+            eliminator.load_state_dict(ckpt.load_token_state(resume_from))
         stream.load_state_dict(resume_state["data"])
         ckpt.restore_rng(ckpt.load_rng(resume_from), resume_state.get("python_rng"))
         start_step = resume_state["step"]
@@ -166,7 +171,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
     def save(step: int) -> None:
         trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
                          "train_sequences": len(data.train), "train_fingerprint": data_fingerprint}
-        ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last)
+        ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last,
+                             eliminator.state_dict() if eliminator is not None else {})
 
     accum = config.train.gradient_accumulation_steps
     guard = step_guard or contextlib.nullcontext
@@ -182,6 +188,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
         with guard():
             micro_batches = [to_device(b, device) for b in host_batches]
             strategy.prepare(lr)
+            if eliminator is not None:
+                eliminator.start_step(step)
             step_loss = None
             activation_bytes = 0
             for batch in micro_batches:
@@ -191,6 +199,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
                 strategy.backward(loss)
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             stats = strategy.step()
+            if eliminator is not None:
+                stats = {**stats, **eliminator.step_stats()}
         pending_losses.append(step_loss)
 
         done = step + 1
@@ -198,7 +208,9 @@ def train(config: Config, step_guard=None) -> TrainResult:
         every = config.checkpoint.save_every_n_steps
         save_now = every and done % every == 0 and done < steps
         # Evaluation and checkpoints wait for the device anyway: their steps are log points too.
-        logged = done % config.log.every_n_steps == 0 or done == steps or eval_now or save_now
+        # So are the predictor's refits, whose recall is reported.
+        logged = (done % config.log.every_n_steps == 0 or done == steps or eval_now or save_now
+                  or "token_recall" in stats)
         if not logged:
             progress.update(None)
             continue

@@ -46,6 +46,9 @@ def test_yaml_exponent_without_dot_is_a_float(tmp_path):
     ("train.lr_schedule=cosin", "(did you mean 'cosine'?)"),
     ("nonsense", "must look like section.key=value"),
     ("checkpoint.resume=/no/such/dir", "checkpoint.resume '/no/such/dir' is not auto, never"),
+    ("tokens.keep_ratio=0", "tokens.keep_ratio must be in (0, 1]"),
+    ("tokens.refresh_every=0", "tokens.refresh_every must be >= 1"),
+    ("tokens.predictor=true", "tokens.predictor predicts which blocks to keep, but tokens.eliminate is false"),
 ])
 def test_bad_values_exit_2_with_one_line(recipe, override, message):
     result = CliRunner().invoke(main, ["train", str(recipe), override])

@@ -221,3 +221,155 @@ def test_weight_streaming_brings_a_layer_in_before_the_scoring_runs(micro_model_
     strategy.residency._stream_for_forward("layers.0", enabled=True)  # what a move to the host does
     first = next(iter(model.model.layers[0]._forward_pre_hooks.values()))
     assert "_bring_in_hook" in first.__qualname__
+
+
+# ------------------------------------------------------------------------------------------- the predictor
+
+
+def test_recall_counts_the_exact_top_blocks_the_predicted_top_contains():
+    from lowmem.tokens import block_recall
+
+    exact = torch.tensor([[9.0, 8, 7, 1, 2, 3], [1.0, 2, 3, 4, 5, 6]])  # tops: {0, 1, 2} and {3, 4, 5}
+    predicted = torch.tensor([[5.0, 6, 0, 0, 0, 7], [0.0, 0, 0, 1, 3, 2]])  # {0, 1, 5}: 2 of 3; {3, 4, 5}: 3 of 3
+    assert block_recall(predicted, exact, 3).item() == pytest.approx((2 / 3 + 1) / 2)
+    assert block_recall(exact, exact, 2).item() == 1.0
+    assert block_recall(-exact, exact, 3).item() == 0.0
+
+
+def test_query_counts_are_the_queries_that_may_attend_each_token(arch_path):
+    from transformers.masking_utils import create_causal_mask
+
+    from lowmem.tokens import query_counts
+
+    model = load_model(arch_path("llama"), "float32")
+    batch = batch_of(2, 12, model.config.vocab_size, pad_last=3)
+    hidden = model.model.embed_tokens(batch["input_ids"])
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"],
+                              cache=None, position_ids=torch.arange(12)[None])
+    counts = query_counts(mask, 2, 12, hidden.device)
+    # by hand: query i sees key j when j <= i and neither is padding
+    valid = batch["attention_mask"].bool()
+    expected = torch.stack([torch.tensor([sum(1 for i in range(j, 12) if valid[b, i]) if valid[b, j] else 0
+                                          for j in range(12)], dtype=torch.float32) for b in range(2)])
+    assert torch.equal(counts, expected)
+    assert torch.equal(query_counts(None, 2, 12, "cpu"), torch.arange(12, 0, -1).float().expand(2, -1))
+
+
+def test_the_predictor_recovers_a_planted_log_linear_score():
+    from lowmem.tokens import ScorePredictor
+
+    generator = torch.Generator().manual_seed(0)
+    normed = torch.randn(2, 300, 16, generator=generator)
+    w = torch.randn(16, generator=generator) * 0.5
+    counts = torch.arange(300, 0, -1).float().expand(2, -1)
+    scores = counts * torch.exp(normed @ w + 0.3)
+    predictor = ScorePredictor()
+    predictor.fit(normed, scores, counts)
+    torch.testing.assert_close(predictor.weight, torch.cat([w, torch.tensor([0.3])]), rtol=0, atol=2e-3)
+    fresh = torch.randn(1, 300, 16, generator=generator)
+    torch.testing.assert_close(predictor.predict(fresh, counts[:1]), counts[:1] * torch.exp(fresh @ w + 0.3),
+                               rtol=1e-2, atol=0)
+
+
+def predictor_run(model, steps, refresh_every=2, **kwargs):
+    """Steps of plain backward with a predicting eliminator; returns (eliminator, losses, stats per step)."""
+    eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8, predictor=True,
+                                 refresh_every=refresh_every, **kwargs)
+    losses, stats = [], []
+    for step in range(steps):
+        eliminator.start_step(step)
+        loss, _ = grads_of(model, batch_of(2, 64, model.config.vocab_size, seed=step, pad_last=5))
+        losses.append(loss)
+        stats.append(eliminator.step_stats())
+    return eliminator, losses, stats
+
+
+def test_the_predictor_selects_between_refits_and_the_exact_scores_at_them(arch_path, monkeypatch):
+    model = load_model(arch_path("llama"), "float32")
+    exact = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
+    plain = [grads_of(model, batch_of(2, 64, model.config.vocab_size, seed=step, pad_last=5))[0] for step in range(3)]
+    exact.remove()
+    calls = []
+    real = TokenEliminator.exact_token_scores
+    monkeypatch.setattr(TokenEliminator, "exact_token_scores",
+                        lambda self, *a: calls.append(self.step) or real(self, *a))
+    eliminator, losses, stats = predictor_run(model, 3)
+    eliminator.remove()
+    assert calls == [0, 2]  # one sparse layer: scored exactly at the fit and the refresh, never at step 1
+    assert torch.equal(losses[0], plain[0]) and torch.equal(losses[2], plain[2])  # refits select by the exact scores
+    assert [sorted(s) for s in stats] == [[], [], ["token_recall"]]  # the first fit has no earlier predictor
+    assert 0.0 <= stats[2]["token_recall"].item() <= 1.0
+
+
+def checkpoint_with_hooks(layer):
+    """Checkpoint ``layer`` around its whole call, hooks included, as transformers before 5.x and other wrappers do:
+    the eliminator's hooks then run again in the recomputation during backward (transformers 5 checkpoints only
+    ``forward``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    call = type(layer)._call_impl.__get__(layer)
+    layer._call_impl = lambda *args, **kwargs: checkpoint(call, *args, use_reentrant=False, **kwargs)
+
+
+@pytest.mark.parametrize("checkpointing", ["transformers", "hooks-recomputed"])
+def test_a_predicting_step_is_the_same_under_gradient_checkpointing(arch_path, monkeypatch, checkpointing):
+    from lowmem.model import enable_gradient_checkpointing
+    from lowmem.tokens import ScorePredictor
+
+    # a content rule, so the predicted pattern differs from the exact one (position-driven in a random model)
+    monkeypatch.setattr(ScorePredictor, "predict", lambda self, normed, counts: normed.sum(-1) * (counts > 0))
+    results = []
+    for checkpointed in (False, True):
+        model = load_model(arch_path("llama"), "float32")
+        if checkpointed and checkpointing == "transformers":
+            enable_gradient_checkpointing(model)
+        elif checkpointed:
+            for layer in model.model.layers:
+                checkpoint_with_hooks(layer)
+        eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8, predictor=True,
+                                     refresh_every=4)
+        # step 1 fits off the schedule (as after a resume without a predictor): a recomputation in backward must
+        # select by the exact scores again, not by the predictor fitted a moment before; step 2 predicts
+        for step in (1, 2):
+            eliminator.start_step(step)
+            results.append(grads_of(model, batch_of(2, 64, model.config.vocab_size, seed=step)))
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(results[:2], results[2:]):
+        assert torch.equal(loss_a, loss_b)
+        for name in grads_a:
+            torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_a_predicting_step_reads_nothing_on_the_host(arch_path):
+    from lowmem.config import UpdateConfig
+    from lowmem.rules import make_rule
+    from lowmem.strategies import make_strategy
+
+    model = load_model(arch_path("llama"), "float32")
+    eliminator, _, _ = predictor_run(model, 1, refresh_every=100)  # fitted, then only predicting
+    eliminator.start_step(1)
+    config = UpdateConfig(rule="adamw", clip_grad_norm=1.0)
+    strategy = make_strategy("fused", model, make_rule(config), config)
+    guard = guarded_steps(model, strategy, [batch_of(2, 64, model.config.vocab_size, seed=seed) for seed in range(2)])
+    assert not guard.marked and sum(guard.tolerated.values()) <= 2
+    eliminator.start_step(100)  # a refit: exact scores, the recall and the solve stay on the device too
+    guard = guarded_steps(model, strategy, [batch_of(2, 64, model.config.vocab_size, seed=4)])
+    assert not guard.marked and sum(guard.tolerated.values()) <= 1
+    assert "token_recall" in eliminator.step_stats()
+
+
+def test_the_trainer_reports_recall_at_each_refit_and_resumes_the_predictor_exactly(tmp_path, micro_model_path,
+                                                                                    text_data):
+    import json
+
+    from lowmem.trainer import train
+    from test_trainer import assert_resume_is_exact
+
+    args = ["update.strategy=fused", "update.rule=adalomo", "tokens.eliminate=true", "tokens.dense_layers=0",
+            "tokens.block_size=8", "tokens.keep_ratio=0.5", "tokens.predictor=true", "tokens.refresh_every=3",
+            "log.every_n_steps=100"]
+    result = train(make_config(tmp_path, micro_model_path, text_data, *args, "train.max_steps=7", name="log"))
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    recalls = {r["step"]: r["token_recall"] for r in records if "token_recall" in r}
+    assert sorted(recalls) == [4, 7] and all(0.0 <= v <= 1.0 for v in recalls.values())  # refits at steps 3 and 6
+    # killed at step 2, between the fit (0) and the refit (3): the resumed run must predict with the saved predictor
+    assert_resume_is_exact(tmp_path, micro_model_path, text_data, *args, "train.max_steps=5", split_at=2)
