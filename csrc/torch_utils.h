@@ -116,4 +116,32 @@ inline void check_lion8bit_args(const at::Tensor& param, const at::Tensor& grad,
   check_code(code, param, op);
 }
 
+// The layout of a token-block gather or scatter (lowmem/ops/blocks.py): x is [x_batch, length, ...] with x_batch
+// 1 (broadcast) or batch, blocks [batch, kept] int64; each kept block is block_size rows, then the tail.
+struct TokenBlocks {
+  int64_t batch, x_batch, length, full_blocks, kept, tail, rows, row_bytes;
+};
+
+inline TokenBlocks check_token_blocks(const at::Tensor& x, const at::Tensor& blocks, int64_t block_size, const char* op) {
+  TORCH_CHECK(block_size > 0, "lowmem: ", op, ": block_size must be positive, got ", block_size);
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.dim() == 2 && blocks.is_contiguous(), "lowmem: ", op,
+              ": blocks must be a contiguous [batch, kept] int64 tensor, got ", blocks.sizes(), " ", blocks.scalar_type());
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(), "lowmem: ", op, ": expected a contiguous [batch, seq, ...] tensor, got ",
+              x.sizes());
+  TORCH_CHECK(blocks.device() == x.device(), "lowmem: ", op, ": blocks are on ", blocks.device(), ", data on ", x.device());
+  TokenBlocks t;
+  t.batch = blocks.size(0);
+  t.x_batch = x.size(0);
+  TORCH_CHECK(t.x_batch == t.batch || t.x_batch == 1, "lowmem: ", op, ": data has batch ", t.x_batch, ", blocks ",
+              t.batch, " (they must match, or the data's be 1)");
+  t.length = x.size(1);
+  t.full_blocks = t.length / block_size;
+  t.kept = blocks.size(1);
+  TORCH_CHECK(t.kept <= t.full_blocks, "lowmem: ", op, ": ", t.kept, " blocks kept of ", t.full_blocks);
+  t.tail = t.length - t.full_blocks * block_size;
+  t.rows = t.kept * block_size + t.tail;
+  t.row_bytes = (t.length > 0 ? x.numel() / (t.x_batch * t.length) : 0) * static_cast<int64_t>(x.element_size());
+  return t;
+}
+
 }  // namespace lowmem

@@ -37,6 +37,7 @@ import math
 import torch
 
 from lowmem.errors import UserError
+from lowmem.ops.blocks import gather_blocks, pool_blocks, scatter_blocks
 
 SCORING = "lowmem_block_scores"
 SCORE_BYTES = 64 * 2**20  # products scored at a time: queries per chunk are sized to stay under this
@@ -189,59 +190,47 @@ class TokenEliminator:
     def keep_count(self, n_blocks: int) -> int:
         return max(1, math.ceil(self.keep_ratio * n_blocks))
 
-    def kept_positions(self, scores: torch.Tensor, length: int) -> torch.Tensor:
-        """[batch, kept] token positions, ascending: the top blocks' tokens, then the tail shorter than a block."""
-        n_blocks = scores.shape[1]
-        blocks = scores.topk(self.keep_count(n_blocks), dim=1).indices.sort(dim=1).values  # [b, keep]
-        offsets = torch.arange(self.block_size, device=scores.device)
-        positions = (blocks[:, :, None] * self.block_size + offsets).reshape(scores.shape[0], -1)
-        tail = torch.arange(n_blocks * self.block_size, length, device=scores.device)
-        return torch.cat([positions, tail.expand(scores.shape[0], -1)], dim=1)
+    def kept_blocks(self, scores: torch.Tensor) -> torch.Tensor:
+        """[batch, kept] indices of the top-scoring blocks of each sequence, ascending."""
+        return scores.topk(self.keep_count(scores.shape[1]), dim=1).indices.sort(dim=1).values
 
     # ------------------------------------------------------------------------------------------- hooks
 
     def _gather(self, layer, args, kwargs):
         args, kwargs = list(args), dict(kwargs)
         hidden = args[0] if args else kwargs["hidden_states"]
-        length = hidden.shape[1]
         self._pending.pop(id(layer), None)
-        if not layer.training or length // self.block_size == 0:  # evaluation measures the dense model
+        if not layer.training or hidden.shape[1] // self.block_size == 0:  # evaluation measures the dense model
             return None
-        index = self.kept_positions(self.block_scores(layer, hidden, kwargs), length)  # [b, kept]
-        self._pending[id(layer)] = (hidden, index)
-        gathered = _gather_tokens(hidden, index)
+        blocks = self.kept_blocks(self.block_scores(layer, hidden, kwargs))  # [b, kept]
+        self._pending[id(layer)] = (hidden, blocks)
+        gathered = gather_blocks(hidden, blocks, self.block_size)
         if args:
             args[0] = gathered
         else:
             kwargs["hidden_states"] = gathered
         cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (_gather_tokens(cos, index), _gather_tokens(sin, index))
+        kwargs["position_embeddings"] = (gather_blocks(cos, blocks, self.block_size),
+                                         gather_blocks(sin, blocks, self.block_size))
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 4:  # [b, 1, q, k]: the kept queries' rows and the kept keys' columns
-            mask = mask.expand(hidden.shape[0], -1, -1, -1)
-            rows = torch.gather(mask, 2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
-            kwargs["attention_mask"] = torch.gather(rows, 3, index[:, None, None, :].expand(-1, mask.shape[1],
-                                                                                            index.shape[1], -1))
+        if mask is not None and mask.dim() == 4 and mask.shape[1] == 1:
+            # [b, 1, q, k]: the kept queries' rows, then (transposed) the kept keys' columns
+            rows = gather_blocks(mask[:, 0], blocks, self.block_size)
+            kwargs["attention_mask"] = gather_blocks(rows.transpose(1, 2), blocks, self.block_size).transpose(1, 2)[:, None]
         elif mask is not None:
             raise UserError(f"tokens.eliminate: attention masks of shape {tuple(mask.shape)} are not supported")
         if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = torch.gather(kwargs["position_ids"].expand(hidden.shape[0], -1), 1, index)
+            kwargs["position_ids"] = gather_blocks(kwargs["position_ids"], blocks, self.block_size)
         return tuple(args), kwargs
 
     def _rejoin(self, layer, args, kwargs, output):
         pending = self._pending.pop(id(layer), None)
         if pending is None or output is None:  # not eliminating, or the forward raised (always_call)
             return None
-        hidden, index = pending
+        hidden, blocks = pending
         computed = output[0] if isinstance(output, tuple) else output
-        rejoined = hidden.scatter(1, index[:, :, None].expand(-1, -1, hidden.shape[2]), computed)
+        rejoined = scatter_blocks(hidden, computed, blocks, self.block_size)
         return (rejoined, *output[1:]) if isinstance(output, tuple) else rejoined
-
-
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b]]`` for [b or 1, seq, ...] ``x`` and [b, kept] ``index``."""
-    x = x.expand(index.shape[0], *x.shape[1:])
-    return torch.gather(x, 1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
 
 
 def _takes_position_embeddings(layer: torch.nn.Module) -> bool:
@@ -306,8 +295,3 @@ def block_recall(predicted: torch.Tensor, exact: torch.Tensor, keep: int) -> tor
     hits = chosen.gather(1, exact.topk(keep, dim=1).indices)
     return hits.sum(dim=1).div(keep).mean()
 
-
-def pool_blocks(token_scores: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[batch, seq // block_size] sums of [batch, seq] scores over each whole block."""
-    n_blocks = token_scores.shape[1] // block_size
-    return token_scores[:, :n_blocks * block_size].reshape(token_scores.shape[0], n_blocks, block_size).sum(-1)

@@ -9,6 +9,7 @@ import torch
 from lowmem.errors import UserError
 from lowmem.loss import loss_sum
 from lowmem.model import load_model
+from lowmem.ops.blocks import kept_rows
 from lowmem.tokens import TokenEliminator
 from test_host_sync import guarded_steps
 from test_trainer import EVERY_STRATEGY, make_config
@@ -102,8 +103,8 @@ def test_eliminated_tokens_pass_through_and_kept_ones_are_computed_at_their_posi
     eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
     plant_content_scores(eliminator)
     chosen = []
-    kept_positions = eliminator.kept_positions
-    eliminator.kept_positions = lambda scores, length: chosen.append(kept_positions(scores, length)) or chosen[-1]
+    kept_blocks = eliminator.kept_blocks
+    eliminator.kept_blocks = lambda scores: chosen.append(kept_blocks(scores)) or chosen[-1]
     inputs = []
     pre = layer.register_forward_pre_hook(lambda mod, args, kwargs: inputs.append(kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True, prepend=True)
     outputs = []
@@ -111,7 +112,7 @@ def test_eliminated_tokens_pass_through_and_kept_ones_are_computed_at_their_posi
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     pre.remove(), post.remove()
     eliminator.remove()
-    index = chosen[0]
+    index = kept_rows(chosen[0], 8, 64)  # token positions, by the op's reference
     assert index.shape == (2, 32) and not torch.equal(index[0], index[1])  # each sequence its own pattern
     assert torch.isfinite(logits).all()  # every position reaches the loss through the dense last layer
     hidden_in, hidden_out = inputs[0], outputs[0]
@@ -140,7 +141,7 @@ def test_a_batch_of_two_with_different_patterns_equals_each_alone(arch_path):
     eliminator = TokenEliminator(model, keep_ratio=0.4, dense_layers=0, block_size=8)
     plant_content_scores(eliminator)
     pair = batch_of(2, 80, model.config.vocab_size, seed=5)
-    chosen = eliminator.kept_positions(eliminator.block_scores(None, model.model.embed_tokens(pair["input_ids"]), {}), 80)
+    chosen = eliminator.kept_blocks(eliminator.block_scores(None, model.model.embed_tokens(pair["input_ids"]), {}))
     assert not torch.equal(chosen[0], chosen[1])  # the patterns differ (in layer 0, whose input is the embedding)
     loss, grads = grads_of(model, pair)
     alone = [grads_of(model, {k: v[i:i + 1] for k, v in pair.items()}) for i in range(2)]

@@ -68,4 +68,15 @@ int lion8bit_update_cuda_launch(DType dtype, DType grad_dtype, void* param, cons
                                 float* absmax, const float* code, int64_t n, int64_t blocksize, LionScalars scalars,
                                 const float* grad_scale, cudaStream_t stream);
 
+// Token blocks (lowmem/ops/blocks.py). Segment copies of whole blocks, any dtype (moved as bytes): gather copies each
+// sequence's kept blocks (indices in blocks, batch × kept, on the device) and its tail from the full tensor
+// (batch x_batch: 1 is broadcast) into the packed one; scatter copies them back from the packed tensor into the full
+// one. row_bytes is the size of one token's row. An out-of-range block index traps the kernel.
+int copy_token_blocks_cuda_launch(bool to_packed, void* dst, const void* src, const int64_t* blocks, int64_t batch,
+                                  int64_t x_batch, int64_t length, int64_t full_blocks, int64_t kept, int64_t block_size,
+                                  int64_t row_bytes, cudaStream_t stream);
+// Sums of scores (batch × length) over each whole block, accumulated in double, written as float32.
+int pool_blocks_cuda_launch(DType dtype, const void* scores, int64_t batch, int64_t length, int64_t block_size,
+                            float* out, cudaStream_t stream);
+
 }  // namespace lowmem

@@ -39,7 +39,8 @@ def ensure_loaded() -> NativeStatus:
         return _status
     with _lock:
         if _status is None:
-            import lowmem.ops.quant  # noqa: F401  (the op schemas must exist before kernels register)
+            import lowmem.ops.blocks  # noqa: F401  (the op schemas must exist before kernels register)
+            import lowmem.ops.quant  # noqa: F401
             import lowmem.ops.update  # noqa: F401
 
             _status = _load()
