@@ -177,6 +177,11 @@ def test_training_with_token_elimination(tmp_path, micro_model_path, text_data, 
                                "tokens.keep_ratio=0.5", name="sparse"))
     assert sparse.losses[0] == pytest.approx(plain.losses[0], rel=0.05) and sparse.losses != plain.losses
     assert sparse.last_eval["val_loss"] < sparse.first_eval["val_loss"]
+    # the predictor: fitted at step 0 (selecting exactly as the exact scores do), predicting at steps 1 and 2
+    predicted = train(make_config(tmp_path, micro_model_path, text_data, *common, "tokens.eliminate=true",
+                                  "tokens.keep_ratio=0.5", "tokens.predictor=true", name="predicted"))
+    assert predicted.losses[0] == sparse.losses[0]
+    assert predicted.last_eval["val_loss"] < predicted.first_eval["val_loss"]
 
 
 def test_what_cannot_be_eliminated_is_refused(arch_path):
