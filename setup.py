@@ -55,9 +55,10 @@ ext_modules, cmdclass = _extensions()
 setup(
     # The recipes live in recipes/ of the checkout and ship inside the package as lowmem/recipes, so a wheel
     # install lists and copies them (`lowmem ls`, `lowmem cp`).
-    packages=[*find_packages(include=["lowmem", "lowmem.*"]), "lowmem.recipes"],
-    package_dir={"lowmem.recipes": "recipes"},
-    package_data={"lowmem.recipes": ["*.yaml"]},
+    # So do the model configs lowmem plan reads (model_configs/NAME/config.json as lowmem/model_configs).
+    packages=[*find_packages(include=["lowmem", "lowmem.*"]), "lowmem.recipes", "lowmem.model_configs"],
+    package_dir={"lowmem.recipes": "recipes", "lowmem.model_configs": "model_configs"},
+    package_data={"lowmem.recipes": ["*.yaml"], "lowmem.model_configs": ["*/config.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -4,6 +4,8 @@
   (``pydoc_data.topics``), written as a JSONL text dataset, one topic per row.
 * ``lowmem:tiny-llama`` — a small randomly initialized Llama (``LlamaConfig``) with a byte-level BPE
   tokenizer trained on that corpus, saved as a normal HF folder.
+* ``lowmem:llama-3.1-8b`` and the other names of :func:`model_configs` — the ``config.json`` (architecture values
+  only, no weights, no tokenizer) of a common model, for ``lowmem plan``. They ship with the package.
 
 They live under ``$LOWMEM_HOME`` (default ``~/.cache/lowmem``). Each is written to a temporary folder
 and renamed into place, so an interrupted first use never leaves a broken asset behind.
@@ -55,10 +57,24 @@ def resolve(path: str) -> str:
         return str(pydoc_dataset())
     if name in TINY_MODELS:
         return str(tiny_model(name))
+    configs = model_configs()
+    if name in configs:
+        return str(configs[name])
     from lowmem.errors import UserError, did_you_mean
 
-    known = ["pydoc", *TINY_MODELS]
+    known = ["pydoc", *TINY_MODELS, *configs]
     raise UserError(f"'{path}' is not a built-in asset{did_you_mean(name, known)} (known: lowmem:{', lowmem:'.join(known)})")
+
+
+def model_configs() -> dict[str, Path]:
+    """Shipped model configs by name: package data ``lowmem/model_configs`` in an installed wheel (setup.py maps the
+    checkout's ``model_configs/`` there), else ``model_configs/`` of the source checkout."""
+    here = Path(__file__).resolve().parent
+    folder = here / "model_configs"
+    folder = folder if folder.is_dir() else here.parent / "model_configs"
+    if not folder.is_dir():
+        return {}
+    return {p.parent.name: p.parent for p in sorted(folder.glob("*/config.json"))}
 
 
 def _publish(build, dest: Path) -> Path:

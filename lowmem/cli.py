@@ -111,6 +111,43 @@ def train(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(json.dumps(summary))
 
 
+@main.command(name="plan")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--budget", default="24GB", show_default=True, help="Device memory to fit in (e.g. 24GB, 80GiB).")
+@click.option("--steps", type=int, default=None, help="Steps to simulate (default: 2; HiFT: a cycle + 1).")
+@click.option("--device", "target", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cuda adds the CUDA context, allocator and workspace terms.")
+@user_errors
+def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: int | None, target: str) -> None:
+    """Predict the peak memory of RECIPE's training step by running it on fake tensors (no data, no GPU).
+
+    Prints the peak by component. Exit 0 if it fits --budget, 3 if not, with one line naming the change that
+    makes it fit. model.path may be a shipped config (lowmem ls lists them), e.g. model.path=lowmem:llama-3.1-8b.
+
+    \b
+    Example:
+      lowmem plan llama3-8b-adalomo-24gb model.path=lowmem:llama-3.1-8b --budget 24GB
+    """
+    from lowmem.config import load_config
+    from lowmem.plan import parse_bytes, simulate, suggestion_line
+
+    config = load_config(resolve_recipe(recipe), overrides)
+    limit = parse_bytes(budget)
+    plan = simulate(config, steps, target=target)
+    click.echo(f"plan: {config.model.path}, {config.model.dtype}, {config.update.strategy} + {config.update.rule}, "
+               f"{config.train.batch_size} x {config.data.max_seq_len} tokens x {config.train.gradient_accumulation_steps}"
+               f", {plan.steps} steps simulated in {plan.seconds:.1f} s")
+    click.echo(plan.table())
+    for note in plan.notes:
+        click.echo(f"note: {note}")
+    if plan.fits(limit):
+        click.echo(f"fits: {plan.device_bytes / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB")
+        return
+    click.echo(suggestion_line(config, plan, limit, target), err=True)
+    sys.exit(3)
+
+
 @main.command(name="eval")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", "data_path", required=True, help="Dataset: .json/.jsonl/.txt file, folder or hub id.")

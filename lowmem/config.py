@@ -114,6 +114,9 @@ class MemoryConfig:
     # head + loss this many positions at a time, so the full logits never exist; null: 512 from a 32k vocabulary,
     # else off; 0: off
     loss_chunk_tokens: Optional[int] = None
+    # check the plan (lowmem plan) before anything is allocated and refuse a run that does not fit: a size in GiB,
+    # auto (the device's free memory: CUDA's free memory, or the host's available memory on CPU), or null (no check)
+    budget_gb: Optional[str] = None
 
 
 @dataclass
@@ -176,9 +179,15 @@ class Config:
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a recipe (or start from defaults when ``path`` is None), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(Path(path))
+    return _config_from(read_yaml(Path(path)) if path is not None else {}, overrides)
+
+
+def with_overrides(config: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A validated copy of ``config`` with ``a.b=value`` overrides applied (``config`` is unchanged)."""
+    return _config_from(config.to_dict(), overrides)
+
+
+def _config_from(raw: dict[str, Any], overrides) -> Config:
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
@@ -382,6 +391,14 @@ def validate(config: Config) -> None:
     if config.memory.loss_chunk_tokens is not None and config.memory.loss_chunk_tokens < 0:
         raise ConfigError(f"config: memory.loss_chunk_tokens must be >= 0 (0: off, null: auto), got "
                           f"{config.memory.loss_chunk_tokens}")
+    budget = config.memory.budget_gb
+    if budget is not None and budget != "auto":
+        try:
+            ok = float(budget) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"config: memory.budget_gb must be a positive number of GiB, auto or null, got '{budget}'")
     tokens = config.tokens
     if not 0.0 < tokens.keep_ratio <= 1.0:
         raise ConfigError(f"config: tokens.keep_ratio must be in (0, 1], got {tokens.keep_ratio}")

@@ -43,7 +43,7 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_token
     targets = batch["labels"][:, 1:]
     if chunk_tokens > 0:
         return _chunked_loss_sum(model, batch, targets, chunk_tokens)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
     shifted_logits = logits[:, :-1].float()
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
@@ -82,7 +82,7 @@ def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Modu
 
 
 def _chunked_loss_sum(model, batch, targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
-    out = _body(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = _body(model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     hidden = out[0][:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)

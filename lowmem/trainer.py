@@ -76,6 +76,36 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def check_budget(config: Config, weights: str, device: torch.device) -> None:
+    """Simulate the run's steps (``lowmem plan``) before anything is allocated; refuse it if it needs more than
+    ``memory.budget_gb`` (``auto``: what the device has free)."""
+    import dataclasses
+
+    from lowmem.plan import GiB, simulate, suggestion_line
+
+    if config.memory.budget_gb == "auto":
+        if device.type == "cuda":
+            budget = torch.cuda.mem_get_info(device)[0]
+        else:
+            budget = available_host_bytes()
+    else:
+        budget = int(float(config.memory.budget_gb) * GiB)
+    planned = dataclasses.replace(config, model=dataclasses.replace(config.model, path=weights))
+    plan = simulate(planned, target=device.type)
+    if not plan.fits(budget):
+        raise UserError(f"memory.budget_gb: {suggestion_line(planned, plan, budget, device.type)}")
+    log.info("plan: %.2f GiB planned of %.2f GiB (memory.budget_gb %s; %d steps simulated in %.1f s)",
+             plan.device_bytes / GiB, budget / GiB, config.memory.budget_gb, plan.steps, plan.seconds)
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of /proc/meminfo (what the host can give without swapping)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise UserError("memory.budget_gb=auto: /proc/meminfo has no MemAvailable (set a size in GiB)")
+
+
 def train(config: Config, step_guard=None) -> TrainResult:
     """Run the recipe ``config``; ``step_guard`` (a context manager factory, e.g.
     :class:`lowmem.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
@@ -94,6 +124,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
     # A resumed run loads the weights saved in the checkpoint, which is itself an HF model folder.
     # So does its tokenizer: model.path is not read on resume.
     weights = str(resume_from) if resume_from else config.model.path
+    if config.memory.budget_gb is not None:
+        check_budget(config, weights, device)
     tokenizer = load_tokenizer(weights)
     int8 = config.model.int8 if config.model.weight_format == "int8" else None
     # Streaming frozen weights: the model is loaded in host memory and HiFT's plan places it, so the units it

@@ -1,0 +1,456 @@
+"""The memory plan by simulation (DESIGN §4b): run the recipe's real training step on fake tensors and count.
+
+``simulate(config)`` builds the model from its ``config.json`` on the ``meta`` device, turns every parameter and
+buffer into a fake CPU tensor (shape, dtype, no data; sizes do not depend on the device), and runs the trainer's own
+objects on it under ``FakeTensorMode``: int8 weights, gradient checkpointing, the chunked loss, token elimination,
+the rule and the strategy (standard, fused, hift), for ``steps`` steps of ``train.batch_size`` ×
+``data.max_seq_len`` tokens (HiFT: a whole cycle). A :class:`StorageAccountant` counts the live bytes of every
+tensor storage as the run would hold them and records the peak, split by component at the peak:
+
+    weights <dtype|int8>   parameters and buffers (int8 weights: codes, scales, outliers)
+    gradients              ``.grad`` of parameters (under ``fused`` the live per-tensor gradients)
+    rule state             the rule's per-parameter state
+    activations            storages the forward made that are still alive (saved for backward, checkpointed inputs)
+    temporaries            everything else alive at the peak (backward and update intermediates)
+
+What fake execution cannot see is added as modeled terms for a CUDA device (uncalibrated until a GPU session
+measures them): the CUDA context, the caching allocator's rounding and fragmentation, and library workspaces.
+Under HiFT with ``memory.offload_states`` / ``offload_frozen_weights`` the states and frozen units its residency
+plan keeps in host memory move to the host column.
+
+The same accountant counts a real CPU run (``simulate(config, fake=False)``); the tests require the two to agree.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lowmem.config import with_overrides
+from lowmem.errors import UserError
+
+GiB = 2**30
+MiB = 2**20
+
+# Modeled terms for a CUDA device: not visible to fake execution, not yet calibrated on a GPU (DESIGN §4b).
+CUDA_CONTEXT_BYTES = 512 * MiB  # the context and its kernels' images, outside memory_allocated
+ALLOCATOR_OVERHEAD = 0.05  # the caching allocator's rounding and fragmentation, as a share of the counted peak
+WORKSPACE_BYTES = 32 * MiB  # cuBLAS workspace (4096 KiB × 8) and attention scratch
+
+
+class StorageAccountant(TorchDispatchMode):
+    """Live bytes of tensor storages: the ones :meth:`track`-ed, and every storage an op makes inside the ``with``
+    block, until it is freed. ``peak`` is the most that was ever live together; ``at_peak`` is what
+    ``classify(live)`` returned for the live set at (within 0.1% of) that moment."""
+
+    def __init__(self, classify=None):
+        super().__init__()
+        self.live: dict[int, tuple[int, str]] = {}  # id(storage) → (bytes, phase it was made in)
+        self._refs: dict[int, weakref.ref] = {}
+        self.current = self.peak = 0
+        self.phase = "setup"
+        self.classify = classify
+        self.at_peak: dict[str, int] = {}
+        self._classified_total = 0
+
+    def track(self, tensor: torch.Tensor, phase: str | None = None) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self.live:
+            return
+        nbytes = storage.nbytes()
+        self.live[key] = (nbytes, phase or self.phase)
+        self.current += nbytes
+
+        def freed(_, key=key):
+            entry = self.live.pop(key, None)
+            self._refs.pop(key, None)
+            if entry is not None:
+                self.current -= entry[0]
+
+        self._refs[key] = weakref.ref(storage, freed)
+        self._note_peak()
+
+    def _note_peak(self) -> None:
+        if self.current <= self.peak:
+            return
+        self.peak = self.current
+        if self.classify is not None and self.current > self._classified_total * 1.001:
+            self._classified_total = self.current
+            self.at_peak = self.classify(self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+@dataclass
+class Plan:
+    """Predicted peak bytes on the device, by component (counted, then modeled), and in host memory."""
+
+    device: dict[str, int]  # counted components at the peak
+    modeled: dict[str, int]  # what fake execution cannot see
+    host: dict[str, int]
+    steps: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def counted_bytes(self) -> int:
+        return sum(self.device.values())
+
+    @property
+    def device_bytes(self) -> int:
+        return self.counted_bytes + sum(self.modeled.values())
+
+    def fits(self, budget_bytes: int) -> bool:
+        return self.device_bytes <= budget_bytes
+
+    def table(self) -> str:
+        rows = [("component", "device", "host")]
+        names = list(self.device) + [n for n in self.host if n not in self.device]
+        for name in names:
+            rows.append((name, _gib(self.device.get(name, 0)), _gib(self.host[name]) if name in self.host else ""))
+        rows.append(("counted peak", _gib(self.counted_bytes), _gib(sum(self.host.values()))))
+        for name, n in self.modeled.items():
+            rows.append((f"modeled: {name}", _gib(n), ""))
+        rows.append(("planned peak", _gib(self.device_bytes), _gib(sum(self.host.values()))))
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{a:<{width}}  {b:>10}  {c:>10}" for a, b, c in rows)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def parse_bytes(text: str) -> int:
+    """``24GB``/``24GiB``/``24`` (GiB) → bytes. GB is read as GiB, as GPU memory is sold and reported."""
+    s = text.strip().upper().replace(" ", "")
+    for suffix, scale in (("GIB", GiB), ("GB", GiB), ("G", GiB), ("MIB", MiB), ("MB", MiB), ("M", MiB)):
+        if s.endswith(suffix):
+            s, unit = s[: -len(suffix)], scale
+            break
+    else:
+        unit = GiB
+    try:
+        value = float(s)
+    except ValueError:
+        raise UserError(f"budget '{text}' is not a size (write e.g. 24GB or 16GiB)") from None
+    if value <= 0:
+        raise UserError(f"budget '{text}' must be positive")
+    return int(value * unit)
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+def _fake_model(config, mode):
+    """The recipe's model built from its config.json on the meta device, every parameter and buffer a fake CPU
+    tensor (tied weights stay tied)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowmem import assets
+    from lowmem.model import DTYPES
+
+    try:
+        hf_config = AutoConfig.from_pretrained(assets.resolve(config.model.path))
+    except (OSError, ValueError) as err:
+        raise UserError(f"model.path '{config.model.path}': no config.json to plan from "
+                        f"({str(err).strip().splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[config.model.dtype])
+    converted: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        return mode.fake_tensor_converter.from_meta_and_device(mode, t, torch.device("cpu"))
+
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in converted:
+                    converted[id(param)] = torch.nn.Parameter(fake(param.data), requires_grad=param.requires_grad)
+                module._parameters[name] = converted[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = fake(buffer)
+    return model
+
+
+def _prepare(model, config) -> None:
+    """What ``load_model`` does after loading: int8 weights, no KV cache, checkpointing, training mode."""
+    from lowmem.model import enable_gradient_checkpointing
+
+    if config.model.weight_format == "int8":
+        from lowmem.int8_weights import quantize_model
+
+        int8 = config.model.int8
+        quantize_model(model, int8.outlier_fraction, int8.refresh_every, int8.blocksize, config.train.seed,
+                       int8.stochastic_rounding)
+    model.config.use_cache = False
+    if config.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+
+
+def _batch(config, vocab_size: int) -> dict[str, torch.Tensor]:
+    """A training batch of full-length sequences. Packed text has no padding, and transformers then builds no 4-D
+    mask (it checks the mask's values); other formats pad, so their batches carry a padded mask, which it builds."""
+    shape = (config.train.batch_size, config.data.max_seq_len)
+    ids = torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if config.data.format != "text":
+        batch["attention_mask"] = torch.ones_like(ids)
+        batch["attention_mask"][-1, -1] = 0
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------- simulate
+
+
+def default_steps(config, strategy) -> int:
+    """Enough steps to see every peak: two (the first creates the rule state), or HiFT's whole cycle plus one."""
+    groups = getattr(strategy, "groups", None)
+    return len(groups) + 1 if groups else 2
+
+
+def simulate(config, steps: int | None = None, fake: bool = True, model=None, target: str = "cuda") -> Plan:
+    """Run ``steps`` training steps of ``config`` (on fake tensors unless ``fake`` is False, for comparison; then
+    ``model`` is the real model to run, or it is loaded from ``model.path``) and return the plan for a ``target``
+    device (``cuda`` adds the modeled terms)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowmem.loss import check_chunked_head, chunk_tokens_for, loss_sum
+    from lowmem.rules import make_rule
+    from lowmem.strategies import make_strategy
+    from lowmem.tokens import TokenEliminator
+
+    start = time.perf_counter()
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    if fake:
+        model = _fake_model(config, mode)
+        with mode:
+            _prepare(model, config)
+    elif model is None:
+        from lowmem.model import load_model
+
+        int8 = config.model.int8 if config.model.weight_format == "int8" else None
+        model = load_model(config.model.path, config.model.dtype, "cpu", config.model.gradient_checkpointing, int8,
+                           config.train.seed)
+    notes = []
+    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
+    if chunk and not fake:  # the trainer's probe compares values, which fake tensors do not have
+        try:
+            check_chunked_head(model)
+        except UserError:
+            chunk = 0
+    elif chunk:
+        notes.append(f"loss chunked by {chunk} positions, assuming the model's head passes the trainer's probe")
+    state_holder: dict = {}
+    accountant = StorageAccountant(lambda live: _components(live, model, state_holder))
+    for tensor in [*model.parameters(), *model.buffers()]:
+        accountant.track(tensor, "weights")
+    context = mode if fake else _nullcontext()
+    unpacked = _UnpackedPositions() if fake else _nullcontext()
+    device = torch.device("cpu")
+    batch = _batch(config, model.config.vocab_size)
+    with unpacked, context, accountant:
+        rule = make_rule(config.update)
+        strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
+        state_holder["strategy"] = strategy
+        if config.tokens.eliminate:
+            t = config.tokens
+            eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor,
+                                         t.refresh_every)
+        else:
+            eliminator = None
+        n_steps = steps or default_steps(config, strategy)
+        accum = config.train.gradient_accumulation_steps
+        label_tokens = max(1, config.train.batch_size * (config.data.max_seq_len - 1) * accum)
+        for step in range(n_steps):
+            accountant.phase = "update"
+            strategy.prepare(config.update.lr)
+            if eliminator is not None:
+                eliminator.start_step(step)
+            for _ in range(accum):
+                accountant.phase = "forward"
+                loss = loss_sum(model, batch, chunk) / label_tokens
+                accountant.phase = "backward"
+                strategy.backward(loss)
+                del loss
+            accountant.phase = "update"
+            strategy.step()
+    device_bytes, host_bytes = _split_host(accountant, model, state_holder)
+    modeled = {}
+    if target == "cuda":
+        counted = sum(device_bytes.values())
+        modeled = {"CUDA context": CUDA_CONTEXT_BYTES, "allocator rounding and fragmentation (5%)":
+                   int(ALLOCATOR_OVERHEAD * counted), "cuBLAS and attention workspaces": WORKSPACE_BYTES}
+        if state_holder["strategy"].__class__.__name__ == "HiftStrategy" and config.memory.offload_frozen_weights:
+            in_flight = _streamed_piece_bytes(state_holder["strategy"])
+            if in_flight:
+                modeled["streamed frozen weights in flight (2 pieces)"] = in_flight
+    return Plan(device=device_bytes, modeled=modeled, host=host_bytes, steps=n_steps,
+                seconds=time.perf_counter() - start, notes=notes)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _UnpackedPositions:
+    """transformers decides whether a batch packs several sequences per row by reading its position ids on the
+    host; on fake tensors it cannot, assumes they might, and builds a full 4-D mask the real run never makes. lowmem
+    passes no position ids (each row is one sequence, positions 0..T-1), for which the real answer is "not packed"
+    (None): give that answer while simulating."""
+
+    def __enter__(self):
+        import transformers.masking_utils as masking
+
+        self._masking, self._saved = masking, masking.find_packed_sequence_indices
+        masking.find_packed_sequence_indices = lambda position_ids: None
+        return self
+
+    def __exit__(self, *exc):
+        self._masking.find_packed_sequence_indices = self._saved
+        return False
+
+
+def _rule_state(strategy):
+    inner = getattr(strategy, "inner", strategy)
+    return getattr(inner, "state", None)
+
+
+def _weight_labels(model) -> dict[int, str]:
+    from lowmem.int8_weights import int8_weights
+
+    labels = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        labels[id(tensor.untyped_storage())] = f"weights {str(tensor.dtype).removeprefix('torch.')}"
+    for weight in int8_weights(model).values():
+        for tensor in weight.buffers(recurse=False):
+            labels[id(tensor.untyped_storage())] = "weights int8"
+    return labels
+
+
+def _components(live: dict[int, tuple[int, str]], model, holder: dict) -> dict[str, int]:
+    """The live storages by component (the module docstring's names)."""
+    weights = _weight_labels(model)
+    grads = {id(p.grad.untyped_storage()) for p in model.parameters() if p.grad is not None}
+    state = set()
+    rule_state = _rule_state(holder["strategy"]) if "strategy" in holder else None
+    if rule_state is not None:
+        state = {id(t.untyped_storage()) for s in rule_state.by_param.values() for t in s.values()}
+    out: dict[str, int] = {}
+    for key, (nbytes, phase) in live.items():
+        if key in weights:
+            name = weights[key]
+        elif key in grads:
+            name = "gradients"
+        elif key in state:
+            name = "rule state"
+        elif phase == "forward":
+            name = "activations"
+        else:
+            name = "temporaries"
+        out[name] = out.get(name, 0) + nbytes
+    return out
+
+
+def _split_host(accountant: StorageAccountant, model, holder: dict) -> tuple[dict[str, int], dict[str, int]]:
+    """The peak's components, with what HiFT's residency plan keeps in host memory moved to the host column."""
+    device = dict(accountant.at_peak)
+    residual = accountant.peak - sum(device.values())  # the peak is at most 0.1% above the last classified live set
+    if residual > 0:
+        device["temporaries"] = device.get("temporaries", 0) + residual
+    host: dict[str, int] = {}
+    residency = getattr(holder.get("strategy"), "residency", None)
+    if residency is not None:
+        from lowmem.residency import HOST
+
+        state_bytes = sum(residency._state_bytes(name) for name, where in residency.state_location.items()
+                          if where == HOST)
+        weight_bytes = sum(sum(t.numel() * t.element_size() for t in _unit_tensors(model, unit))
+                           for unit in residency.units if residency.weight_location.get(unit.name) == HOST)
+        for name, n in (("rule state", state_bytes), (_weights_name(device), weight_bytes)):
+            if n:
+                moved = min(n, device.get(name, 0))
+                device[name] = device.get(name, 0) - moved
+                host[name] = moved
+    return {k: v for k, v in device.items() if v}, host
+
+
+def _weights_name(device: dict[str, int]) -> str:
+    names = [n for n in device if n.startswith("weights") and n != "weights int8"]
+    return max(names, key=lambda n: device[n]) if names else "weights"
+
+
+def _unit_tensors(model, unit) -> list[torch.Tensor]:
+    named = dict(model.named_parameters())
+    return [named[name] for name in unit.params if name in named]
+
+
+def _streamed_piece_bytes(strategy) -> int:
+    """Two of the largest modules a HiFT run streams in for their forward (one computing, one prefetched)."""
+    residency = strategy.residency
+    sizes = []
+    for unit in residency.units:
+        if residency.offloadable(unit):
+            for module in unit.modules:
+                sizes.append(sum(p.numel() * p.element_size() for p in module.parameters()))
+    return sum(sorted(sizes)[-2:])
+
+
+def suggestion_line(config, plan: Plan, budget: int, target: str = "cuda") -> str:
+    """One line naming the knob changes (tried by simulation, in order) that make the run fit, or saying none does."""
+    over = plan.device_bytes - budget
+    for overrides in candidate_changes(config):
+        candidate = with_overrides(config, overrides)  # validated: a combination the config refuses is skipped
+        try:
+            if simulate(candidate, target=target).fits(budget):
+                return (f"plan: needs {plan.device_bytes / GiB:.2f} GiB, {over / GiB:.2f} GiB over the "
+                        f"{budget / GiB:.2f} GiB budget; fits with {' '.join(overrides)}")
+        except UserError:
+            continue
+    return (f"plan: needs {plan.device_bytes / GiB:.2f} GiB, {over / GiB:.2f} GiB over the {budget / GiB:.2f} GiB "
+            "budget; no single change of strategy, rule, checkpointing, int8 weights, chunked loss or token "
+            "elimination fits it (try a smaller model, data.max_seq_len or train.batch_size)")
+
+
+def candidate_changes(config) -> list[list[str]]:
+    """Knob changes to try, cheapest in speed and quality first; only those that change something."""
+    c = config
+    out = []
+    if not c.model.gradient_checkpointing:
+        out.append(["model.gradient_checkpointing=true"])
+    if c.memory.loss_chunk_tokens == 0:
+        out.append(["memory.loss_chunk_tokens=512"])
+    if c.update.strategy == "standard":
+        out.append(["update.strategy=fused", "update.rule=adalomo"])
+    if c.update.rule in ("adamw", "lion"):
+        out.append(["update.strategy=fused", "update.rule=adalomo"])
+        out.append(["update.strategy=fused", "update.rule=lion8bit"])
+    if c.model.weight_format != "int8":
+        out.append(["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"])
+    if not c.tokens.eliminate:
+        out.append(["tokens.eliminate=true", "tokens.predictor=true"])
+    if c.update.strategy != "hift":
+        out.append(["update.strategy=hift", "memory.offload_states=true", "memory.offload_frozen_weights=true"])
+    if not c.model.gradient_checkpointing:
+        out.append(["model.gradient_checkpointing=true", "update.strategy=fused", "update.rule=adalomo"])
+    seen, unique = set(), []
+    for overrides in out:
+        if tuple(overrides) not in seen:
+            seen.add(tuple(overrides))
+            unique.append(overrides)
+    return unique

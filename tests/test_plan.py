@@ -1,0 +1,127 @@
+"""The memory planner (lowmem/plan.py, ``lowmem plan``, ``memory.budget_gb``): the storage accountant against
+hand counts; the simulated peak against a real CPU run of the same steps for every strategy × rule and each
+memory technique; the CLI's exit codes and its one line; the trainer's refusal; the shipped model configs."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lowmem.cli import main
+from lowmem.errors import UserError
+from lowmem.plan import StorageAccountant, parse_bytes, simulate
+from test_trainer import make_config
+
+CASES = {
+    "standard-adamw": ["update.strategy=standard", "update.rule=adamw"],
+    "standard-sgd": ["update.strategy=standard", "update.rule=sgd"],
+    "standard-lion": ["update.strategy=standard", "update.rule=lion"],
+    "fused-sgd": ["update.strategy=fused", "update.rule=sgd"],
+    "fused-adalomo": ["update.strategy=fused", "update.rule=adalomo"],
+    "fused-adafactor": ["update.strategy=fused", "update.rule=adafactor"],
+    "fused-lion8bit": ["update.strategy=fused", "update.rule=lion8bit"],
+    "fused-adamw-two-pass": ["update.strategy=fused", "update.rule=adamw", "update.clip_mode=two_pass"],
+    "hift-adamw": ["update.strategy=hift", "update.rule=adamw", "hift.group_size=2"],
+    "hift-adafactor": ["update.strategy=hift", "update.rule=adafactor", "hift.group_size=1"],
+    "int8-lion8bit": ["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"],
+    "checkpointing": ["model.gradient_checkpointing=true", "update.strategy=fused", "update.rule=adalomo"],
+    "chunked-loss": ["memory.loss_chunk_tokens=16"],
+    "tokens": ["tokens.eliminate=true", "tokens.dense_layers=0", "tokens.block_size=16"],
+    "tokens-predictor": ["tokens.eliminate=true", "tokens.dense_layers=0", "tokens.block_size=16",
+                         "tokens.predictor=true", "tokens.refresh_every=2"],
+    "bf16-accumulation": ["model.dtype=bfloat16", "train.gradient_accumulation_steps=2"],
+}
+
+
+def test_the_accountant_counts_live_storages_once_and_keeps_the_peak():
+    kept = torch.empty(10)  # 40 bytes, made before
+    accountant = StorageAccountant()
+    accountant.track(kept)
+    with accountant:
+        a = torch.empty(1000)  # 4000
+        view = a.view(10, 100)[1:]  # same storage: not counted again
+        b = torch.empty(500, dtype=torch.float64)  # 4000
+        del a
+        assert accountant.current == 8040  # the view keeps a's storage alive
+        del view
+        c = torch.empty(250, dtype=torch.int16)  # 500
+    assert accountant.peak == 8040 and accountant.current == 4540
+    del b, c
+    assert accountant.current == 40
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_the_simulated_peak_equals_a_real_run_of_the_same_steps(tmp_path, micro_model_path, text_data, case):
+    config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", *case)
+    planned = simulate(config, steps=3)
+    real = simulate(config, steps=3, fake=False)
+    assert planned.counted_bytes == pytest.approx(real.counted_bytes, rel=0.02)
+    assert set(planned.device) == set(real.device)
+    for name, n in real.device.items():  # and each component
+        assert planned.device[name] == pytest.approx(n, rel=0.02, abs=4096), name
+
+
+def test_components_are_where_the_rule_and_strategy_put_them(tmp_path, micro_model_path, text_data):
+    # standard AdamW with two micro-batches: the peak holds weights, a full gradient set and two moments
+    config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", "update.rule=adamw",
+                         "train.gradient_accumulation_steps=2")
+    plan = simulate(config, steps=2)
+    weights = plan.device["weights float32"]
+    assert plan.device["gradients"] == pytest.approx(weights, rel=0.01)
+    assert plan.device["rule state"] == pytest.approx(2 * weights, rel=0.01)
+    fused = simulate(make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64",
+                                 "update.strategy=fused", "update.rule=adalomo"), steps=2)
+    assert "gradients" not in fused.device and fused.device["rule state"] < 0.05 * weights
+
+
+def test_plan_exits_0_when_it_fits_and_3_with_a_change_that_fits_when_not(tmp_path, micro_model_path, text_data):
+    recipe = tmp_path / "recipe.yaml"
+    make_config(tmp_path, micro_model_path, text_data)  # writes recipe.yaml
+    args = ["plan", str(recipe), "data.max_seq_len=64", "update.rule=adamw", "--device", "cpu"]
+    fits = CliRunner().invoke(main, [*args, "--budget", "1GB"])
+    assert fits.exit_code == 0, fits.output
+    assert "weights float32" in fits.output and "rule state" in fits.output and "fits:" in fits.output
+    needed = simulate(make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", "update.rule=adamw"),
+                      target="cpu").device_bytes
+    budget = int(needed * 0.9)
+    over = CliRunner().invoke(main, [*args, "--budget", f"{budget / 2**20:.3f}MB"])
+    assert over.exit_code == 3, over.output
+    lines = [line for line in over.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "over the" in lines[0] and "fits with" in lines[0], over.stderr
+    change = lines[0].split("fits with ", 1)[1].split()
+    smaller = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", "update.rule=adamw", *change)
+    assert simulate(smaller, target="cpu").device_bytes <= budget
+    hopeless = CliRunner().invoke(main, [*args, "--budget", "1MB"])
+    assert hopeless.exit_code == 3 and "no single change" in hopeless.stderr
+    bad = CliRunner().invoke(main, [*args, "--budget", "lots"])
+    assert bad.exit_code == 2 and "budget 'lots' is not a size" in bad.stderr
+
+
+def test_parse_bytes():
+    assert parse_bytes("24GB") == parse_bytes("24 GiB") == parse_bytes("24") == 24 * 2**30
+    assert parse_bytes("512MB") == 512 * 2**20
+    with pytest.raises(UserError, match="must be positive"):
+        parse_bytes("0GB")
+
+
+def test_training_refuses_a_run_over_its_budget_before_loading(tmp_path, micro_model_path, text_data):
+    from lowmem.trainer import train
+
+    with pytest.raises(UserError, match=r"memory.budget_gb: plan: needs .* over the 0.00 GiB budget"):
+        train(make_config(tmp_path, micro_model_path, text_data, "memory.budget_gb=0.0001", "train.device=cpu"))
+    assert not (tmp_path / "run" / "final").exists()
+    result = train(make_config(tmp_path, micro_model_path, text_data, "memory.budget_gb=auto", "train.max_steps=1",
+                               "train.device=cpu"))
+    assert result.final_dir.exists()
+
+
+@pytest.mark.parametrize("name,billions", [("llama-3.2-1b", 1.236), ("llama-3.1-8b", 8.030), ("qwen2.5-7b", 7.616),
+                                           ("mistral-7b", 7.248), ("llama-2-13b", 13.016), ("llama-3.1-70b", 70.554)])
+def test_shipped_model_configs_have_the_published_sizes(name, billions):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lowmem import assets
+
+    config = AutoConfig.from_pretrained(assets.resolve(f"lowmem:{name}"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.001)
