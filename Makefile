@@ -49,7 +49,7 @@ SITE := import site; print(site.getsitepackages()[0])
 # runs them.
 NEEDS_INSTALL := $(addprefix --deselect tests/,test_cli.py::test_console_script_is_installed \
 	test_cli.py::test_ls_and_cp test_cli.py::test_train_shipped_recipe_by_name_then_eval \
-	test_config.py::test_shipped_recipes_all_load test_cli.py::test_a_wheel_install_lists_and_copies_the_recipes)
+	test_config.py::test_shipped_recipes_all_load test_cli.py::test_a_wheel_install_lists_and_copies_the_recipes_and_ships_the_model_configs)
 
 cuda-build: install
 	@command -v nvcc >/dev/null || { echo "cuda-build: nvcc not found on PATH (install the CUDA toolkit)"; exit 1; }

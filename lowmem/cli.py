@@ -192,6 +192,11 @@ def ls_command() -> None:
     for name, path in recipes.items():
         lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
         click.echo(f"{name:<{width}}  {lines[0] if lines else ''}")
+    from lowmem.assets import model_configs
+
+    configs = model_configs()
+    if configs:
+        click.echo("\nmodel configs for lowmem plan (model.path=lowmem:NAME): " + ", ".join(configs))
 
 
 @main.command(name="cp")

@@ -68,7 +68,7 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "train" in result.stdout
 
 
-def test_a_wheel_install_lists_and_copies_the_recipes(tmp_path):
+def test_a_wheel_install_lists_and_copies_the_recipes_and_ships_the_model_configs(tmp_path):
     # built from a copy of the tree (no build files left in the checkout), without the extension, and unpacked as
     # pip installs it; run from elsewhere, so the checkout's recipes/ cannot be found
     import shutil
@@ -81,6 +81,7 @@ def test_a_wheel_install_lists_and_copies_the_recipes(tmp_path):
         shutil.copy(root / name, source / name)
     shutil.copytree(root / "lowmem", source / "lowmem", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     shutil.copytree(root / "recipes", source / "recipes")
+    shutil.copytree(root / "model_configs", source / "model_configs")
     env = {**os.environ, "LOWMEM_SKIP_BUILD": "1"}
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
                             str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, env=env)
@@ -100,6 +101,9 @@ def test_a_wheel_install_lists_and_copies_the_recipes(tmp_path):
 
     listing = lowmem("ls")
     assert listing.returncode == 0 and all(name.removesuffix(".yaml") in listing.stdout for name in shipped), listing
+    configs = sorted(p.name for p in (root / "model_configs").iterdir())
+    assert sorted(p.parent.name for p in (site / "lowmem" / "model_configs").glob("*/config.json")) == configs
+    assert "llama-3.1-8b" in listing.stdout
     copied = lowmem("cp", "tiny-llama-pydoc", str(work))
     assert copied.returncode == 0 and (work / "tiny-llama-pydoc.yaml").read_text() == (
         root / "recipes" / "tiny-llama-pydoc.yaml").read_text()
