@@ -118,22 +118,32 @@ def train(recipe: str, overrides: tuple[str, ...]) -> None:
 @click.option("--steps", type=int, default=None, help="Steps to simulate (default: 2; HiFT: a cycle + 1).")
 @click.option("--device", "target", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="cuda adds the CUDA context, allocator and workspace terms.")
+@click.option("--fit", "search", is_flag=True, help="Search the knobs for plans that fit, rank them, write the best.")
+@click.option("--write", "write_to", type=click.Path(dir_okay=False), default=None,
+              help="With --fit: where to write the chosen recipe (default: RECIPE-fit.yaml here).")
 @user_errors
-def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: int | None, target: str) -> None:
+def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: int | None, target: str, search: bool,
+                 write_to: str | None) -> None:
     """Predict the peak memory of RECIPE's training step by running it on fake tensors (no data, no GPU).
 
     Prints the peak by component. Exit 0 if it fits --budget, 3 if not, with one line naming the change that
     makes it fit. model.path may be a shipped config (lowmem ls lists them), e.g. model.path=lowmem:llama-3.1-8b.
+    With --fit, searches strategy, rule, chunked loss, checkpointing, token elimination, int8 weights and the
+    micro-batch for plans that fit, ranks them by matrix FLOPs per token and writes the fastest as a recipe.
 
     \b
     Example:
       lowmem plan llama3-8b-adalomo-24gb model.path=lowmem:llama-3.1-8b --budget 24GB
+      lowmem plan tiny-llama-pydoc --fit --budget 200MB --device cpu
     """
     from lowmem.config import load_config
     from lowmem.plan import parse_bytes, simulate, suggestion_line
 
     config = load_config(resolve_recipe(recipe), overrides)
     limit = parse_bytes(budget)
+    if search:
+        fit_command(config, recipe, limit, target, write_to)
+        return
     plan = simulate(config, steps, target=target)
     click.echo(f"plan: {config.model.path}, {config.model.dtype}, {config.update.strategy} + {config.update.rule}, "
                f"{config.train.batch_size} x {config.data.max_seq_len} tokens x {config.train.gradient_accumulation_steps}"
@@ -146,6 +156,31 @@ def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: in
         return
     click.echo(suggestion_line(config, plan, limit, target), err=True)
     sys.exit(3)
+
+
+def fit_command(config, recipe: str, limit: int, target: str, write_to: str | None) -> None:
+    import yaml
+
+    from lowmem.config import with_overrides
+    from lowmem.plan import GiB, fit
+
+    click.echo(f"fit: searching plans under {limit / GiB:.2f} GiB for {config.model.path}")
+    found = fit(config, limit, target, progress=click.echo)
+    if not found:
+        click.echo(f"fit: no plan fits {limit / GiB:.2f} GiB (try a smaller model, data.max_seq_len or "
+                   "train.batch_size)", err=True)
+        sys.exit(3)
+    best_flops = found[0].flops_per_token
+    click.echo("rank  planned GiB  GFLOP/token  relative speed  changes")
+    for i, candidate in enumerate(found, 1):
+        click.echo(f"{i:>4}  {candidate.plan.device_bytes / GiB:>11.2f}  {candidate.flops_per_token / 1e9:>11.2f}  "
+                   f"{best_flops / max(candidate.flops_per_token, 1):>14.2f}  {' '.join(candidate.overrides)}")
+    chosen = with_overrides(config, found[0].overrides)
+    path = Path(write_to or f"{Path(recipe).stem}-fit.yaml")
+    header = (f"# lowmem plan --fit: {config.model.path} under {limit / GiB:.2f} GiB ({target}); planned "
+              f"{found[0].plan.device_bytes / GiB:.2f} GiB\n# changes: {' '.join(found[0].overrides)}\n")
+    path.write_text(header + yaml.safe_dump(chosen.to_dict(), sort_keys=False))
+    click.echo(f"wrote {path}")
 
 
 @main.command(name="eval")

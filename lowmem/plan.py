@@ -44,18 +44,26 @@ WORKSPACE_BYTES = 32 * MiB  # cuBLAS workspace (4096 KiB × 8) and attention scr
 
 class StorageAccountant(TorchDispatchMode):
     """Live bytes of tensor storages: the ones :meth:`track`-ed, and every storage an op makes inside the ``with``
-    block, until it is freed. ``peak`` is the most that was ever live together; ``at_peak`` is what
-    ``classify(live)`` returned for the live set at (within 0.1% of) that moment."""
+    block, until it is freed. ``peak`` is the most that was ever live together outside host memory (storages named
+    by :meth:`set_host` are not counted in it); ``at_peak`` is what ``classify(live)`` returned for the live set at
+    (within 0.1% of) that moment."""
 
     def __init__(self, classify=None):
         super().__init__()
         self.live: dict[int, tuple[int, str]] = {}  # id(storage) → (bytes, phase it was made in)
         self._refs: dict[int, weakref.ref] = {}
-        self.current = self.peak = 0
+        self.current = self.peak = 0  # current: every live storage; peak: of current − host_bytes
+        self.host_keys: set[int] = set()
+        self.host_bytes = 0
         self.phase = "setup"
         self.classify = classify
         self.at_peak: dict[str, int] = {}
         self._classified_total = 0
+
+    def set_host(self, keys: set[int]) -> None:
+        """The storages that live in host memory from now on (HiFT's offloaded states and frozen units)."""
+        self.host_keys = keys
+        self.host_bytes = sum(self.live[k][0] for k in keys if k in self.live)
 
     def track(self, tensor: torch.Tensor, phase: str | None = None) -> None:
         storage = tensor.untyped_storage()
@@ -71,16 +79,19 @@ class StorageAccountant(TorchDispatchMode):
             self._refs.pop(key, None)
             if entry is not None:
                 self.current -= entry[0]
+                if key in self.host_keys:
+                    self.host_bytes -= entry[0]
 
         self._refs[key] = weakref.ref(storage, freed)
         self._note_peak()
 
     def _note_peak(self) -> None:
-        if self.current <= self.peak:
+        device = self.current - self.host_bytes
+        if device <= self.peak:
             return
-        self.peak = self.current
-        if self.classify is not None and self.current > self._classified_total * 1.001:
-            self._classified_total = self.current
+        self.peak = device
+        if self.classify is not None and device > self._classified_total * 1.001:
+            self._classified_total = device
             self.at_peak = self.classify(self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -101,6 +112,7 @@ class Plan:
     steps: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    flops_per_step: float = 0.0  # matmul FLOPs of a step, averaged over the steps simulated (with count_flops)
 
     @property
     def counted_bytes(self) -> int:
@@ -220,10 +232,15 @@ def default_steps(config, strategy) -> int:
     return len(groups) + 1 if groups else 2
 
 
-def simulate(config, steps: int | None = None, fake: bool = True, model=None, target: str = "cuda") -> Plan:
+def simulate(config, steps: int | None = None, fake: bool = True, model=None, target: str = "cuda",
+             count_flops: bool = False) -> Plan:
     """Run ``steps`` training steps of ``config`` (on fake tensors unless ``fake`` is False, for comparison; then
     ``model`` is the real model to run, or it is loaded from ``model.path``) and return the plan for a ``target``
-    device (``cuda`` adds the modeled terms)."""
+    device (``cuda`` adds the modeled terms). ``count_flops`` also counts the matrix FLOPs the steps run
+    (``torch.utils.flop_counter``; recomputation, two-pass clipping and HiFT's shorter backward included, as they
+    run; attention on CPU fake tensors is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lowmem.loss import check_chunked_head, chunk_tokens_for, loss_sum
@@ -260,7 +277,8 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     unpacked = _UnpackedPositions() if fake else _nullcontext()
     device = torch.device("cpu")
     batch = _batch(config, model.config.vocab_size)
-    with unpacked, context, accountant:
+    flops = FlopCounterMode(display=False) if count_flops else _nullcontext()
+    with unpacked, context, accountant, flops:
         rule = make_rule(config.update)
         strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
         state_holder["strategy"] = strategy
@@ -276,6 +294,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
         for step in range(n_steps):
             accountant.phase = "update"
             strategy.prepare(config.update.lr)
+            accountant.set_host(_host_keys(strategy))
             if eliminator is not None:
                 eliminator.start_step(step)
             for _ in range(accum):
@@ -286,6 +305,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
                 del loss
             accountant.phase = "update"
             strategy.step()
+            accountant.set_host(_host_keys(strategy))
     device_bytes, host_bytes = _split_host(accountant, model, state_holder)
     modeled = {}
     if target == "cuda":
@@ -297,7 +317,8 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
             if in_flight:
                 modeled["streamed frozen weights in flight (2 pieces)"] = in_flight
     return Plan(device=device_bytes, modeled=modeled, host=host_bytes, steps=n_steps,
-                seconds=time.perf_counter() - start, notes=notes)
+                seconds=time.perf_counter() - start, notes=notes,
+                flops_per_step=flops.get_total_flops() / n_steps if count_flops else 0.0)
 
 
 class _nullcontext:
@@ -351,6 +372,7 @@ def _components(live: dict[int, tuple[int, str]], model, holder: dict) -> dict[s
     rule_state = _rule_state(holder["strategy"]) if "strategy" in holder else None
     if rule_state is not None:
         state = {id(t.untyped_storage()) for s in rule_state.by_param.values() for t in s.values()}
+    host = _host_keys(holder["strategy"]) if "strategy" in holder else set()
     out: dict[str, int] = {}
     for key, (nbytes, phase) in live.items():
         if key in weights:
@@ -363,41 +385,43 @@ def _components(live: dict[int, tuple[int, str]], model, holder: dict) -> dict[s
             name = "activations"
         else:
             name = "temporaries"
+        name = f"{name} {HOST_MARK}" if key in host else name
         out[name] = out.get(name, 0) + nbytes
     return out
 
 
+HOST_MARK = "(host)"
+
+
+def _host_keys(strategy) -> set[int]:
+    """Storages HiFT's residency plan keeps in host memory now: offloaded states and frozen units' weights."""
+    residency = getattr(strategy, "residency", None)
+    if residency is None:
+        return set()
+    from lowmem.residency import HOST, _own_tensors
+
+    keys = set()
+    for name, where in residency.state_location.items():
+        if where == HOST:
+            keys.update(id(t.untyped_storage()) for t in residency.rule_state.by_param.get(name, {}).values())
+    for unit in residency.units:
+        if residency.weight_location.get(unit.name) == HOST:
+            keys.update(id(t.untyped_storage()) for module in unit.modules for t in _own_tensors(module))
+    return keys
+
+
 def _split_host(accountant: StorageAccountant, model, holder: dict) -> tuple[dict[str, int], dict[str, int]]:
-    """The peak's components, with what HiFT's residency plan keeps in host memory moved to the host column."""
-    device = dict(accountant.at_peak)
+    """The peak's components on the device, and those in host memory at that moment (HiFT's offloading)."""
+    device, host = {}, {}
+    for name, n in accountant.at_peak.items():
+        if name.endswith(HOST_MARK):
+            host[name.removesuffix(HOST_MARK).strip()] = n
+        else:
+            device[name] = n
     residual = accountant.peak - sum(device.values())  # the peak is at most 0.1% above the last classified live set
     if residual > 0:
         device["temporaries"] = device.get("temporaries", 0) + residual
-    host: dict[str, int] = {}
-    residency = getattr(holder.get("strategy"), "residency", None)
-    if residency is not None:
-        from lowmem.residency import HOST
-
-        state_bytes = sum(residency._state_bytes(name) for name, where in residency.state_location.items()
-                          if where == HOST)
-        weight_bytes = sum(sum(t.numel() * t.element_size() for t in _unit_tensors(model, unit))
-                           for unit in residency.units if residency.weight_location.get(unit.name) == HOST)
-        for name, n in (("rule state", state_bytes), (_weights_name(device), weight_bytes)):
-            if n:
-                moved = min(n, device.get(name, 0))
-                device[name] = device.get(name, 0) - moved
-                host[name] = moved
     return {k: v for k, v in device.items() if v}, host
-
-
-def _weights_name(device: dict[str, int]) -> str:
-    names = [n for n in device if n.startswith("weights") and n != "weights int8"]
-    return max(names, key=lambda n: device[n]) if names else "weights"
-
-
-def _unit_tensors(model, unit) -> list[torch.Tensor]:
-    named = dict(model.named_parameters())
-    return [named[name] for name in unit.params if name in named]
 
 
 def _streamed_piece_bytes(strategy) -> int:
@@ -415,8 +439,8 @@ def suggestion_line(config, plan: Plan, budget: int, target: str = "cuda") -> st
     """One line naming the knob changes (tried by simulation, in order) that make the run fit, or saying none does."""
     over = plan.device_bytes - budget
     for overrides in candidate_changes(config):
-        candidate = with_overrides(config, overrides)  # validated: a combination the config refuses is skipped
         try:
+            candidate = with_overrides(config, overrides)  # validated: a combination the config refuses is skipped
             if simulate(candidate, target=target).fits(budget):
                 return (f"plan: needs {plan.device_bytes / GiB:.2f} GiB, {over / GiB:.2f} GiB over the "
                         f"{budget / GiB:.2f} GiB budget; fits with {' '.join(overrides)}")
@@ -435,22 +459,137 @@ def candidate_changes(config) -> list[list[str]]:
         out.append(["model.gradient_checkpointing=true"])
     if c.memory.loss_chunk_tokens == 0:
         out.append(["memory.loss_chunk_tokens=512"])
-    if c.update.strategy == "standard":
-        out.append(["update.strategy=fused", "update.rule=adalomo"])
-    if c.update.rule in ("adamw", "lion"):
-        out.append(["update.strategy=fused", "update.rule=adalomo"])
-        out.append(["update.strategy=fused", "update.rule=lion8bit"])
+    if c.update.strategy != "fused" or c.update.rule in ("adamw", "lion"):
+        out.append(strategy_change(c, "fused", "adalomo"))
+        out.append(strategy_change(c, "fused", "lion8bit"))
     if c.model.weight_format != "int8":
-        out.append(["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"])
+        out.append(["model.weight_format=int8", *strategy_change(c, "fused", "lion8bit")])
     if not c.tokens.eliminate:
         out.append(["tokens.eliminate=true", "tokens.predictor=true"])
     if c.update.strategy != "hift":
         out.append(["update.strategy=hift", "memory.offload_states=true", "memory.offload_frozen_weights=true"])
     if not c.model.gradient_checkpointing:
-        out.append(["model.gradient_checkpointing=true", "update.strategy=fused", "update.rule=adalomo"])
+        out.append(["model.gradient_checkpointing=true", *strategy_change(c, "fused", "adalomo")])
     seen, unique = set(), []
     for overrides in out:
         if tuple(overrides) not in seen:
             seen.add(tuple(overrides))
             unique.append(overrides)
     return unique
+
+
+# ----------------------------------------------------------------------------------------------- --fit
+
+
+@dataclass
+class Candidate:
+    overrides: list[str]
+    plan: Plan
+    tokens_per_step: int
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.plan.flops_per_step / max(1, self.tokens_per_step)
+
+
+def strategy_change(config, strategy: str, rule: str) -> list[str]:
+    """Overrides that switch to ``strategy`` + ``rule``, turning off what only HiFT has (its offloading) when leaving
+    it; under a fused update, no gradient accumulation (the micro-batch grows to keep the effective batch)."""
+    out = [f"update.strategy={strategy}", f"update.rule={rule}"]
+    if strategy != "hift":
+        out += ["memory.offload_states=false", "memory.offload_frozen_weights=false"]
+    accum = config.train.gradient_accumulation_steps
+    if strategy == "fused" and accum > 1:
+        out += [f"train.batch_size={config.train.batch_size * accum}", "train.gradient_accumulation_steps=1"]
+    return out
+
+
+def families(config) -> list[list[str]]:
+    """Strategy and rule combinations to search: the recipe's own first, then lowmem's leaner ones."""
+    out = [[f"update.strategy={config.update.strategy}", f"update.rule={config.update.rule}"]]
+    for strategy, rule in (("fused", config.update.rule), ("fused", "adalomo"), ("fused", "lion8bit"),
+                           ("hift", config.update.rule)):
+        choice = strategy_change(config, strategy, rule)
+        if choice[:2] not in [f[:2] for f in out]:
+            out.append(choice)
+    return out
+
+
+def savings_ladder(config) -> list[list[str]]:
+    """Memory-saving changes in order of what they cost in speed or quality, each level adding to the one before:
+    chunked loss, checkpointing, token elimination, int8 weights, then halving the micro-batch (accumulating more,
+    so the effective batch is the same; not under a fused update, which cannot accumulate)."""
+    levels: list[list[str]] = [[]]
+
+    def add(*overrides: str) -> None:
+        levels.append(levels[-1] + list(overrides))
+
+    if config.memory.loss_chunk_tokens == 0:
+        add("memory.loss_chunk_tokens=512")
+    if not config.model.gradient_checkpointing:
+        add("model.gradient_checkpointing=true")
+    if not config.tokens.eliminate and config.data.max_seq_len >= 1024:
+        add("tokens.eliminate=true", "tokens.predictor=true")
+    if config.model.weight_format != "int8":
+        add("model.weight_format=int8")
+    batch, accum = config.train.batch_size, config.train.gradient_accumulation_steps
+    fused = config.update.strategy == "fused" or (config.update.strategy == "hift" and config.hift.fused)
+    while not fused and batch > 1 and batch % 2 == 0:  # a fused update cannot accumulate gradients
+        batch, accum = batch // 2, accum * 2
+        add(f"train.batch_size={batch}", f"train.gradient_accumulation_steps={accum}")
+    return levels
+
+
+def _final(overrides: list[str]) -> list[str]:
+    """Later settings of a key replace earlier ones."""
+    by_key: dict[str, str] = {}
+    for item in overrides:
+        by_key[item.split("=", 1)[0]] = item
+    return list(by_key.values())
+
+
+def fit(config, budget: int, target: str = "cuda", progress=None) -> list[Candidate]:
+    """For each strategy/rule family, the least memory-saving level of :func:`savings_ladder` that fits ``budget``
+    (a binary search: each level saves at least what the one before does), ranked by matrix FLOPs per token, fastest
+    first."""
+    found = []
+    for family in families(config):
+        base = _final(family)
+        ladder = savings_ladder(with_overrides(config, base))
+
+        def attempt(level: int) -> Candidate | None | bool:
+            """The candidate at ``level`` if it fits, None if it does not, False if it is refused."""
+            overrides = _final(base + ladder[level])
+            try:
+                candidate_config = with_overrides(config, overrides)
+                plan = simulate(candidate_config, target=target, count_flops=True)
+            except UserError as err:  # a combination the model or the config refuses
+                if progress:
+                    progress(f"  {' '.join(overrides)}: refused ({err})")
+                return False
+            if progress:
+                progress(f"  {' '.join(overrides)}: {plan.device_bytes / GiB:.2f} GiB")
+            if not plan.fits(budget):
+                return None
+            tokens = (candidate_config.train.batch_size * candidate_config.data.max_seq_len
+                      * candidate_config.train.gradient_accumulation_steps)
+            return Candidate(overrides, plan, tokens)
+
+        best = attempt(len(ladder) - 1)  # the most saving level first: if it does not fit, nothing here does
+        if not best:
+            continue
+        low, high = 0, len(ladder) - 2
+        while low <= high:
+            middle = (low + high) // 2
+            result = attempt(middle)
+            if result:
+                best, high = result, middle - 1
+            else:  # too big, or refused: save more
+                low = middle + 1
+        found.append(best)
+    return sorted(found, key=lambda c: (c.flops_per_token, -_micro_batch(c)))
+
+
+def _micro_batch(candidate: Candidate) -> int:
+    sizes = [int(o.split("=", 1)[1]) for o in candidate.overrides if o.startswith("train.batch_size=")]
+    return sizes[-1] if sizes else 0

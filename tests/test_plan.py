@@ -125,3 +125,26 @@ def test_shipped_model_configs_have_the_published_sizes(name, billions):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.001)
+
+
+def test_fit_picks_a_plan_under_a_small_budget_and_a_real_run_of_it_stays_under(tmp_path, micro_model_path,
+                                                                                 text_data):
+    from lowmem.config import load_config
+
+    recipe = tmp_path / "recipe.yaml"
+    args = ["data.max_seq_len=64", "update.rule=adamw", "update.strategy=standard", "train.batch_size=1"]
+    config = make_config(tmp_path, micro_model_path, text_data, *args)
+    needed = simulate(config, target="cpu").device_bytes
+    budget = int(needed * 0.6)  # standard AdamW does not fit; leaner plans do
+    out = tmp_path / "fit.yaml"
+    result = CliRunner().invoke(main, ["plan", str(recipe), *args, "--fit", "--budget", f"{budget / 2**20:.4f}MB",
+                                       "--device", "cpu", "--write", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "rank" in result.output and out.exists()
+    chosen = load_config(out)
+    assert (chosen.update.strategy, chosen.update.rule) != ("standard", "adamw") or chosen.model.gradient_checkpointing
+    real = simulate(chosen, fake=False, target="cpu")  # the same steps on real tensors, counted
+    assert real.counted_bytes <= budget
+    nothing = CliRunner().invoke(main, ["plan", str(recipe), *args, "--fit", "--budget", "1MB", "--device", "cpu",
+                                        "--write", str(tmp_path / "none.yaml")])
+    assert nothing.exit_code == 3 and "no plan fits" in nothing.stderr
