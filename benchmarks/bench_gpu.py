@@ -15,7 +15,9 @@ weights) in bfloat16 with gradient checkpointing, batch 1 × ``--tokens`` random
                 shape, with the recipe's own settings.
 
 On a GPU: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` over the provider's whole run (model
-included; reset between providers), tokens/s over the steps after the first. On CPU the peak is the process's RSS
+included; reset between providers), tokens/s over the steps after the first. Each lowmem row also carries what
+``lowmem plan`` predicts for it (simulated on fake tensors before the model is built: counted bytes, and with the
+modeled CUDA terms), to compare with ``max_memory_allocated`` and ``max_memory_reserved`` and calibrate the model. On CPU the peak is the process's RSS
 high-water mark (reset per provider through /proc/self/clear_refs). Rows are appended to benchmarks/results.csv
 (or ``--out``) and a markdown table is printed. A provider that runs out of memory or cannot run is a row too.
 """
@@ -153,6 +155,28 @@ def lowmem_step(config, model, device: torch.device, n_steps: int):
     return step, n_steps
 
 
+def plan_for(recipe, config_name: str, args, device: torch.device):
+    """``lowmem plan`` of what this row runs: the recipe on the row's model shape, 1 × ``--tokens`` tokens, as many
+    steps (HiFT: its 4 groups, as :func:`lowmem_step` sets them)."""
+    import copy
+
+    from lowmem.plan import simulate
+    from lowmem.units import discover_units
+
+    config = copy.deepcopy(recipe)
+    config.model.path = str(HERE / "configs" / f"{config_name}.json")
+    config.data.max_seq_len, config.train.batch_size = args.tokens, 1
+    steps = args.steps
+    if config.update.strategy == "hift":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model.path))
+        config.hift.group_size = math.ceil(len(discover_units(shape)) / 4)
+        steps = max(steps, 5)
+    return simulate(config, steps=steps, target=device.type)
+
+
 def run_provider(name: str, spec: dict, config_name: str, args, device: torch.device) -> dict:
     from lowmem.loss import chunk_tokens_for, count_label_tokens, loss_sum
     from lowmem.model import DTYPES, enable_gradient_checkpointing
@@ -165,6 +189,7 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
         Path("/proc/self/clear_refs").write_text("5")
     n_steps = args.steps
     recipe = load_recipe(spec)
+    planned = plan_for(recipe, config_name, args, device) if recipe else None
     model = build_model(config_name, DTYPES[recipe.model.dtype] if recipe else torch.bfloat16, device)
     if recipe is None or recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -189,7 +214,8 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
         times.append(time.perf_counter() - start)
     steady = times[1:] or times
     row = {"tokens_per_s": args.tokens * len(steady) / sum(steady), "step_ms": 1e3 * sorted(steady)[len(steady) // 2],
-           "losses": losses, "steps": n_steps}
+           "losses": losses, "steps": n_steps, "planned_counted": planned.counted_bytes if planned else None,
+           "planned": planned.device_bytes if planned else None}
     if device.type == "cuda":
         row.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
     else:
@@ -222,23 +248,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     gib = 2**30 if device.type == "cuda" else 2**20
     unit = "GiB" if device.type == "cuda" else "MiB (peak RSS)"
-    print(f"| config | provider | max allocated {unit} | max reserved {unit} | tokens/s | loss first → last |")
-    print("|---|---|---|---|---|---|")
+    print(f"| config | provider | max allocated {unit} | max reserved {unit} | planned counted / with modeled {unit} | "
+          "tokens/s | loss first → last |")
+    print("|---|---|---|---|---|---|---|")
     for name, spec, config_name in cases(device, set(args.only.split(",")) if args.only else None):
         try:
             row = run_provider(name, spec, config_name, args, device)
             reserved = f"{row['reserved'] / gib:.2f}" if row["reserved"] is not None else "–"
-            line = (f"| {config_name} | {name} | {row['allocated'] / gib:.2f} | {reserved} | "
+            planned = (f"{row['planned_counted'] / gib:.2f} / {row['planned'] / gib:.2f}" if row["planned"] is not None
+                       else "–")
+            line = (f"| {config_name} | {name} | {row['allocated'] / gib:.2f} | {reserved} | {planned} | "
                     f"{row['tokens_per_s']:.0f} | {row['losses'][0]:.3f} → {row['losses'][-1]:.3f} |")
         except ImportError as err:
             row = {"error": f"not installed ({err.name})"}
-            line = f"| {config_name} | {name} | {row['error']} | | | |"
+            line = f"| {config_name} | {name} | {row['error']} | | | | |"
         except torch.cuda.OutOfMemoryError:
             row = {"error": f"out of memory (peak {torch.cuda.max_memory_allocated() / gib:.1f} GiB)"}
-            line = f"| {config_name} | {name} | {row['error']} | | | |"
+            line = f"| {config_name} | {name} | {row['error']} | | | | |"
         except Exception as err:  # a provider that fails is reported, not fatal: the others still run
             row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
-            line = f"| {config_name} | {name} | failed: {row['error']} | | | |"
+            line = f"| {config_name} | {name} | failed: {row['error']} | | | | |"
         print(line, flush=True)
         results.append({"provider": name, "config": config_name, **row})
     rows = []
@@ -251,7 +280,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append({**base, "p50_ms": round(r["step_ms"], 1), "mb": round(r["allocated"] / 2**20, 1),
                          "mb_reserved": round(r["reserved"] / 2**20, 1) if r["reserved"] is not None else "",
                          "tokens_per_s": round(r["tokens_per_s"], 1),
-                         "note": json.dumps({"loss": [round(x, 4) for x in r["losses"]], "steps": r["steps"]})})
+                         "note": json.dumps({"loss": [round(x, 4) for x in r["losses"]], "steps": r["steps"],
+                                             "planned_counted_bytes": r["planned_counted"],
+                                             "planned_bytes": r["planned"]})})
     append_rows(rows, Path(args.out))
     return results
 

@@ -23,6 +23,9 @@ def test_gpu_benchmark_runs_every_provider_in_cpu_mode(tmp_path):
     for r in results:
         if "error" not in r:
             assert r["allocated"] > 0 and r["tokens_per_s"] > 0 and all(math.isfinite(x) for x in r["losses"])
+    for r in results:  # every lowmem row carries its plan; on CPU it is the counted bytes alone
+        if r["provider"].startswith(("lowmem", "recipe")) and "error" not in r:
+            assert r["planned"] == r["planned_counted"] > 0
     hift = next(r for r in results if r["provider"] == "lowmem hift+adamw offload")
     assert hift["steps"] == 5  # one full cycle of 4 groups, and one step more
     rows = list(csv.DictReader(open(out)))
