@@ -4,8 +4,8 @@ plan takes, and planned against measured on the ~106M Llama on CPU.
     pip install matplotlib   # for the plot only
     python benchmarks/bench_plan.py [--part planned,measured] [--threads 2]
 
-planned   every shipped model config × {AdamW, AdamW in backward (torchtune's optimizer_in_bwd), LOMO, AdaLomo,
-          QFT, HiFT + AdamW with offloading} at bf16, 1 × 2048 tokens, gradient checkpointing and chunked loss (as the
+planned   every shipped model config × {AdamW, bitsandbytes' AdamW8bit, AdamW in backward (torchtune's
+          optimizer_in_bwd), LOMO, AdaLomo, QFT, HiFT + AdamW with offloading} at bf16, 1 × 2048 tokens, gradient checkpointing and chunked loss (as the
           24 GB recipes), for a CUDA device: planned peak with its modeled terms, and the seconds the simulation took.
           Writes benchmarks/plan_components.png (the 8B model's peak by component per mode).
 measured  on the ~106M Llama (float32, 2 × 256 tokens, 3 steps) for every strategy × rule: the simulated peak of
@@ -31,6 +31,7 @@ COMMON = ["model.dtype=bfloat16", "model.gradient_checkpointing=true", "memory.l
           "data.max_seq_len=2048", "train.batch_size=1", "update.clip_grad_norm=null"]
 MODES = {
     "AdamW": ["update.strategy=standard", "update.rule=adamw"],
+    "8-bit AdamW (bitsandbytes)": ["peer=bnb-adamw8bit"],
     "AdamW in backward": ["update.strategy=fused", "update.rule=adamw"],
     "LOMO (fused SGD)": ["update.strategy=fused", "update.rule=sgd"],
     "AdaLomo (fused)": ["update.strategy=fused", "update.rule=adalomo"],
@@ -38,24 +39,26 @@ MODES = {
     "HiFT + AdamW, offloaded": ["update.strategy=hift", "update.rule=adamw", "hift.group_size=8",
                                 "memory.offload_states=true", "memory.offload_frozen_weights=true"],
 }
-SLOW = {"llama-3.1-70b": ["AdamW", "AdaLomo (fused)", "QFT (int8 + lion8bit)"]}  # a 70B step takes minutes here
+SLOW = {"llama-3.1-70b": ["AdamW", "8-bit AdamW (bitsandbytes)", "AdaLomo (fused)", "QFT (int8 + lion8bit)"]}  # a 70B step takes minutes here
 STRATEGY_RULES = [("standard", "adamw"), ("standard", "sgd"), ("standard", "adafactor"), ("standard", "lion"),
                   ("fused", "sgd"), ("fused", "adalomo"), ("fused", "adamw"), ("fused", "lion8bit"),
                   ("hift", "adamw"), ("hift", "adafactor")]
 
 
-def planned() -> list[dict]:
+def planned(modes: list[str]) -> list[dict]:
     from lowmem.config import load_config
     from lowmem.plan import GiB, simulate
 
     rows = []
     for model in MODELS:
-        for mode, overrides in MODES.items():
+        for mode in modes:
             if model in SLOW and mode not in SLOW[model]:
                 continue
+            overrides = [o for o in MODES[mode] if not o.startswith("peer=")]
+            peer = next((o.split("=", 1)[1] for o in MODES[mode] if o.startswith("peer=")), None)
             config = load_config(RECIPE, [f"model.path=lowmem:{model}", *COMMON, *overrides])
             start = time.perf_counter()
-            plan = simulate(config, target="cuda")
+            plan = simulate(config, target="cuda", peer=peer)
             seconds = time.perf_counter() - start
             rows.append({"model": model, "mode": mode, "planned_gib": plan.device_bytes / GiB,
                          "host_gib": sum(plan.host.values()) / GiB, "seconds": seconds, "steps": plan.steps,
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3)
     parser.add_argument("--part", default="planned,measured")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", default=None, help="comma-separated planned modes (default: all, and the plot)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measured_worker(*args.worker)))
@@ -154,12 +158,13 @@ def main() -> None:
     if "planned" in args.part:
         print("| model | mode | planned GiB | fits 24 GB | host GiB | steps simulated | plan s |\n"
               "|---|---|---|---|---|---|---|")
-        rows = planned()
+        rows = planned(args.modes.split(",") if args.modes else list(MODES))
         csv_rows += [{**base_row("plan_planned"), "case": r["model"], "provider": r["mode"],
                       "mb": round(r["planned_gib"] * 1024, 1), "p50_ms": round(r["seconds"] * 1e3),
                       "note": f"planned for cuda, {r['steps']} steps simulated"} for r in rows]
         try:
-            plot(rows, HERE / "plan_components.png")
+            if not args.modes:
+                plot(rows, HERE / "plan_components.png")
         except ImportError:
             print("matplotlib not installed: no plot")
     if "measured" in args.part:

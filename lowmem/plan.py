@@ -232,13 +232,44 @@ def default_steps(config, strategy) -> int:
     return len(groups) + 1 if groups else 2
 
 
+class PeerAdamW8bit:
+    """A baseline for comparison, run like a strategy: bitsandbytes' ``AdamW8bit`` in the plain loop (backward, step,
+    zero_grad), its two moments as uint8 blocks of 256 with float32 absmax (tensors under 4096 values in float32)."""
+
+    name = "bnb AdamW8bit"
+
+    def __init__(self, model, lr: float):
+        import bitsandbytes as bnb
+
+        # made outside fake mode: its code maps are built from values
+        self.optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def prepare(self, lr: float) -> None:
+        pass
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> dict:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {}
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+
+
+PEERS = {"bnb-adamw8bit": PeerAdamW8bit}
+
+
 def simulate(config, steps: int | None = None, fake: bool = True, model=None, target: str = "cuda",
-             count_flops: bool = False) -> Plan:
+             count_flops: bool = False, peer: str | None = None) -> Plan:
     """Run ``steps`` training steps of ``config`` (on fake tensors unless ``fake`` is False, for comparison; then
     ``model`` is the real model to run, or it is loaded from ``model.path``) and return the plan for a ``target``
     device (``cuda`` adds the modeled terms). ``count_flops`` also counts the matrix FLOPs the steps run
     (``torch.utils.flop_counter``; recomputation, two-pass clipping and HiFT's shorter backward included, as they
-    run; attention on CPU fake tensors is not counted)."""
+    run; attention on CPU fake tensors is not counted). ``peer`` runs a baseline of :data:`PEERS` instead of the
+    recipe's strategy and rule."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -278,9 +309,13 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     device = torch.device("cpu")
     batch = _batch(config, model.config.vocab_size)
     flops = FlopCounterMode(display=False) if count_flops else _nullcontext()
+    baseline = PEERS[peer](model, config.update.lr) if peer else None
     with unpacked, context, accountant, flops:
-        rule = make_rule(config.update)
-        strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
+        if baseline is None:
+            strategy = make_strategy(config.update.strategy, model, make_rule(config.update), config.update, config,
+                                     device)
+        else:
+            strategy = baseline
         state_holder["strategy"] = strategy
         if config.tokens.eliminate:
             t = config.tokens
@@ -312,7 +347,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
         counted = sum(device_bytes.values())
         modeled = {"CUDA context": CUDA_CONTEXT_BYTES, "allocator rounding and fragmentation (5%)":
                    int(ALLOCATOR_OVERHEAD * counted), "cuBLAS and attention workspaces": WORKSPACE_BYTES}
-        if state_holder["strategy"].__class__.__name__ == "HiftStrategy" and config.memory.offload_frozen_weights:
+        if getattr(state_holder["strategy"], "residency", None) is not None and config.memory.offload_frozen_weights:
             in_flight = _streamed_piece_bytes(state_holder["strategy"])
             if in_flight:
                 modeled["streamed frozen weights in flight (2 pieces)"] = in_flight
@@ -369,9 +404,12 @@ def _components(live: dict[int, tuple[int, str]], model, holder: dict) -> dict[s
     weights = _weight_labels(model)
     grads = {id(p.grad.untyped_storage()) for p in model.parameters() if p.grad is not None}
     state = set()
-    rule_state = _rule_state(holder["strategy"]) if "strategy" in holder else None
+    strategy = holder.get("strategy")
+    rule_state = _rule_state(strategy) if strategy is not None else None
     if rule_state is not None:
         state = {id(t.untyped_storage()) for s in rule_state.by_param.values() for t in s.values()}
+    elif hasattr(strategy, "state_tensors"):
+        state = {id(t.untyped_storage()) for t in strategy.state_tensors()}
     host = _host_keys(holder["strategy"]) if "strategy" in holder else set()
     out: dict[str, int] = {}
     for key, (nbytes, phase) in live.items():

@@ -148,3 +148,17 @@ def test_fit_picks_a_plan_under_a_small_budget_and_a_real_run_of_it_stays_under(
     nothing = CliRunner().invoke(main, ["plan", str(recipe), *args, "--fit", "--budget", "1MB", "--device", "cpu",
                                         "--write", str(tmp_path / "none.yaml")])
     assert nothing.exit_code == 3 and "no plan fits" in nothing.stderr
+
+
+def test_the_bitsandbytes_8bit_adamw_baseline_plans_as_it_runs(tmp_path, micro_model_path, text_data):
+    pytest.importorskip("bitsandbytes")
+    config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64")
+    planned = simulate(config, steps=2, peer="bnb-adamw8bit")
+    real = simulate(config, steps=2, fake=False, peer="bnb-adamw8bit")
+    assert planned.counted_bytes == pytest.approx(real.counted_bytes, rel=0.02)
+    # two uint8 moments per value of the large tensors, float32 for those under bitsandbytes' 4096-value threshold
+    from lowmem.model import load_model
+
+    params = list(load_model(micro_model_path).parameters())
+    expected = sum(2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel() for p in params)
+    assert planned.device["rule state"] == pytest.approx(expected, rel=0.01)
