@@ -232,6 +232,24 @@ def default_steps(config, strategy) -> int:
     return len(groups) + 1 if groups else 2
 
 
+def _register_cpu_attention_flops() -> None:
+    """torch counts the FLOPs of its CUDA attention kernels but not of the CPU one that fake CPU tensors dispatch to:
+    give it the same formulas (the full, non-causal count, as torch does for the CUDA kernels)."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu, get_raw=True)
+    def forward_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+    @flop_counter.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward, get_raw=True)
+    def backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+        return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
 class PeerAdamW8bit:
     """A baseline for comparison, run like a strategy: bitsandbytes' ``AdamW8bit`` in the plain loop (backward, step,
     zero_grad), its two moments as uint8 blocks of 256 with float32 absmax (tensors under 4096 values in float32)."""
@@ -268,7 +286,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     ``model`` is the real model to run, or it is loaded from ``model.path``) and return the plan for a ``target``
     device (``cuda`` adds the modeled terms). ``count_flops`` also counts the matrix FLOPs the steps run
     (``torch.utils.flop_counter``; recomputation, two-pass clipping and HiFT's shorter backward included, as they
-    run; attention on CPU fake tensors is not counted). ``peer`` runs a baseline of :data:`PEERS` instead of the
+    run, attention included). ``peer`` runs a baseline of :data:`PEERS` instead of the
     recipe's strategy and rule."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -308,6 +326,8 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     unpacked = _UnpackedPositions() if fake else _nullcontext()
     device = torch.device("cpu")
     batch = _batch(config, model.config.vocab_size)
+    if count_flops:
+        _register_cpu_attention_flops()
     flops = FlopCounterMode(display=False) if count_flops else _nullcontext()
     baseline = PEERS[peer](model, config.update.lr) if peer else None
     with unpacked, context, accountant, flops:

@@ -162,3 +162,24 @@ def test_the_bitsandbytes_8bit_adamw_baseline_plans_as_it_runs(tmp_path, micro_m
     params = list(load_model(micro_model_path).parameters())
     expected = sum(2 * p.numel() + 8 * -(-p.numel() // 256) if p.numel() >= 4096 else 8 * p.numel() for p in params)
     assert planned.device["rule state"] == pytest.approx(expected, rel=0.01)
+
+
+def test_counted_flops_include_attention_and_recomputation(tmp_path, micro_model_path, text_data):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lowmem.model import load_model
+    from lowmem.plan import _register_cpu_attention_flops
+
+    args = ["data.max_seq_len=64", "update.strategy=fused", "update.rule=adalomo"]
+    flops = simulate(make_config(tmp_path, micro_model_path, text_data, *args), steps=1, target="cpu",
+                     count_flops=True).flops_per_step
+    n = sum(p.numel() for p in load_model(micro_model_path).parameters())
+    assert flops > 0.5 * 6 * n * 2 * 64  # forward + backward of every matrix: roughly 6 × parameters × tokens
+    recomputed = simulate(make_config(tmp_path, micro_model_path, text_data, *args, "model.gradient_checkpointing=true"),
+                          steps=1, target="cpu", count_flops=True).flops_per_step
+    assert recomputed > flops  # the layers' forward runs again in backward
+    _register_cpu_attention_flops()
+    q = torch.randn(1, 2, 32, 8)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert counter.get_total_flops() == 4 * 1 * 2 * 32 * 32 * 8  # QKᵀ and PV: 2 × 2·s²·d per head
