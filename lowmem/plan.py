@@ -286,11 +286,9 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     ``model`` is the real model to run, or it is loaded from ``model.path``) and return the plan for a ``target``
     device (``cuda`` adds the modeled terms). ``count_flops`` also counts the matrix FLOPs the steps run
     (``torch.utils.flop_counter``; recomputation, two-pass clipping and HiFT's shorter backward included, as they
-    run, attention included). ``peer`` runs a baseline of :data:`PEERS` instead of the
-    recipe's strategy and rule."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    run, attention included). ``peer`` runs a baseline of :data:`PEERS` instead of the recipe's strategy and rule."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
 
     from lowmem.loss import check_chunked_head, chunk_tokens_for, loss_sum
     from lowmem.rules import make_rule
