@@ -172,9 +172,28 @@ _lib.define(
 )
 
 
+LION_CHUNK = 2**24  # values per slice of a float-momentum Lion step: its float32 temporaries stay ≤ 4 × 64 MiB
+
+
 def lion_update_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale) -> None:
     """One Lion step with a float32 momentum ``exp_avg`` (shaped like ``param``), in place: c = β₁m + (1−β₁)g,
-    θ ← θ(1 − lr·wd) − lr·sign(c), m ← β₂m + (1−β₂)g. The ``lion`` rule and the lion8bit reference share it."""
+    θ ← θ(1 − lr·wd) − lr·sign(c), m ← β₂m + (1−β₂)g. The ``lion`` rule and the lion8bit reference share it.
+
+    Element-wise, so it runs over slices of :data:`LION_CHUNK` values: the float32 gradient, c, sign(c) and the
+    float32 copy of a 16-bit weight exist one slice at a time. For a 128k-vocabulary embedding (Llama-3's, kept
+    unquantized under lion8bit) that is ≤ 256 MiB instead of 8 GiB of temporaries."""
+    flat_param = param.view(-1) if param.is_contiguous() else None
+    if flat_param is None or not exp_avg.is_contiguous():  # a strided view: one pass over the whole tensor
+        _lion_slice_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale)
+        return
+    flat_grad, flat_avg = grad.reshape(-1), exp_avg.view(-1)
+    for start in range(0, flat_param.numel(), LION_CHUNK):
+        end = start + LION_CHUNK
+        _lion_slice_(flat_param[start:end], flat_grad[start:end], flat_avg[start:end], lr, beta1, beta2,
+                     weight_decay, grad_scale)
+
+
+def _lion_slice_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale) -> None:
     g = scaled_grad(grad, grad_scale)
     c = exp_avg.mul(beta1).add_(g, alpha=1.0 - beta1)
     work = param if param.dtype == torch.float32 else param.float()
