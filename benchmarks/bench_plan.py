@@ -45,12 +45,12 @@ STRATEGY_RULES = [("standard", "adamw"), ("standard", "sgd"), ("standard", "adaf
                   ("hift", "adamw"), ("hift", "adafactor")]
 
 
-def planned(modes: list[str]) -> list[dict]:
+def planned(modes: list[str], models: list[str]) -> list[dict]:
     from lowmem.config import load_config
     from lowmem.plan import GiB, simulate
 
     rows = []
-    for model in MODELS:
+    for model in models:
         for mode in modes:
             if model in SLOW and mode not in SLOW[model]:
                 continue
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--part", default="planned,measured")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default=None, help="comma-separated planned modes (default: all, and the plot)")
+    parser.add_argument("--models", default=None, help="comma-separated model configs (default: all)")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(measured_worker(*args.worker)))
@@ -158,7 +159,8 @@ def main() -> None:
     if "planned" in args.part:
         print("| model | mode | planned GiB | fits 24 GB | host GiB | steps simulated | plan s |\n"
               "|---|---|---|---|---|---|---|")
-        rows = planned(args.modes.split(",") if args.modes else list(MODES))
+        rows = planned(args.modes.split(",") if args.modes else list(MODES),
+                       args.models.split(",") if args.models else MODELS)
         csv_rows += [{**base_row("plan_planned"), "case": r["model"], "provider": r["mode"],
                       "mb": round(r["planned_gib"] * 1024, 1), "p50_ms": round(r["seconds"] * 1e3),
                       "note": f"planned for cuda, {r['steps']} steps simulated"} for r in rows]

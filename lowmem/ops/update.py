@@ -172,25 +172,28 @@ _lib.define(
 )
 
 
-LION_CHUNK = 2**24  # values per slice of a float-momentum Lion step: its float32 temporaries stay ≤ 4 × 64 MiB
+SLICE = 2**24  # values per slice of an element-wise pure-PyTorch update: its float32 temporaries are 64 MiB each
+
+
+def in_slices(param: torch.Tensor, grad: torch.Tensor, *states: torch.Tensor):
+    """(param, grad, *states) as matching 1-D slices of :data:`SLICE` values, for an element-wise update that writes
+    param and states in place; the whole tensors at once when one of them is not contiguous (views of it would not
+    write through). The float32 gradient, the float32 copy of a 16-bit weight and the update's intermediates then
+    exist one slice at a time: for a 128k-vocabulary embedding (Llama-3's) ≤ 64 MiB each instead of 2 GiB each."""
+    if not (param.is_contiguous() and all(s.is_contiguous() for s in states)):
+        yield (param, grad, *states)
+        return
+    flat = [param.view(-1), grad.reshape(-1), *(s.view(-1) for s in states)]
+    for start in range(0, param.numel(), SLICE):
+        yield tuple(t[start:start + SLICE] for t in flat)
 
 
 def lion_update_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale) -> None:
     """One Lion step with a float32 momentum ``exp_avg`` (shaped like ``param``), in place: c = β₁m + (1−β₁)g,
     θ ← θ(1 − lr·wd) − lr·sign(c), m ← β₂m + (1−β₂)g. The ``lion`` rule and the lion8bit reference share it.
-
-    Element-wise, so it runs over slices of :data:`LION_CHUNK` values: the float32 gradient, c, sign(c) and the
-    float32 copy of a 16-bit weight exist one slice at a time. For a 128k-vocabulary embedding (Llama-3's, kept
-    unquantized under lion8bit) that is ≤ 256 MiB instead of 8 GiB of temporaries."""
-    flat_param = param.view(-1) if param.is_contiguous() else None
-    if flat_param is None or not exp_avg.is_contiguous():  # a strided view: one pass over the whole tensor
-        _lion_slice_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale)
-        return
-    flat_grad, flat_avg = grad.reshape(-1), exp_avg.view(-1)
-    for start in range(0, flat_param.numel(), LION_CHUNK):
-        end = start + LION_CHUNK
-        _lion_slice_(flat_param[start:end], flat_grad[start:end], flat_avg[start:end], lr, beta1, beta2,
-                     weight_decay, grad_scale)
+    Runs :func:`in_slices`."""
+    for p, g, m in in_slices(param, grad, exp_avg):
+        _lion_slice_(p, g, m, lr, beta1, beta2, weight_decay, grad_scale)
 
 
 def _lion_slice_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale) -> None:

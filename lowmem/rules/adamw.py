@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.ops.update import scaled_grad
+from lowmem.ops.update import in_slices, scaled_grad
 
 
 @dataclass
@@ -41,17 +41,18 @@ class AdamW:
         # float64 as torch.optim.AdamW computes them on the host: reading the count on the host would stall the
         # device once per tensor. The update is torch's ``param.addcdiv_(exp_avg, denom, value=-step_size)``
         # written with a device-side step size (same operations and rounding, and lr = 0 stays exact).
+        # Element-wise, so it runs in slices (``in_slices``): its float32 temporaries exist one slice at a time.
         state["step"] += 1
         step = state["step"].double()
-        work = param if param.dtype == torch.float32 else param.float()
-        grad = scaled_grad(grad, grad_scale)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        work.mul_(1 - lr * self.weight_decay)
-        exp_avg.lerp_(grad, 1 - self.beta1)
-        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         bias_correction1 = 1 - torch.pow(self.beta1, step)
         bias_correction2 = 1 - torch.pow(self.beta2, step)
-        denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(self.eps)
-        work.add_(torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1))
-        if work is not param:
-            param.copy_(work)
+        for p, g, exp_avg, exp_avg_sq in in_slices(param, grad, state["exp_avg"], state["exp_avg_sq"]):
+            work = p if p.dtype == torch.float32 else p.float()
+            g = scaled_grad(g, grad_scale)
+            work.mul_(1 - lr * self.weight_decay)
+            exp_avg.lerp_(g, 1 - self.beta1)
+            exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(self.eps)
+            work.add_(torch.div(exp_avg, denom, out=denom).mul_(-lr / bias_correction1))
+            if work is not p:
+                p.copy_(work)
