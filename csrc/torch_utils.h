@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace lowmem {
 
@@ -142,6 +143,29 @@ inline TokenBlocks check_token_blocks(const at::Tensor& x, const at::Tensor& blo
   t.rows = t.kept * block_size + t.tail;
   t.row_bytes = (t.length > 0 ? x.numel() / (t.x_batch * t.length) : 0) * static_cast<int64_t>(x.element_size());
   return t;
+}
+
+// The shape of x's kept rows: [batch, rows, ...].
+inline std::vector<int64_t> packed_shape(const at::Tensor& x, const TokenBlocks& t) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape[0] = t.batch;
+  shape[1] = t.rows;
+  return shape;
+}
+
+// scatter_blocks' src: base's kept rows, same dtype and device, contiguous; base is not broadcast.
+inline void check_scatter_src(const at::Tensor& base, const at::Tensor& src, const TokenBlocks& t) {
+  TORCH_CHECK(t.x_batch == t.batch, "lowmem: scatter_blocks: base has batch ", t.x_batch, ", blocks ", t.batch);
+  const std::vector<int64_t> packed = packed_shape(base, t);
+  TORCH_CHECK(src.sizes() == at::IntArrayRef(packed) && src.scalar_type() == base.scalar_type() && src.is_contiguous() &&
+                  src.device() == base.device(),
+              "lowmem: scatter_blocks: src must be contiguous ", base.scalar_type(), " of shape ", at::IntArrayRef(packed),
+              " on ", base.device(), ", got ", src.scalar_type(), " of shape ", src.sizes(), " on ", src.device());
+}
+
+inline void check_pool_args(const at::Tensor& scores, int64_t block_size) {
+  TORCH_CHECK(block_size > 0 && scores.dim() == 2, "lowmem: pool_blocks: expected [batch, seq] scores and a positive "
+              "block_size, got ", scores.sizes(), " and ", block_size);
 }
 
 }  // namespace lowmem

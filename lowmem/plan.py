@@ -23,6 +23,7 @@ The same accountant counts a real CPU run (``simulate(config, fake=False)``); th
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -45,8 +46,8 @@ WORKSPACE_BYTES = 32 * MiB  # cuBLAS workspace (4096 KiB × 8) and attention scr
 class StorageAccountant(TorchDispatchMode):
     """Live bytes of tensor storages: the ones :meth:`track`-ed, and every storage an op makes inside the ``with``
     block, until it is freed. ``peak`` is the most that was ever live together outside host memory (storages named
-    by :meth:`set_host` are not counted in it); ``at_peak`` is what ``classify(live)`` returned for the live set at
-    (within 0.1% of) that moment."""
+    by :meth:`set_host` are not counted in it); ``at_peak`` is what ``classify(live, host_keys)`` returned for the
+    live set at (within 0.1% of) that moment."""
 
     def __init__(self, classify=None):
         super().__init__()
@@ -92,7 +93,7 @@ class StorageAccountant(TorchDispatchMode):
         self.peak = device
         if self.classify is not None and device > self._classified_total * 1.001:
             self._classified_total = device
-            self.at_peak = self.classify(self.live)
+            self.at_peak = self.classify(self.live, self.host_keys)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -317,16 +318,16 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     elif chunk:
         notes.append(f"loss chunked by {chunk} positions, assuming the model's head passes the trainer's probe")
     state_holder: dict = {}
-    accountant = StorageAccountant(lambda live: _components(live, model, state_holder))
+    accountant = StorageAccountant(lambda live, host: _components(live, host, model, state_holder))
     for tensor in [*model.parameters(), *model.buffers()]:
         accountant.track(tensor, "weights")
-    context = mode if fake else _nullcontext()
-    unpacked = _UnpackedPositions() if fake else _nullcontext()
+    context = mode if fake else contextlib.nullcontext()
+    unpacked = _UnpackedPositions() if fake else contextlib.nullcontext()
     device = torch.device("cpu")
     batch = _batch(config, model.config.vocab_size)
     if count_flops:
         _register_cpu_attention_flops()
-    flops = FlopCounterMode(display=False) if count_flops else _nullcontext()
+    flops = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     baseline = PEERS[peer](model, config.update.lr) if peer else None
     with unpacked, context, accountant, flops:
         if baseline is None:
@@ -359,7 +360,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
             accountant.phase = "update"
             strategy.step()
             accountant.set_host(_host_keys(strategy))
-    device_bytes, host_bytes = _split_host(accountant, model, state_holder)
+    device_bytes, host_bytes = _split_host(accountant)
     modeled = {}
     if target == "cuda":
         counted = sum(device_bytes.values())
@@ -372,14 +373,6 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     return Plan(device=device_bytes, modeled=modeled, host=host_bytes, steps=n_steps,
                 seconds=time.perf_counter() - start, notes=notes,
                 flops_per_step=flops.get_total_flops() / n_steps if count_flops else 0.0)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _UnpackedPositions:
@@ -417,8 +410,8 @@ def _weight_labels(model) -> dict[int, str]:
     return labels
 
 
-def _components(live: dict[int, tuple[int, str]], model, holder: dict) -> dict[str, int]:
-    """The live storages by component (the module docstring's names)."""
+def _components(live: dict[int, tuple[int, str]], host: set[int], model, holder: dict) -> dict[str, int]:
+    """The live storages by component (the module docstring's names); those in ``host`` marked as in host memory."""
     weights = _weight_labels(model)
     grads = {id(p.grad.untyped_storage()) for p in model.parameters() if p.grad is not None}
     state = set()
@@ -428,7 +421,6 @@ def _components(live: dict[int, tuple[int, str]], model, holder: dict) -> dict[s
         state = {id(t.untyped_storage()) for s in rule_state.by_param.values() for t in s.values()}
     elif hasattr(strategy, "state_tensors"):
         state = {id(t.untyped_storage()) for t in strategy.state_tensors()}
-    host = _host_keys(holder["strategy"]) if "strategy" in holder else set()
     out: dict[str, int] = {}
     for key, (nbytes, phase) in live.items():
         if key in weights:
@@ -466,7 +458,7 @@ def _host_keys(strategy) -> set[int]:
     return keys
 
 
-def _split_host(accountant: StorageAccountant, model, holder: dict) -> tuple[dict[str, int], dict[str, int]]:
+def _split_host(accountant: StorageAccountant) -> tuple[dict[str, int], dict[str, int]]:
     """The peak's components on the device, and those in host memory at that moment (HiFT's offloading)."""
     device, host = {}, {}
     for name, n in accountant.at_peak.items():

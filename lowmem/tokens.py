@@ -159,14 +159,14 @@ class TokenEliminator:
         if not fits_now:
             return self.pool(predictor.predict(normed, counts))
         exact = self.exact_token_scores(layer, normed, kwargs)
+        blocks = self.pool(exact)
         if self._fitted_at.get(i) != self.step:  # once per step: not again for later micro-batches or recomputation
             if predictor.weight is not None:
-                blocks = self.pool(exact)
                 self._recalls.append(block_recall(self.pool(predictor.predict(normed, counts)), blocks,
                                                   self.keep_count(blocks.shape[1])))
             predictor.fit(normed, exact, counts)
             self._fitted_at[i] = self.step
-        return self.pool(exact)
+        return blocks
 
     @torch.no_grad()
     def exact_token_scores(self, layer, normed: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -10,7 +10,6 @@
 #include <torch/library.h>
 
 #include <cstring>
-#include <vector>
 
 #include "../torch_utils.h"
 
@@ -53,10 +52,7 @@ void check_block_indices(const at::Tensor& blocks, const TokenBlocks& t, const c
 at::Tensor gather_blocks_cpu(const at::Tensor& x, const at::Tensor& blocks, int64_t block_size) {
   const TokenBlocks t = check_token_blocks(x, blocks, block_size, "gather_blocks");
   check_block_indices(blocks, t, "gather_blocks");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape[0] = t.batch;
-  shape[1] = t.rows;
-  auto out = at::empty(shape, x.options());
+  auto out = at::empty(packed_shape(x, t), x.options());
   copy_segments(true, static_cast<char*>(out.data_ptr()), static_cast<const char*>(x.data_ptr()),
                 blocks.data_ptr<int64_t>(), t, block_size);
   return out;
@@ -65,13 +61,7 @@ at::Tensor gather_blocks_cpu(const at::Tensor& x, const at::Tensor& blocks, int6
 at::Tensor scatter_blocks_cpu(const at::Tensor& base, const at::Tensor& src, const at::Tensor& blocks,
                               int64_t block_size) {
   const TokenBlocks t = check_token_blocks(base, blocks, block_size, "scatter_blocks");
-  TORCH_CHECK(t.x_batch == t.batch, "lowmem: scatter_blocks: base has batch ", t.x_batch, ", blocks ", t.batch);
-  std::vector<int64_t> packed(base.sizes().begin(), base.sizes().end());
-  packed[1] = t.rows;
-  TORCH_CHECK(src.sizes() == at::IntArrayRef(packed) && src.scalar_type() == base.scalar_type() && src.is_contiguous() &&
-                  src.device() == base.device(),
-              "lowmem: scatter_blocks: src must be contiguous ", base.scalar_type(), " of shape ", at::IntArrayRef(packed),
-              " on ", base.device(), ", got ", src.scalar_type(), " of shape ", src.sizes(), " on ", src.device());
+  check_scatter_src(base, src, t);
   check_block_indices(blocks, t, "scatter_blocks");
   auto out = base.clone();
   copy_segments(false, static_cast<char*>(out.data_ptr()), static_cast<const char*>(src.data_ptr()),
@@ -80,8 +70,7 @@ at::Tensor scatter_blocks_cpu(const at::Tensor& base, const at::Tensor& src, con
 }
 
 at::Tensor pool_blocks_cpu(const at::Tensor& scores_in, int64_t block_size) {
-  TORCH_CHECK(block_size > 0 && scores_in.dim() == 2, "lowmem: pool_blocks: expected [batch, seq] scores and a positive "
-              "block_size, got ", scores_in.sizes(), " and ", block_size);
+  check_pool_args(scores_in, block_size);
   const at::Tensor scores = scores_in.contiguous();
   const int64_t batch = scores.size(0), length = scores.size(1), n_blocks = length / block_size;
   auto out = at::empty({batch, n_blocks}, scores.options().dtype(at::kFloat));

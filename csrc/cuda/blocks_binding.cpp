@@ -7,8 +7,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <vector>
-
 #include "../torch_utils.h"
 #include "launch.h"
 
@@ -22,10 +20,7 @@ void check_launch(int err, const char* what) {
 at::Tensor gather_blocks_cuda(const at::Tensor& x, const at::Tensor& blocks, int64_t block_size) {
   const TokenBlocks t = check_token_blocks(x, blocks, block_size, "gather_blocks");
   const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape[0] = t.batch;
-  shape[1] = t.rows;
-  auto out = at::empty(shape, x.options());
+  auto out = at::empty(packed_shape(x, t), x.options());
   check_launch(copy_token_blocks_cuda_launch(true, out.data_ptr(), x.data_ptr(), blocks.data_ptr<int64_t>(), t.batch,
                                              t.x_batch, t.length, t.full_blocks, t.kept, block_size, t.row_bytes,
                                              c10::cuda::getCurrentCUDAStream()),
@@ -36,13 +31,7 @@ at::Tensor gather_blocks_cuda(const at::Tensor& x, const at::Tensor& blocks, int
 at::Tensor scatter_blocks_cuda(const at::Tensor& base, const at::Tensor& src, const at::Tensor& blocks,
                                int64_t block_size) {
   const TokenBlocks t = check_token_blocks(base, blocks, block_size, "scatter_blocks");
-  TORCH_CHECK(t.x_batch == t.batch, "lowmem: scatter_blocks: base has batch ", t.x_batch, ", blocks ", t.batch);
-  std::vector<int64_t> packed(base.sizes().begin(), base.sizes().end());
-  packed[1] = t.rows;
-  TORCH_CHECK(src.sizes() == at::IntArrayRef(packed) && src.scalar_type() == base.scalar_type() && src.is_contiguous() &&
-                  src.device() == base.device(),
-              "lowmem: scatter_blocks: src must be contiguous ", base.scalar_type(), " of shape ", at::IntArrayRef(packed),
-              " on ", base.device(), ", got ", src.scalar_type(), " of shape ", src.sizes(), " on ", src.device());
+  check_scatter_src(base, src, t);
   const c10::cuda::CUDAGuard guard(base.device());
   auto out = base.clone();
   check_launch(copy_token_blocks_cuda_launch(false, out.data_ptr(), src.data_ptr(), blocks.data_ptr<int64_t>(), t.batch,
@@ -53,8 +42,7 @@ at::Tensor scatter_blocks_cuda(const at::Tensor& base, const at::Tensor& src, co
 }
 
 at::Tensor pool_blocks_cuda(const at::Tensor& scores_in, int64_t block_size) {
-  TORCH_CHECK(block_size > 0 && scores_in.dim() == 2, "lowmem: pool_blocks: expected [batch, seq] scores and a positive "
-              "block_size, got ", scores_in.sizes(), " and ", block_size);
+  check_pool_args(scores_in, block_size);
   DType dtype;
   switch (scores_in.scalar_type()) {
     case at::kFloat: dtype = DType::kFloat32; break;
