@@ -7,7 +7,12 @@ weights, config, tokenizer) plus
     ``trainer_state.json``     step, data position, Python RNG state, format version, the recipe,
     ``weights_int8.safetensors`` (int8 weights only) codes, scales, outliers and rounding-RNG states by
                                device; the HF weights beside it are their dequantized values,
-    ``tokens.safetensors``     (token elimination's predictor only) each sparse layer's fitted weights.
+    ``tokens.safetensors``     (token elimination's predictor only) each sparse layer's fitted weights,
+    ``masks.safetensors``      (pruned models only) each pruned weight's sparsity mask, packed bits,
+    ``adapters.safetensors``   (``update.trainable`` mask_lora / scale_lora) the adapters; the HF weights beside
+                               them are the base weights, unmerged.
+The final export (``final/``) holds the merged weights (adapters folded in, pruned entries exactly zero) and the
+masks, so a later run on it keeps them.
 Everything is written to a hidden temporary folder, fsynced, and renamed into place, so a crash never
 leaves a half-written checkpoint that resume would pick. Nothing is ever unpickled.
 """
@@ -26,7 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowmem.adapters import ADAPTERS_FILE, adapted_layers, adapter_state_dict, merge_into, without_adapters
 from lowmem.int8_weights import dequantized_state_dict, int8_state_dict, int8_weights, load_int8_state_dict
+from lowmem.masks import MASKS_FILE, masks_state_dict
 
 # 2: adds weights_int8.safetensors; 3: its rounding generators by device. Versions 1 and 2 still load.
 FORMAT_VERSION = 3
@@ -134,6 +141,9 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, tra
         save_file(rng_tensors(), tmp / "rng.safetensors")
         if token_state:
             save_file({k: v.detach().contiguous().cpu() for k, v in token_state.items()}, tmp / TOKENS_FILE)
+        save_masks(model, tmp)
+        if adapted_layers(model):
+            save_file(adapter_state_dict(model), tmp / ADAPTERS_FILE)
         state = {**trainer_state, "format_version": FORMAT_VERSION, "step": step,
                  "python_rng": list(random.getstate())}
         # Written last: a folder holding it is complete (and the rename makes that atomic anyway).
@@ -196,7 +206,8 @@ def export_final(output_dir: Path, model, tokenizer) -> Path:
 
     def write(tmp: Path) -> None:
         _settle()
-        save_model(model, tmp)
+        save_model(model, tmp, merge=True)
+        save_masks(model, tmp)
         tokenizer.save_pretrained(tmp)
 
     return publish_folder(write, output_dir / "final")
@@ -209,12 +220,23 @@ def _settle() -> None:
         torch.cuda.synchronize()
 
 
-def save_model(model, folder: Path) -> None:
-    """``save_pretrained`` into ``folder``; int8 weights are written dequantized, in the model's dtype."""
-    if int8_weights(model):
-        model.save_pretrained(folder, state_dict=dequantized_state_dict(model))
-    else:
+def save_model(model, folder: Path, merge: bool = False) -> None:
+    """``save_pretrained`` into ``folder``; int8 weights are written dequantized, in the model's dtype. Adapters
+    (``lowmem.adapters``) are left out, or with ``merge`` folded into their weights (pruned entries stay zero)."""
+    adapted = bool(adapted_layers(model))
+    if not int8_weights(model) and not adapted:
         model.save_pretrained(folder)
+        return
+    state = dequantized_state_dict(model) if int8_weights(model) else model.state_dict()
+    state = merge_into(state, model) if merge and adapted else without_adapters(state)
+    model.save_pretrained(folder, state_dict=state)
+
+
+def save_masks(model, folder: Path) -> None:
+    """``masks.safetensors`` when the model has sparsity masks."""
+    masks = masks_state_dict(model)
+    if masks:
+        save_file(masks, folder / MASKS_FILE)
 
 
 def load_int8_weights(checkpoint: Path, model) -> bool:

@@ -111,6 +111,58 @@ def train(recipe: str, overrides: tuple[str, ...]) -> None:
     click.echo(json.dumps(summary))
 
 
+@main.command(name="prune")
+@click.argument("recipe")
+@click.argument("overrides", nargs=-1)
+@click.option("--output", "output", type=click.Path(file_okay=False), default=None,
+              help="Folder for the pruned model (default: checkpoint.output_dir/pruned).")
+@user_errors
+def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -> None:
+    """Prune the model of RECIPE by its prune section and write it as an HF folder, with its masks.
+
+    Prints the sparsity reached per matrix and overall. Wanda measures its input norms on the first
+    prune.calibration_batches batches of the recipe's training data. The folder (weights in model.dtype, float)
+    is a model.path for lowmem train and lowmem eval; its masks.safetensors keeps the zeros during retraining.
+
+    \b
+    Example:
+      lowmem prune tiny-llama-pydoc model.path=outputs/tiny-llama-pydoc/final prune.criterion=wanda prune.pattern=2:4
+    """
+    from lowmem import checkpoint as ckpt
+    from lowmem.config import load_config
+    from lowmem.data import build_datasets, eval_batches
+    from lowmem.model import load_model, load_tokenizer, pick_device
+    from lowmem.perp import prune_from_config
+
+    config = load_config(resolve_recipe(recipe), overrides)
+    if config.prune.criterion == "none":
+        raise UserError("prune: prune.criterion is none (set prune.criterion=magnitude or prune.criterion=wanda)")
+    device = pick_device(config.train.device)
+    tokenizer = load_tokenizer(config.model.path)
+    model = load_model(config.model.path, config.model.dtype, device)
+
+    def calibration():
+        data = build_datasets(config.data, tokenizer, config.train.seed)
+        return eval_batches(data.train, config.train.batch_size, tokenizer.pad_token_id,
+                            config.prune.calibration_batches)
+
+    report = prune_from_config(model, config, calibration() if config.prune.criterion == "wanda" else None)
+    folder = Path(output) if output else Path(config.checkpoint.output_dir) / "pruned"
+
+    def write(tmp: Path) -> None:
+        ckpt.save_model(model, tmp)
+        ckpt.save_masks(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        summary = {"criterion": config.prune.criterion, "pattern": config.prune.pattern, "source": config.model.path,
+                   **report.to_dict()}
+        (tmp / "prune_report.json").write_text(json.dumps(summary, indent=1))
+
+    ckpt.publish_folder(write, folder)
+    click.echo(report.table())
+    click.echo(json.dumps({"output": str(folder), "sparsity": round(report.sparsity, 6),
+                           "model_sparsity": round(report.model_sparsity, 6)}))
+
+
 @main.command(name="plan")
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
@@ -184,8 +236,10 @@ def fit_command(config, recipe: str, limit: int, target: str, write_to: str | No
 
 
 @main.command(name="eval")
-@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--data", "data_path", required=True, help="Dataset: .json/.jsonl/.txt file, folder or hub id.")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--recipe", default=None,
+              help="Evaluate on this recipe's held-out split (its data section and train.seed), as training does.")
+@click.option("--data", "data_path", default=None, help="Or a whole dataset: .json/.jsonl/.txt file, folder or hub id.")
 @click.option("--format", "fmt", default="text", show_default=True,
               type=click.Choice(["text", "alpaca", "sharegpt", "messages"]))
 @click.option("--max-seq-len", default=512, show_default=True, type=int)
@@ -195,25 +249,51 @@ def fit_command(config, recipe: str, limit: int, target: str, write_to: str | No
 @click.option("--loss-chunk-tokens", default=None, type=click.IntRange(min=0),
               help="Head and loss this many positions at a time (0: off; default: 512 from a 32k vocabulary).")
 @user_errors
-def eval_command(checkpoint, data_path, fmt, max_seq_len, batch_size, dtype, max_batches, loss_chunk_tokens) -> None:
-    """Loss and perplexity of the model in CHECKPOINT (an HF folder) on a whole dataset."""
-    from lowmem.config import DataConfig
+def eval_command(checkpoints, recipe, data_path, fmt, max_seq_len, batch_size, dtype, max_batches,
+                 loss_chunk_tokens) -> None:
+    """Loss and perplexity of each model in CHECKPOINTS (HF folders), one JSON line each.
+
+    With --recipe, on the recipe's held-out split (data.val_fraction of its rows, drawn by train.seed: the split
+    training validates on), e.g. to compare the dense, pruned and retrained models; with --data, on a whole dataset.
+
+    \b
+    Example:
+      lowmem eval outputs/dense/final outputs/run/pruned outputs/run/final --recipe tiny-llama-pydoc
+    """
+    from lowmem.config import DataConfig, load_config
     from lowmem.data import build_datasets, eval_batches
     from lowmem.loss import check_chunked_head, chunk_tokens_for, evaluate
     from lowmem.model import load_model, load_tokenizer, pick_device
 
+    if (recipe is None) == (data_path is None):
+        raise UserError("eval: give exactly one of --recipe (its held-out split) and --data (a whole dataset)")
     device = pick_device("auto")
-    tokenizer = load_tokenizer(checkpoint)
-    model = load_model(checkpoint, dtype, device)
-    chunk = chunk_tokens_for(loss_chunk_tokens, model.config.vocab_size)
-    if chunk:
-        check_chunked_head(model)
-    data = build_datasets(DataConfig(path=data_path, format=fmt, max_seq_len=max_seq_len, val_fraction=0.0),
-                          tokenizer, seed=0)
-    scores = evaluate(model, eval_batches(data.train, batch_size, tokenizer.pad_token_id, max_batches), device, chunk)
-    if not scores:
-        raise UserError(f"eval: {data_path} has no label tokens to evaluate")
-    click.echo(json.dumps({"loss": scores["val_loss"], "perplexity": scores["val_ppl"], "tokens": scores["val_tokens"]}))
+    examples = None
+    for checkpoint in checkpoints:
+        tokenizer = load_tokenizer(checkpoint)
+        if examples is None:  # tokenized once, with the first model's tokenizer (the models are one family)
+            if recipe is not None:
+                config = load_config(resolve_recipe(recipe))
+                data = build_datasets(config.data, tokenizer, config.train.seed)
+                examples = data.val
+                if not examples:
+                    raise UserError(f"eval: {recipe} has no held-out split (data.val_fraction is "
+                                    f"{config.data.val_fraction})")
+            else:
+                data = build_datasets(DataConfig(path=data_path, format=fmt, max_seq_len=max_seq_len,
+                                                 val_fraction=0.0), tokenizer, seed=0)
+                examples = data.train
+        model = load_model(checkpoint, dtype, device)
+        chunk = chunk_tokens_for(loss_chunk_tokens, model.config.vocab_size)
+        if chunk:
+            check_chunked_head(model)
+        scores = evaluate(model, eval_batches(examples, batch_size, tokenizer.pad_token_id, max_batches), device,
+                          chunk)
+        if not scores:
+            raise UserError(f"eval: {recipe or data_path} has no label tokens to evaluate")
+        click.echo(json.dumps({"model": checkpoint, "loss": scores["val_loss"], "perplexity": scores["val_ppl"],
+                               "tokens": scores["val_tokens"]}))
+        del model
 
 
 @main.command(name="ls")

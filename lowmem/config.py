@@ -85,6 +85,9 @@ class LossScaleConfig:
 class UpdateConfig:
     strategy: str = "standard"
     rule: str = "adamw"
+    # what trains (PERP): all | norms (norm weights, biases) | norms+head | mask_lora | scale_lora (norms, biases and
+    # an adapter on each prunable matrix; see lowmem.adapters). Pruned weights keep their zeros under every choice.
+    trainable: Literal["all", "norms", "norms+head", "mask_lora", "scale_lora"] = "all"
     lr: float = 1e-5
     weight_decay: float = 0.0
     clip_grad_norm: Optional[float] = 1.0
@@ -130,6 +133,24 @@ class TokensConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 16  # update.trainable mask_lora / scale_lora: the adapters' rank
+    alpha: Optional[float] = None  # mask_lora: the adapter's product is scaled by alpha / rank (null: 2 × rank)
+
+
+@dataclass
+class PruneConfig:
+    # none | magnitude (|W|, one threshold per matrix) | wanda (|W|·‖x‖ from calibration batches, per output row).
+    # Set in a train recipe, the model is pruned before the first step (not on resume), then retrained.
+    criterion: Literal["none", "magnitude", "wanda"] = "none"
+    sparsity: float = 0.5  # share of each pruned matrix set to zero (unstructured only; N:M fixes it)
+    # unstructured | "2:4" | "4:8" (quote it: YAML reads an unquoted 2:4 as the number 124)
+    pattern: str = "unstructured"
+    calibration_batches: int = 16  # wanda: training batches (train.batch_size sequences each) to measure ‖x‖ on
+    include_head: bool = False  # also prune the output head (embeddings never are)
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -165,6 +186,8 @@ class Config:
     hift: HiftConfig = field(default_factory=HiftConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     tokens: TokensConfig = field(default_factory=TokensConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -410,6 +433,7 @@ def validate(config: Config) -> None:
     if tokens.block_size < 1 or tokens.dense_layers < 0:
         raise ConfigError(f"config: tokens.block_size must be >= 1 and tokens.dense_layers >= 0, got "
                           f"{tokens.block_size} and {tokens.dense_layers}")
+    validate_prune(config)
     if config.hift.group_size < 1:
         raise ConfigError(f"config: hift.group_size must be positive, got {config.hift.group_size}")
     if config.update.strategy != "hift" and (config.memory.offload_states or config.memory.offload_frozen_weights):
@@ -438,3 +462,42 @@ def validate(config: Config) -> None:
             "config: model.dtype float16 with fused updates needs update.clip_mode=two_pass "
             "(an overflow found mid-backward cannot undo updates already applied; or use model.dtype=bfloat16)"
         )
+
+
+def _as_written(pattern: str) -> str:
+    """YAML 1.1 reads an unquoted ``2:4`` as the base-60 integer 2·60 + 4 = 124: turn such a number back into the
+    ``N:M`` the user wrote."""
+    if pattern.isdigit() and int(pattern) >= 60:
+        n, m = divmod(int(pattern), 60)
+        return f"{n}:{m}"
+    return pattern
+
+
+def validate_prune(config: Config) -> None:
+    """``prune`` and ``lora``: ranges, the N:M pattern's fixed sparsity, and knobs that would be ignored."""
+    from lowmem.prune import PATTERNS
+
+    prune, lora = config.prune, config.lora
+    prune.pattern = _as_written(prune.pattern)
+    if prune.pattern not in PATTERNS:
+        raise ConfigError(f"config: prune.pattern '{prune.pattern}' is not one of {', '.join(PATTERNS)}"
+                          f"{did_you_mean(prune.pattern, PATTERNS)}")
+    if not 0.0 < prune.sparsity < 1.0:
+        raise ConfigError(f"config: prune.sparsity must be in (0, 1), got {prune.sparsity}")
+    if prune.pattern != "unstructured" and prune.sparsity != 0.5:
+        n, m = PATTERNS[prune.pattern]
+        raise ConfigError(f"config: prune.pattern {prune.pattern} prunes exactly {(m - n) / m:g} of each group, so "
+                          f"prune.sparsity={prune.sparsity} would be ignored (drop it, or use prune.pattern=unstructured)")
+    if prune.calibration_batches < 1:
+        raise ConfigError(f"config: prune.calibration_batches must be positive, got {prune.calibration_batches}")
+    if lora.rank < 1:
+        raise ConfigError(f"config: lora.rank must be positive, got {lora.rank}")
+    if lora.alpha is not None and lora.alpha <= 0:
+        raise ConfigError(f"config: lora.alpha must be positive or null, got {lora.alpha}")
+    adapters = config.update.trainable in ("mask_lora", "scale_lora")
+    if not adapters and (lora.rank != LoraConfig.rank or lora.alpha is not None):
+        raise ConfigError(f"config: lora.* is set but update.trainable is {config.update.trainable}, which has no "
+                          "adapters (set update.trainable=mask_lora or scale_lora, or drop lora.*)")
+    if config.update.trainable == "scale_lora" and lora.alpha is not None:
+        raise ConfigError("config: lora.alpha scales mask_lora's product; scale_lora (W ⊙ BA) has no scale "
+                          "(drop lora.alpha)")

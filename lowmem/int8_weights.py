@@ -132,10 +132,13 @@ class Int8Weight(torch.nn.Module):
 
     @torch.no_grad()
     def update_with(self, rule, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-                    grad_scale: float | torch.Tensor = 1.0) -> None:
-        """One step of ``rule`` on a float32 copy of this weight, requantized into the same storage."""
+                    grad_scale: float | torch.Tensor = 1.0, mask: torch.Tensor | None = None) -> None:
+        """One step of ``rule`` on a float32 copy of this weight, requantized into the same storage; ``mask`` (a
+        sparsity mask) zeroes the pruned entries before requantizing (code 128 is exactly zero)."""
         work = self.dequantize(torch.float32)
         rule.update(work, grad, state, lr, grad_scale=grad_scale)
+        if mask is not None:
+            work.mul_(mask)
         self.updates += 1
         self.host_updates += 1
         refresh = self.refresh_every > 0 and self.host_updates % self.refresh_every == 0
@@ -292,11 +295,12 @@ def _kept_float(model: torch.nn.Module) -> set[int]:
 
 
 def matrix_layers(model: torch.nn.Module, kept: set[int] | None = None) -> list[tuple[str, torch.nn.Module]]:
-    """The layers int8 weights replace: every ``nn.Linear`` and transformers ``Conv1D`` except the output head
-    and any whose weight is shared with an embedding (``kept``: :func:`_kept_float`, when already known)."""
+    """The layers int8 weights replace (or have replaced): every ``nn.Linear``, transformers ``Conv1D`` and
+    :class:`Int8Linear` except the output head and any whose weight is shared with an embedding (``kept``:
+    :func:`_kept_float`, when already known)."""
     kept = _kept_float(model) if kept is None else kept
     conv1d = _conv1d_type()
-    kinds = (torch.nn.Linear, conv1d) if conv1d is not None else (torch.nn.Linear,)
+    kinds = (torch.nn.Linear, Int8Linear, conv1d) if conv1d is not None else (torch.nn.Linear, Int8Linear)
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, kinds) and id(module.weight) not in kept]
 
@@ -312,7 +316,7 @@ def quantize_model(model: torch.nn.Module, outlier_fraction: float = 0.01, refre
     from lowmem.errors import UserError
 
     kept = _kept_float(model)
-    targets = matrix_layers(model, kept)
+    targets = [(name, m) for name, m in matrix_layers(model, kept) if not isinstance(m, Int8Linear)]
     replaced = {id(module.weight) for _, module in targets}
     for name, param in model.named_parameters():
         if param.dim() >= 2 and id(param) not in replaced and id(param) not in kept:

@@ -212,6 +212,23 @@ def _prepare(model, config) -> None:
     model.train()
 
 
+def _retraining(model, config) -> None:
+    """PERP's part of the run: sparsity masks where the run will have them (all kept: which entries are pruned does
+    not change a byte) and ``update.trainable``'s subset and adapters, as ``lowmem.perp.prepare`` sets them up."""
+    from lowmem.adapters import select_trainable
+    from lowmem.int8_weights import matrix_layers
+    from lowmem.masks import attach_masks
+    from lowmem.prune import prunable_layers
+
+    if config.prune.criterion != "none" or config.update.trainable == "mask_lora":
+        layers = prunable_layers(model, config.prune.include_head) if config.prune.criterion != "none" \
+            else matrix_layers(model)
+        attach_masks(model, {f"{name}.weight": torch.ones(layer.weight.shape, dtype=torch.bool)
+                             for name, layer in layers})
+    lora = config.lora
+    select_trainable(model, config.update.trainable, lora.rank, lora.alpha if lora.alpha is not None else 2.0 * lora.rank)
+
+
 def _batch(config, vocab_size: int) -> dict[str, torch.Tensor]:
     """A training batch of full-length sequences. Packed text has no padding, and transformers then builds no 4-D
     mask (it checks the mask's values); other formats pad, so their batches carry a padded mask, which it builds."""
@@ -302,12 +319,14 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
         model = _fake_model(config, mode)
         with mode:
             _prepare(model, config)
+            _retraining(model, config)
     elif model is None:
         from lowmem.model import load_model
 
         int8 = config.model.int8 if config.model.weight_format == "int8" else None
         model = load_model(config.model.path, config.model.dtype, "cpu", config.model.gradient_checkpointing, int8,
                            config.train.seed)
+        _retraining(model, config)
     notes = []
     chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
     if chunk and not fake:  # the trainer's probe compares values, which fake tensors do not have
@@ -399,6 +418,7 @@ def _rule_state(strategy):
 
 
 def _weight_labels(model) -> dict[int, str]:
+    from lowmem.adapters import adapted_layers
     from lowmem.int8_weights import int8_weights
 
     labels = {}
@@ -407,7 +427,19 @@ def _weight_labels(model) -> dict[int, str]:
     for weight in int8_weights(model).values():
         for tensor in weight.buffers(recurse=False):
             labels[id(tensor.untyped_storage())] = "weights int8"
+    for bits in masks_state_dict_live(model):
+        labels[id(bits.untyped_storage())] = "sparsity masks"
+    for layer in adapted_layers(model).values():
+        for tensor in (layer.lora_A, layer.lora_B):
+            labels[id(tensor.untyped_storage())] = f"adapters {str(tensor.dtype).removeprefix('torch.')}"
     return labels
+
+
+def masks_state_dict_live(model) -> list[torch.Tensor]:
+    """The packed mask buffers themselves (not copies)."""
+    from lowmem.masks import MASK_BUFFER, masked_layers
+
+    return [getattr(layer, MASK_BUFFER) for layer in masked_layers(model).values()]
 
 
 def _components(live: dict[int, tuple[int, str]], host: set[int], model, holder: dict) -> dict[str, int]:

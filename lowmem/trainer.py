@@ -27,6 +27,7 @@ from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
+from lowmem.perp import Retraining, prepare
 from lowmem.rules import make_rule
 from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
@@ -44,6 +45,7 @@ class TrainResult:
     first_eval: dict | None = None
     last_eval: dict | None = None
     final_dir: Path | None = None
+    retraining: Retraining | None = None  # what trained (update.trainable), and the pruning report of this run
 
 
 def total_steps(config: Config, n_train: int) -> int:
@@ -155,6 +157,9 @@ def train(config: Config, step_guard=None) -> TrainResult:
         raise UserError(f"resume: {resume_from} is at step {resume_state['step']}, past this run's {steps} steps "
                         f"(train.max_steps / train.epochs); set train.max_steps={resume_state['step']} or more")
 
+    # Masks (pruning now, on a fresh run with prune.criterion) and what trains: before the strategy hooks anything.
+    retraining = prepare(model, config, weights, resume_from, lambda: eval_batches(
+        data.train, config.train.batch_size, tokenizer.pad_token_id, config.prune.calibration_batches))
     rule = make_rule(config.update)
     strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
     if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
@@ -181,7 +186,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
              steps, config.train.batch_size, config.train.gradient_accumulation_steps)
 
     metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
-    result = TrainResult(output_dir=output_dir, steps=steps)
+    result = TrainResult(output_dir=output_dir, steps=steps, retraining=retraining)
 
     def validate(step: int) -> dict | None:
         if not data.val:
@@ -196,8 +201,12 @@ def train(config: Config, step_guard=None) -> TrainResult:
     progress = Progress(steps, start_step, config.log.progress)
     if start_step == 0:
         scores = validate(0)
+        # what trains (and the sparsity this run pruned to) heads the metrics, with the starting validation
+        first = {"step": 0, "trainable_params": retraining.trainable, "total_params": retraining.total}
+        if retraining.report is not None:
+            first.update(sparsity=retraining.report.sparsity, model_sparsity=retraining.report.model_sparsity)
+        metrics.write({**first, **(scores or {})})
         if scores:
-            metrics.write({"step": 0, **scores})
             progress.message(f"step 0: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
 
     def save(step: int) -> None:

@@ -29,6 +29,10 @@ CASES = {
     "tokens-predictor": ["tokens.eliminate=true", "tokens.dense_layers=0", "tokens.block_size=16",
                          "tokens.predictor=true", "tokens.refresh_every=2"],
     "bf16-accumulation": ["model.dtype=bfloat16", "train.gradient_accumulation_steps=2"],
+    "pruned-all-fused": ["prune.criterion=magnitude", "update.strategy=fused", "update.rule=adalomo"],
+    "mask-lora": ["prune.criterion=magnitude", "update.trainable=mask_lora", "lora.rank=4"],
+    "scale-lora-int8": ["model.weight_format=int8", "update.trainable=scale_lora", "lora.rank=4"],
+    "norms": ["update.trainable=norms"],
 }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.int8_weights import trainable_tensors
+from lowmem.masks import GradientMasks
 from lowmem.strategies.state import (
     LossScaler,
     RuleState,
@@ -42,6 +43,7 @@ class FusedStrategy:
         self.scaler = LossScaler.for_model(model, update_config)
         self.two_pass = self.scaler.enabled or (update_config.clip_mode == "two_pass" and self.clip_grad_norm is not None)
         self.params = trainable_tensors(model)
+        self.masks = GradientMasks(model, self.params)  # pruned weights (PERP): updates keep their zeros
         self.state = RuleState(rule)
         self.lr = 0.0
         self._measuring = False
@@ -55,6 +57,8 @@ class FusedStrategy:
     def _hook_for(self, name: str):
         def hook(param: torch.Tensor) -> None:
             grad = param.grad
+            # masked before its norm is taken or the rule sees it (see lowmem.masks)
+            mask = self.masks.mask_grad_(name, grad) if self.masks else None
             nbytes = grad.numel() * grad.element_size()
             self._live_grad_bytes += nbytes
             self._peak_grad_bytes = max(self._peak_grad_bytes, self._live_grad_bytes)
@@ -68,7 +72,7 @@ class FusedStrategy:
                 if not self.two_pass and self.clip_grad_norm is not None:
                     scale = clip_coefficient(norm, self.clip_grad_norm)  # per-tensor clipping, on the device
                 with torch.no_grad():
-                    apply_rule(self.rule, param, grad, self.state.get(name, param), self.lr, scale)
+                    apply_rule(self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask)
             param.grad = None
             self._live_grad_bytes -= nbytes
 

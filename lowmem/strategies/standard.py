@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.int8_weights import trainable_tensors
+from lowmem.masks import GradientMasks
 from lowmem.strategies.state import (
     LossScaler,
     RuleState,
@@ -26,6 +27,7 @@ class StandardStrategy:
         self.clip_grad_norm = update_config.clip_grad_norm
         # Parameters (a tied weight once, so it is updated once) and int8 weights.
         self.params = trainable_tensors(model)
+        self.masks = GradientMasks(model, self.params)  # pruned weights (PERP): updates keep their zeros
         self.state = RuleState(rule)
         self.scaler = LossScaler.for_model(model, update_config)
         self.lr = 0.0
@@ -38,6 +40,9 @@ class StandardStrategy:
 
     def step(self) -> dict[str, float | torch.Tensor]:
         with_grad = {n: p for n, p in self.params.items() if p.grad is not None}
+        # A pruned weight's gradient is masked before anything reads it: the norm, clipping and the rule's state
+        # see only the entries that may change, as they would for a weight parametrized by W ⊙ M.
+        masks = {n: self.masks.mask_grad_(n, p.grad) for n, p in with_grad.items()} if self.masks else {}
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in with_grad.values())
         norm = grad_norm([p.grad for p in with_grad.values()])
         skipped = False
@@ -52,7 +57,8 @@ class StandardStrategy:
         with torch.no_grad():
             for name, param in with_grad.items():
                 if not skipped:
-                    apply_rule(self.rule, param, param.grad, self.state.get(name, param), self.lr, grad_scale)
+                    apply_rule(self.rule, param, param.grad, self.state.get(name, param), self.lr, grad_scale,
+                               masks.get(name))
                 param.grad = None
         self.scaler.update(found_inf=skipped)
         stats = {"grad_norm": norm, "grad_bytes_peak": grad_bytes, "state_bytes": self.state.nbytes()}

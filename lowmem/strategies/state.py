@@ -13,12 +13,17 @@ STATE_SEPARATOR = "::"
 
 
 def apply_rule(rule, param, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
-               grad_scale: float | torch.Tensor) -> None:
-    """One step of ``rule`` on a parameter, or on an int8 weight (dequantize → step → requantize)."""
+               grad_scale: float | torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """One step of ``rule`` on a parameter, or on an int8 weight (dequantize → step → requantize).
+
+    ``mask`` (a pruned weight's bool sparsity mask, ``lowmem.masks``): the weight is multiplied by it after the
+    step, so its pruned entries stay exactly zero whatever the rule computed (int8: before requantizing)."""
     if isinstance(param, Int8Weight):
-        param.update_with(rule, grad, state, lr, grad_scale=grad_scale)
-    else:
-        rule.update(param, grad, state, lr, grad_scale=grad_scale)
+        param.update_with(rule, grad, state, lr, grad_scale=grad_scale, mask=mask)
+        return
+    rule.update(param, grad, state, lr, grad_scale=grad_scale)
+    if mask is not None:
+        param.mul_(mask)
 
 
 class RuleState:

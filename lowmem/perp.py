@@ -1,0 +1,86 @@
+"""Prune → retrain → export in one run (PERP): what the trainer, ``lowmem prune`` and the planner call on a loaded
+model before its strategy is built.
+
+1. Masks: a fresh run with ``prune.criterion`` prunes now (``lowmem.prune``); otherwise the masks stored with the
+   weights are loaded (``masks.safetensors``: written by ``lowmem prune``, by checkpoints and by the final export).
+2. ``update.trainable`` chooses what trains, adding adapters (``lowmem.adapters``); on resume their weights come
+   from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lowmem import assets
+from lowmem.adapters import ADAPTERS, ADAPTERS_FILE, load_adapter_state_dict, select_trainable
+from lowmem.errors import UserError
+from lowmem.masks import MASKS_FILE, load_masks
+from lowmem.prune import PruneReport, prune_model, sparsity_report
+
+log = logging.getLogger("lowmem")
+
+
+@dataclass
+class Retraining:
+    trainable: int
+    total: int
+    report: PruneReport | None = None  # when this run pruned
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+
+def prune_from_config(model: torch.nn.Module, config, calibration=None) -> PruneReport:
+    """Prune by the recipe's ``prune`` section and report the sparsity reached."""
+    p = config.prune
+    masks = prune_model(model, p.criterion, p.sparsity, p.pattern, p.include_head, calibration)
+    report = sparsity_report(model, masks)
+    log.info("prune: %s %s, %d matrices at %.2f%% sparsity (%.2f%% of all weights)", p.criterion, p.pattern,
+             len(report.layers), 100 * report.sparsity, 100 * report.model_sparsity)
+    return report
+
+
+def load_stored_masks(model: torch.nn.Module, folder: str | Path) -> bool:
+    """Attach the masks saved beside the weights in ``folder``, if any."""
+    path = Path(assets.resolve(str(folder))) / MASKS_FILE
+    if not path.is_file():
+        return False
+    try:
+        load_masks(model, load_file(path))
+    except ValueError as err:
+        raise UserError(f"{path}: {err} (was it written for this model?)") from None
+    return True
+
+
+def prepare(model: torch.nn.Module, config, source: str, resume_from: Path | None = None,
+            calibration=None) -> Retraining:
+    """Masks and trainable subset for ``model`` loaded from ``source`` (a checkpoint folder when resuming).
+
+    ``calibration``: a callable returning wanda's calibration batches (called only when they are needed)."""
+    report = None
+    if resume_from is None and config.prune.criterion != "none":
+        report = prune_from_config(model, config, calibration() if config.prune.criterion == "wanda" else None)
+    elif load_stored_masks(model, source):
+        log.info("prune: sparsity masks loaded from %s", source)
+    lora = config.lora
+    alpha = lora.alpha if lora.alpha is not None else 2.0 * lora.rank
+    counts = select_trainable(model, config.update.trainable, lora.rank, alpha)
+    if resume_from is not None and config.update.trainable in ADAPTERS:
+        path = resume_from / ADAPTERS_FILE
+        if not path.is_file():
+            raise UserError(f"resume: {resume_from} has no {ADAPTERS_FILE} for update.trainable="
+                            f"{config.update.trainable} (resume with the update.trainable it was written with)")
+        try:
+            load_adapter_state_dict(model, load_file(path))
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
+    result = Retraining(counts["trainable"], counts["total"], report)
+    log.info("update.trainable=%s: %s of %s weights train (%.3f%%)", config.update.trainable,
+             f"{result.trainable:,}", f"{result.total:,}", 100 * result.fraction)
+    return result

@@ -1,0 +1,326 @@
+"""PERP: pruning (magnitude, wanda, N:M), masked retraining under every strategy and rule, the retraining subsets and
+their adapters, sparsity-preserving export, resume, and the prune / eval commands."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowmem.adapters import AdaptedLinear, _AdaptedLinearFunction, select_trainable
+from lowmem.errors import ConfigError, UserError
+from lowmem.masks import MASKS_FILE, attach_masks, pack_bits, unpack_bits
+from lowmem.prune import keep_mask, prune_model, wanda_scores
+from lowmem.trainer import train
+from test_trainer import EVERY_STRATEGY, assert_resume_is_exact, make_config, weights
+
+SUBSETS = ["all", "norms", "norms+head", "mask_lora", "scale_lora"]
+
+
+def micro(micro_model_path, **kwargs):
+    from lowmem.model import load_model
+
+    return load_model(micro_model_path, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (64, 129), (2, 3, 11)])
+def test_packed_masks_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(bits, mask.shape), mask)
+
+
+# ----------------------------------------------------------------------------------------------- pruning
+
+
+def test_magnitude_prunes_the_smallest_share_of_each_matrix_exactly():
+    scores = torch.rand(6, 10, generator=torch.Generator().manual_seed(1))
+    kept = keep_mask(scores, 0.3, "unstructured", per_row=False)
+    assert int((~kept).sum()) == 18
+    assert scores[~kept].max() < scores[kept].min()  # one threshold over the whole matrix
+
+
+@pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8)])
+def test_n_m_pattern_holds_in_every_group_along_the_input(micro_model_path, pattern, n, m):
+    model = micro(micro_model_path)
+    masks = prune_model(model, "magnitude", 0.5, pattern)
+    for name, mask in masks.items():
+        groups = mask.view(mask.shape[0], -1, m)  # [out, in] weights: groups of m along the input
+        assert (groups.sum(-1) == n).all(), name
+        weight = model.get_submodule(name.rsplit(".", 1)[0]).weight
+        assert torch.equal(weight == 0, ~mask)
+        # the kept entries of each group are its largest magnitudes
+        w = weight.detach().abs().view_as(groups.float())
+        assert (w.masked_fill(~groups, float("inf")).amin(-1) >= w.masked_fill(groups, -1).amax(-1)).all()
+
+
+def test_wanda_scores_and_masks_equal_an_independent_computation(micro_model_path, text_data, tokenizer):
+    from lowmem.config import DataConfig
+    from lowmem.data import build_datasets, eval_batches
+
+    model = micro(micro_model_path)
+    data = build_datasets(DataConfig(path=text_data, max_seq_len=48, val_fraction=0.0), tokenizer, 0)
+    batches = list(eval_batches(data.train, 2, tokenizer.pad_token_id, 3))
+    layer = model.model.layers[1].mlp.down_proj
+    weight = layer.weight.detach().double().clone()
+    # independent: capture the layer's whole inputs, then norms over every token in float64
+    inputs = []
+    handle = layer.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach().double()))
+    with torch.no_grad():
+        for batch in batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+    expected_scores = weight.abs() * torch.linalg.vector_norm(x, dim=0)
+    torch.testing.assert_close(wanda_scores(weight, x.square().sum(0)), expected_scores)
+    # per output row: the 40% lowest of each row go
+    k = round(0.4 * weight.shape[1])
+    threshold = expected_scores.sort(dim=1).values[:, k - 1 : k]
+    expected_mask = expected_scores > threshold
+    masks = prune_model(model, "wanda", 0.4, calibration=batches)
+    assert torch.equal(masks["model.layers.1.mlp.down_proj.weight"], expected_mask)
+    assert (model.model.layers[1].mlp.down_proj.weight[~expected_mask] == 0).all()
+
+
+def test_pruning_leaves_embeddings_and_head_unless_asked(micro_model_path):
+    model = micro(micro_model_path)
+    masks = prune_model(model, "magnitude", 0.5)
+    assert not any("embed" in n or "lm_head" in n for n in masks) and len(masks) == 14
+    assert (model.lm_head.weight != 0).all()
+    with_head = prune_model(micro(micro_model_path), "magnitude", 0.5, include_head=True)
+    assert "lm_head.weight" in with_head
+
+
+def test_pruning_int8_weights_zeroes_them_exactly(micro_model_path):
+    from lowmem.config import Int8WeightConfig
+
+    model = micro(micro_model_path, int8=Int8WeightConfig())
+    masks = prune_model(model, "magnitude", 0.5)
+    value = model.model.layers[0].self_attn.q_proj.weight.dequantize(torch.float32)
+    assert torch.equal(value == 0, ~masks["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ----------------------------------------------------------------------------------------------- adapters
+
+
+def naive(kind, w, a, b, mask, scale, x, bias):
+    """The adapted layer by plain autograd on the paper's formulas ([out, in] weights)."""
+    product = b @ a
+    effective = w + scale * (product * mask) if kind == "mask_lora" else w * product
+    return torch.nn.functional.linear(x, effective, bias)
+
+
+@pytest.mark.parametrize("kind", ["mask_lora", "scale_lora"])
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+def test_adapted_layer_matches_autograd_of_the_formula(kind, layout):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    out_f, in_f = 6, 10
+    base = torch.nn.Linear(in_f, out_f).double() if layout == "linear" else Conv1D(out_f, in_f).double()
+    with torch.no_grad():
+        base.weight.normal_()
+    stored_mask = torch.rand(base.weight.shape) > 0.4
+    base.weight.data.mul_(stored_mask)
+    attach_masks(torch.nn.ModuleDict({"l": base}), {"l.weight": stored_mask})
+    layer = AdaptedLinear(base, kind, rank=3, alpha=5.0).double()
+    with torch.no_grad():  # away from the identity start, so every term is exercised
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x = torch.randn(2, 4, in_f, dtype=torch.float64, requires_grad=True)
+    w = base.weight.detach() if layout == "linear" else base.weight.detach().T
+    mask = stored_mask if layout == "linear" else stored_mask.T
+    a = layer.lora_A.detach().clone().requires_grad_()
+    b = layer.lora_B.detach().clone().requires_grad_()
+    bias = base.bias.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y_ref = naive(kind, w, a, b, mask.double(), 5.0 / 3, x2, bias)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.lora_A.grad, a.grad)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad)
+    torch.testing.assert_close(layer.bias.grad, bias.grad)
+    assert torch.autograd.gradcheck(lambda inp, la, lb, bi: _AdaptedLinearFunction.apply(inp, la, lb, bi, layer),
+                                    (x.detach().requires_grad_(), a, b, bias))
+    # the merge writes exactly the effective weight, and keeps the pruned zeros
+    merged = layer.merged_weight()
+    eff = (w + 5.0 / 3 * (b @ a) * mask) if kind == "mask_lora" else w * (b @ a)
+    torch.testing.assert_close(merged, (eff if layout == "linear" else eff.T).detach())
+    assert (merged[~stored_mask] == 0).all()
+    # a plain LoRA merge W + s·BA would fill them
+    plain = base.weight.detach() + 5.0 / 3 * ((b @ a) if layout == "linear" else (b @ a).T).detach()
+    assert (plain[~stored_mask] != 0).all()
+
+
+def test_adapters_start_as_the_identity_and_leave_int8_weights_frozen(micro_model_path):
+    from lowmem.config import Int8WeightConfig
+
+    x = torch.randint(0, 1000, (1, 12))
+    for int8 in (None, Int8WeightConfig()):
+        model = micro(micro_model_path, int8=int8)
+        prune_model(model, "magnitude", 0.5)
+        with torch.no_grad():
+            before = model(input_ids=x).logits
+        for kind in ("mask_lora", "scale_lora"):
+            adapted = micro(micro_model_path, int8=int8)
+            prune_model(adapted, "magnitude", 0.5)
+            select_trainable(adapted, kind, 4, 8.0)
+            with torch.no_grad():
+                torch.testing.assert_close(adapted(input_ids=x).logits, before, rtol=1e-5, atol=1e-5)
+            from lowmem.int8_weights import trainable_tensors
+
+            names = set(trainable_tensors(adapted))
+            assert names and all(n.endswith(("lora_A", "lora_B", "norm.weight", "layernorm.weight")) for n in names)
+
+
+def test_trainable_fractions_are_counted_by_hand(micro_model_path):
+    hidden, vocab, layers = 64, 1024, 2
+    norms = (2 * layers + 1) * hidden
+    total = sum(p.numel() for p in micro(micro_model_path).parameters())
+    assert select_trainable(micro(micro_model_path), "all") == {"trainable": total, "total": total}
+    assert select_trainable(micro(micro_model_path), "norms")["trainable"] == norms
+    assert select_trainable(micro(micro_model_path), "norms+head")["trainable"] == norms + vocab * hidden
+    # per layer: q, k, v, o (64 → 64), gate, up (64 → 128), down (128 → 64); rank r adds r·(in + out) each
+    r = 4
+    per_layer = 4 * r * (64 + 64) + 3 * r * (64 + 128)
+    for kind in ("mask_lora", "scale_lora"):
+        counts = select_trainable(micro(micro_model_path), kind, r, 8.0)
+        assert counts == {"trainable": norms + layers * per_layer, "total": total}
+
+
+# ----------------------------------------------------------------------------------------------- retraining
+
+
+def masks_of(folder):
+    from lowmem.model import load_model
+
+    packed = load_file(folder / MASKS_FILE)
+    shapes = {n: p.shape for n, p in load_model(str(folder)).named_parameters()}
+    return {name: unpack_bits(bits, shapes[name]) for name, bits in packed.items()}
+
+
+@pytest.mark.parametrize("strategy", list(EVERY_STRATEGY))
+@pytest.mark.parametrize("subset", SUBSETS)
+def test_pruned_weights_stay_zero_through_retraining_and_export(tmp_path, micro_model_path, text_data, subset,
+                                                                strategy):
+    config = make_config(tmp_path, micro_model_path, text_data, *EVERY_STRATEGY[strategy], "prune.criterion=magnitude",
+                         f"update.trainable={subset}", "train.max_steps=3", "train.eval_every_n_steps=null",
+                         *(["lora.rank=4"] if subset.endswith("lora") else []))
+    result = train(config)
+    final, last = result.final_dir, result.output_dir / "checkpoint-3"
+    masks = masks_of(final)
+    assert len(masks) == 14 and all(abs((~m).float().mean() - 0.5) < 0.01 for m in masks.values())
+    exported, saved = weights(final), weights(last)
+    for name, mask in masks.items():
+        assert (exported[name][~mask] == 0).all(), name  # merged: adapters folded in, zeros kept
+        assert (saved[name][~mask] == 0).all(), name
+    # what was meant to train moved, and only that
+    pruned = {k: v.clone() for k, v in initial_pruned(config).items()}
+    moved = {k for k in exported if not torch.equal(exported[k], pruned[k])}
+    norms = {k for k in exported if k.endswith("norm.weight")}
+    expected = {"all": set(exported), "norms": norms, "norms+head": norms | {"lm_head.weight"},
+                "mask_lora": norms | set(masks), "scale_lora": norms | set(masks)}[subset]
+    # (hift: the trainable units make at most 3 groups of 2, so 3 steps visit every one)
+    assert moved == expected, sorted(moved ^ expected)[:4]
+    assert result.retraining.fraction <= 1.0
+
+
+def initial_pruned(config):
+    """The weights a run of ``config`` starts retraining from: loaded (int8: quantized) and pruned."""
+    from lowmem.int8_weights import dequantized_state_dict
+    from lowmem.model import load_model
+
+    int8 = config.model.int8 if config.model.weight_format == "int8" else None
+    model = load_model(config.model.path, config.model.dtype, int8=int8, seed=config.train.seed)
+    prune_model(model, config.prune.criterion, config.prune.sparsity, config.prune.pattern)
+    return dequantized_state_dict(model)
+
+
+@pytest.mark.parametrize("overrides,frozen", [
+    (["update.trainable=mask_lora", "lora.rank=4", "prune.criterion=wanda", "prune.calibration_batches=2"],
+     ["model.embed_tokens.weight", "lm_head.weight"]),
+    (["update.trainable=all", "prune.criterion=magnitude", "prune.pattern=2:4", *EVERY_STRATEGY["int8"]], []),
+], ids=["mask_lora", "all-int8"])
+def test_resume_is_exact(tmp_path, micro_model_path, text_data, overrides, frozen):
+    second = assert_resume_is_exact(tmp_path, micro_model_path, text_data, *overrides, frozen=frozen)
+    assert (second.output_dir / "checkpoint-4" / MASKS_FILE).is_file()
+
+
+def test_a_pruned_folder_retrains_with_its_masks(tmp_path, micro_model_path, text_data):
+    """lowmem prune's folder as model.path: its masks.safetensors holds the zeros under update.trainable=all."""
+    from click.testing import CliRunner
+
+    from lowmem.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    make_config(tmp_path, micro_model_path, text_data)  # writes recipe.yaml
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(main, ["prune", str(recipe), "prune.criterion=wanda", "prune.pattern=4:8",
+                                       "prune.calibration_batches=2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # 2 layers of 4 64×64 and 3 64×128 matrices, half of them zero, over those, 2 of 1024×64 and 5 norms of 64
+    assert summary["sparsity"] == 0.5
+    assert summary["model_sparsity"] == round(40960 / (81920 + 2 * 65536 + 320), 6)
+    assert "whole model" in result.output and (out / "prune_report.json").is_file()
+    retrained = train(make_config(tmp_path, str(out), text_data, "train.max_steps=3", name="retrain"))
+    masks = masks_of(out)
+    exported = weights(retrained.final_dir)
+    for name, mask in masks.items():
+        assert (exported[name][~mask] == 0).all() and (exported[name][mask] != 0).all(), name
+    # lowmem eval compares the three on the recipe's held-out split
+    result = CliRunner().invoke(main, ["eval", micro_model_path, str(out), str(retrained.final_dir), "--recipe",
+                                       str(recipe), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["model"] for r in rows] == [micro_model_path, str(out), str(retrained.final_dir)]
+    assert len({r["tokens"] for r in rows}) == 1 and all(r["perplexity"] > 1 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["prune.pattern=3:4"], "prune.pattern '3:4' is not one of"),
+    (["prune.sparsity=1.5"], "prune.sparsity must be in (0, 1)"),
+    (["prune.pattern=2:4", "prune.sparsity=0.3"], "prune.sparsity=0.3 would be ignored"),
+    (["prune.criterion=random"], "prune.criterion 'random' is not one of"),
+    (["prune.calibration_batches=0"], "prune.calibration_batches must be positive"),
+    (["lora.rank=8"], "lora.* is set but update.trainable is all"),
+    (["update.trainable=scale_lora", "lora.alpha=4"], "scale_lora (W ⊙ BA) has no scale"),
+    (["update.trainable=mask_lora", "lora.rank=0"], "lora.rank must be positive"),
+    (["update.trainable=some"], "update.trainable 'some' is not one of"),
+])
+def test_bad_prune_and_lora_values_get_one_line_errors(tmp_path, micro_model_path, text_data, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        make_config(tmp_path, micro_model_path, text_data, *overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unquoted_n_m_pattern_in_yaml_is_read_as_written(tmp_path, micro_model_path, text_data):
+    config = make_config(tmp_path, micro_model_path, text_data, "prune.pattern=2:4")  # YAML's 124
+    assert config.prune.pattern == "2:4"
+
+
+def test_pattern_that_does_not_divide_the_inputs_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(12, 6))
+    with pytest.raises(UserError, match=r"^prune.pattern=4:8: 0 has 12 inputs, not a multiple of 8"):
+        prune_model(model, "magnitude", 0.5, "4:8")
+
+
+def test_prune_command_refuses_without_a_criterion(tmp_path, micro_model_path, text_data):
+    from click.testing import CliRunner
+
+    from lowmem.cli import main
+
+    make_config(tmp_path, micro_model_path, text_data)
+    result = CliRunner().invoke(main, ["prune", str(tmp_path / "recipe.yaml")])
+    assert result.exit_code == 2 and "prune.criterion is none" in result.output
