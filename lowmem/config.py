@@ -498,6 +498,10 @@ def validate_prune(config: Config) -> None:
     if not adapters and (lora.rank != LoraConfig.rank or lora.alpha is not None):
         raise ConfigError(f"config: lora.* is set but update.trainable is {config.update.trainable}, which has no "
                           "adapters (set update.trainable=mask_lora or scale_lora, or drop lora.*)")
+    if config.update.trainable != "all" and config.memory.offload_frozen_weights:
+        raise ConfigError(f"config: memory.offload_frozen_weights streams HiFT's units, and with update.trainable="
+                          f"{config.update.trainable} the frozen matrices belong to none, so they would stay on the "
+                          "device (set memory.offload_frozen_weights=false)")
     if config.update.trainable == "scale_lora" and lora.alpha is not None:
         raise ConfigError("config: lora.alpha scales mask_lora's product; scale_lora (W ⊙ BA) has no scale "
                           "(drop lora.alpha)")

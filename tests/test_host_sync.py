@@ -75,6 +75,21 @@ def test_int8_weights_step_reads_nothing(micro_model_path, strategy, rule):
     assert_only(guard, forwards=3)
 
 
+@pytest.mark.parametrize("trainable", ["all", "mask_lora", "scale_lora"])
+@pytest.mark.parametrize("strategy,rule", [("standard", "adamw"), ("fused", "adalomo"), ("fused", "lion8bit")])
+def test_a_pruned_model_retraining_step_reads_nothing(micro_model_path, strategy, rule, trainable):
+    from lowmem.adapters import select_trainable
+    from lowmem.prune import prune_model
+
+    model = load_model(micro_model_path, "float32")
+    prune_model(model, "magnitude", 0.5, "2:4")  # masks: the gradients and updates are masked in the step
+    select_trainable(model, trainable, 4, 8.0)
+    config = UpdateConfig(rule=rule, clip_grad_norm=1.0)
+    guard = guarded_steps(model, make_strategy(strategy, model, make_rule(config), config),
+                          batches(2, model.config.vocab_size))
+    assert_only(guard, forwards=2)
+
+
 @pytest.mark.parametrize("strategy", ["standard", "fused"])
 def test_float16_reads_only_its_overflow_check_once_per_step(micro_model_path, strategy):
     model = load_model(micro_model_path, "float16")

@@ -233,6 +233,19 @@ def test_pruned_weights_stay_zero_through_retraining_and_export(tmp_path, micro_
     assert result.retraining.fraction <= 1.0
 
 
+@pytest.mark.parametrize("strategy", ["standard", "fused"])
+@pytest.mark.parametrize("rule", ["sgd", "adamw", "adafactor", "adalomo", "lion", "lion8bit"])
+def test_every_rule_keeps_the_zeros_of_full_retraining(tmp_path, micro_model_path, text_data, rule, strategy):
+    config = make_config(tmp_path, micro_model_path, text_data, f"update.strategy={strategy}", f"update.rule={rule}",
+                         "prune.criterion=magnitude", "prune.pattern=4:8", "train.max_steps=2",
+                         "train.eval_every_n_steps=null", "update.lion.min_8bit_size=1024")
+    result = train(config)
+    masks, exported, start = masks_of(result.final_dir), weights(result.final_dir), initial_pruned(config)
+    for name, mask in masks.items():
+        assert (exported[name][~mask] == 0).all(), name
+        assert not torch.equal(exported[name], start[name]), name  # and the kept entries trained
+
+
 def initial_pruned(config):
     """The weights a run of ``config`` starts retraining from: loaded (int8: quantized) and pruned."""
     from lowmem.int8_weights import dequantized_state_dict
@@ -298,6 +311,8 @@ def test_a_pruned_folder_retrains_with_its_masks(tmp_path, micro_model_path, tex
     (["update.trainable=scale_lora", "lora.alpha=4"], "scale_lora (W ⊙ BA) has no scale"),
     (["update.trainable=mask_lora", "lora.rank=0"], "lora.rank must be positive"),
     (["update.trainable=some"], "update.trainable 'some' is not one of"),
+    (["update.trainable=norms", "update.strategy=hift", "memory.offload_frozen_weights=true"],
+     "the frozen matrices belong to none"),
 ])
 def test_bad_prune_and_lora_values_get_one_line_errors(tmp_path, micro_model_path, text_data, overrides, message):
     with pytest.raises(ConfigError) as err:
