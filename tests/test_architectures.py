@@ -19,6 +19,9 @@ MODES = {
              "update.lion.min_8bit_size=1024"],
     "bf16-checkpointing": ["model.dtype=bfloat16", "model.gradient_checkpointing=true", "update.strategy=fused",
                            "update.rule=adalomo", "update.lr=5e-2"],
+    # PERP: wanda 2:4, then norms, biases and masked adapters (Conv1D layouts, biases, tied heads)
+    "perp-mask-lora": ["prune.criterion=wanda", "prune.pattern=2:4", "prune.calibration_batches=2",
+                       "update.trainable=mask_lora", "lora.rank=4", "update.rule=adamw", "update.lr=3e-2"],
 }
 ARCHS = ["llama", "llama-tied", "qwen2", "gpt2", "opt", "qwen3", "mistral", "gemma", "phi3", "gpt-neox"]
 
@@ -36,3 +39,14 @@ def test_architecture_trains_and_its_export_reloads(tmp_path, arch_path, text_da
     data = build_datasets(config.data, tokenizer, config.train.seed)
     scores = evaluate(reloaded, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id, 4), "cpu")
     assert scores["val_loss"] == pytest.approx(result.last_eval["val_loss"], rel=1e-5)
+    if mode.startswith("perp"):  # the export is merged and keeps every pruned zero, in each layer's own layout
+        from safetensors.torch import load_file
+
+        from lowmem.masks import MASKS_FILE, unpack_bits
+
+        state = reloaded.state_dict()
+        masks = load_file(result.final_dir / MASKS_FILE)
+        assert masks
+        for name, bits in masks.items():
+            mask = unpack_bits(bits, state[name].shape)
+            assert (state[name][~mask] == 0).all() and (~mask).float().mean() == 0.5, name
