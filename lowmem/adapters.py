@@ -97,10 +97,11 @@ class AdaptedLinear(torch.nn.Module):
         in_features, out_features = (shape[0], shape[1]) if self.transposed else (shape[1], shape[0])
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.scale = alpha / rank
-        dtype = self.weight.dtype
+        # float32 whatever the model's dtype: the adapters are tiny, and in bfloat16 an update below ~1% of a value
+        # (scale_lora's start is 1/√r) would round away; the function casts them to the compute dtype
         device = self.weight.device
-        self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
-        self.lora_B = torch.nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=device))
+        self.lora_B = torch.nn.Parameter(torch.empty(out_features, rank, dtype=torch.float32, device=device))
         self.reset_adapter()
 
     @torch.no_grad()
@@ -177,8 +178,11 @@ def select_trainable(model: torch.nn.Module, subset: str, rank: int = 16, alpha:
                 log.warning("update.trainable=norms+head: the head is tied to the input embeddings, which train too")
         if not keep and subset not in ADAPTERS:
             raise UserError(f"update.trainable={subset}: the model has no normalization weights or biases to train")
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in keep)
+        # by identity: a tied weight is listed once, under its first name (the embeddings'), yet "lm_head.weight"
+        # names it too
+        keep_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in keep}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in keep_ids)
         for weight in int8_weights(model).values():
             weight.requires_grad_(False)
         if subset in ADAPTERS:
@@ -192,10 +196,14 @@ def select_trainable(model: torch.nn.Module, subset: str, rank: int = 16, alpha:
 def add_adapters(model: torch.nn.Module, kind: str, rank: int, alpha: float) -> int:
     """Replace every prunable matrix layer by an :class:`AdaptedLinear`; a layer without a mask gets W ≠ 0."""
     layers = matrix_layers(model)
-    derived = {f"{name}.weight": _nonzero(layer) for name, layer in layers if getattr(layer, MASK_BUFFER, None) is None}
-    if derived and kind == "mask_lora":
-        log.info("mask_lora: %d layers have no stored mask; their mask is W != 0", len(derived))
-        attach_masks(model, derived)
+    if kind == "mask_lora":
+        derived = 0
+        for name, layer in layers:  # one layer's unpacked mask at a time
+            if getattr(layer, MASK_BUFFER, None) is None:
+                attach_masks(model, {f"{name}.weight": _nonzero(layer)})
+                derived += 1
+        if derived:
+            log.info("mask_lora: %d layers have no stored mask; their mask is W != 0", derived)
     for name, layer in layers:
         parent_name, _, child = name.rpartition(".")
         adapted = AdaptedLinear(layer, kind, rank, alpha)

@@ -138,6 +138,9 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
     if config.prune.criterion == "none":
         raise UserError("prune: prune.criterion is none (set prune.criterion=magnitude or prune.criterion=wanda)")
     device = pick_device(config.train.device)
+    if config.model.weight_format == "int8":
+        log.warning("prune: model.weight_format=int8 is for training; the pruned model is written in %s, and a "
+                    "training run quantizes it", config.model.dtype)
     tokenizer = load_tokenizer(config.model.path)
     model = load_model(config.model.path, config.model.dtype, device)
 
@@ -240,9 +243,9 @@ def fit_command(config, recipe: str, limit: int, target: str, write_to: str | No
 @click.option("--recipe", default=None,
               help="Evaluate on this recipe's held-out split (its data section and train.seed), as training does.")
 @click.option("--data", "data_path", default=None, help="Or a whole dataset: .json/.jsonl/.txt file, folder or hub id.")
-@click.option("--format", "fmt", default="text", show_default=True,
-              type=click.Choice(["text", "alpaca", "sharegpt", "messages"]))
-@click.option("--max-seq-len", default=512, show_default=True, type=int)
+@click.option("--format", "fmt", default=None, type=click.Choice(["text", "alpaca", "sharegpt", "messages"]),
+              help="With --data (default: text; --recipe takes its own).")
+@click.option("--max-seq-len", default=None, type=int, help="With --data (default: 512; --recipe takes its own).")
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--max-batches", default=None, type=int, help="Evaluate only the first N batches.")
@@ -267,6 +270,10 @@ def eval_command(checkpoints, recipe, data_path, fmt, max_seq_len, batch_size, d
 
     if (recipe is None) == (data_path is None):
         raise UserError("eval: give exactly one of --recipe (its held-out split) and --data (a whole dataset)")
+    if recipe is not None and (fmt is not None or max_seq_len is not None):
+        raise UserError("eval: --format and --max-seq-len go with --data; --recipe reads data.format and "
+                        "data.max_seq_len from the recipe (drop them, or override them in a copy of the recipe)")
+    fmt, max_seq_len = fmt or "text", max_seq_len or 512
     device = pick_device("auto")
     examples = None
     for checkpoint in checkpoints:

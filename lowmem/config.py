@@ -494,6 +494,19 @@ def validate_prune(config: Config) -> None:
         raise ConfigError(f"config: lora.rank must be positive, got {lora.rank}")
     if lora.alpha is not None and lora.alpha <= 0:
         raise ConfigError(f"config: lora.alpha must be positive or null, got {lora.alpha}")
+    defaults = PruneConfig()
+    if prune.criterion == "none":
+        changed = [k for k in ("sparsity", "pattern", "calibration_batches", "include_head")
+                   if getattr(prune, k) != getattr(defaults, k)]
+        if changed:
+            raise ConfigError(f"config: prune.{changed[0]} is set but prune.criterion is none, so nothing is pruned "
+                              "(set prune.criterion=magnitude or wanda, or drop it)")
+    if prune.criterion == "magnitude" and prune.calibration_batches != defaults.calibration_batches:
+        raise ConfigError("config: prune.calibration_batches feeds wanda; magnitude pruning reads no data "
+                          "(drop it, or set prune.criterion=wanda)")
+    if config.update.trainable == "scale_lora" and config.update.weight_decay > 0:
+        raise ConfigError("config: update.weight_decay pulls scale_lora's A and B toward 0, and with them the whole "
+                          "weight W ⊙ BA (set update.weight_decay=0)")
     adapters = config.update.trainable in ("mask_lora", "scale_lora")
     if not adapters and (lora.rank != LoraConfig.rank or lora.alpha is not None):
         raise ConfigError(f"config: lora.* is set but update.trainable is {config.update.trainable}, which has no "

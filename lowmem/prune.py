@@ -151,14 +151,19 @@ def wanda_scores(weight: torch.Tensor, input_sq_sums: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def input_norms(model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]], batches) -> dict[str, torch.Tensor]:
-    """Per layer, the sum over every calibration token of each input feature's square (float32, [in])."""
+    """Per layer, the sum over every calibration token (padding excluded) of each input feature's square (float32,
+    [in])."""
     sums: dict[str, torch.Tensor] = {}
     handles = []
 
+    real = [None]  # the current batch's non-padding positions, flattened: padding is not calibration data
+
     def hook_for(name: str):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            total = x.square().sum(dim=0)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if real[0] is not None and real[0].numel() == x.shape[0]:
+                x = x[real[0]]
+            total = x.float().square().sum(dim=0)
             sums[name] = total if name not in sums else sums[name].add_(total)
 
         return hook
@@ -170,7 +175,9 @@ def input_norms(model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]
     try:
         device = next(model.parameters()).device
         for batch in batches:
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            mask = batch["attention_mask"].to(device)
+            real[0] = mask.reshape(-1).bool()
+            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
     finally:
         for handle in handles:
             handle.remove()
@@ -193,8 +200,10 @@ def check_pattern(layers: list[tuple[str, torch.nn.Module]], pattern: str) -> No
 
 
 def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern: str = "unstructured",
-                include_head: bool = False, calibration=None) -> dict[str, torch.Tensor]:
-    """Prune ``model`` in place; returns weight name → bool keep-mask (stored layout), also attached to the layers.
+                include_head: bool = False, calibration=None) -> dict[str, torch.nn.Module]:
+    """Prune ``model`` in place; returns weight name → its layer, which holds the packed mask (``lowmem.masks``:
+    ``mask_of(layer)`` unpacks it). Each layer's mask is packed as soon as it is chosen, so one unpacked mask exists
+    at a time.
 
     ``calibration``: an iterable of batches (``input_ids``, ``attention_mask``) for ``wanda``."""
     layers = prunable_layers(model, include_head)
@@ -217,13 +226,13 @@ def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern
         kept = keep_mask(scores, sparsity, pattern, per_row)
         kept = kept.T.contiguous() if _transposed(layer) else kept
         zero_pruned(layer, kept)
-        masks[f"{name}.weight"] = kept
-        del stored, weight, scores
-    attach_masks(model, masks)
+        attach_masks(model, {f"{name}.weight": kept})
+        masks[f"{name}.weight"] = layer
+        del stored, weight, scores, kept
     return masks
 
 
-def sparsity_report(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> PruneReport:
+def sparsity_report(model: torch.nn.Module, masks) -> PruneReport:
     """Zeros actually present in each masked weight (read back from the weights, not from the masks)."""
     from lowmem.int8_weights import int8_weights
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lowmem.adapters import AdaptedLinear, _AdaptedLinearFunction, select_trainable
 from lowmem.errors import ConfigError, UserError
-from lowmem.masks import MASKS_FILE, attach_masks, pack_bits, unpack_bits
+from lowmem.masks import MASKS_FILE, attach_masks, mask_of, pack_bits, unpack_bits
 from lowmem.prune import keep_mask, prune_model, wanda_scores
 from lowmem.trainer import train
 from test_trainer import EVERY_STRATEGY, assert_resume_is_exact, make_config, weights
@@ -47,14 +47,15 @@ def test_magnitude_prunes_the_smallest_share_of_each_matrix_exactly():
 @pytest.mark.parametrize("pattern,n,m", [("2:4", 2, 4), ("4:8", 4, 8)])
 def test_n_m_pattern_holds_in_every_group_along_the_input(micro_model_path, pattern, n, m):
     model = micro(micro_model_path)
-    masks = prune_model(model, "magnitude", 0.5, pattern)
-    for name, mask in masks.items():
+    before = {n: p.detach().abs().clone() for n, p in model.named_parameters()}
+    layers = prune_model(model, "magnitude", 0.5, pattern)
+    for name, layer in layers.items():
+        mask = mask_of(layer)
         groups = mask.view(mask.shape[0], -1, m)  # [out, in] weights: groups of m along the input
         assert (groups.sum(-1) == n).all(), name
-        weight = model.get_submodule(name.rsplit(".", 1)[0]).weight
-        assert torch.equal(weight == 0, ~mask)
-        # the kept entries of each group are its largest magnitudes
-        w = weight.detach().abs().view_as(groups.float())
+        assert torch.equal(layer.weight == 0, ~mask)
+        # the kept entries of each group are its largest magnitudes before pruning
+        w = before[name].view_as(groups.float())
         assert (w.masked_fill(~groups, float("inf")).amin(-1) >= w.masked_fill(groups, -1).amax(-1)).all()
 
 
@@ -65,6 +66,9 @@ def test_wanda_scores_and_masks_equal_an_independent_computation(micro_model_pat
     model = micro(micro_model_path)
     data = build_datasets(DataConfig(path=text_data, max_seq_len=48, val_fraction=0.0), tokenizer, 0)
     batches = list(eval_batches(data.train, 2, tokenizer.pad_token_id, 3))
+    # one padded row (as chat formats have): padding positions are not calibration data
+    batches[0]["attention_mask"][1, 30:] = 0
+    batches[0]["input_ids"][1, 30:] = tokenizer.pad_token_id
     layer = model.model.layers[1].mlp.down_proj
     weight = layer.weight.detach().double().clone()
     # independent: capture the layer's whole inputs, then norms over every token in float64
@@ -74,7 +78,8 @@ def test_wanda_scores_and_masks_equal_an_independent_computation(micro_model_pat
         for batch in batches:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     handle.remove()
-    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs])
+    x = torch.cat([t[batch["attention_mask"].bool()] for t, batch in zip(inputs, batches)])
+    assert x.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches) < 3 * 2 * 48
     expected_scores = weight.abs() * torch.linalg.vector_norm(x, dim=0)
     torch.testing.assert_close(wanda_scores(weight, x.square().sum(0)), expected_scores)
     # per output row: the 40% lowest of each row go
@@ -82,7 +87,7 @@ def test_wanda_scores_and_masks_equal_an_independent_computation(micro_model_pat
     threshold = expected_scores.sort(dim=1).values[:, k - 1 : k]
     expected_mask = expected_scores > threshold
     masks = prune_model(model, "wanda", 0.4, calibration=batches)
-    assert torch.equal(masks["model.layers.1.mlp.down_proj.weight"], expected_mask)
+    assert torch.equal(mask_of(masks["model.layers.1.mlp.down_proj.weight"]), expected_mask)
     assert (model.model.layers[1].mlp.down_proj.weight[~expected_mask] == 0).all()
 
 
@@ -101,7 +106,7 @@ def test_pruning_int8_weights_zeroes_them_exactly(micro_model_path):
     model = micro(micro_model_path, int8=Int8WeightConfig())
     masks = prune_model(model, "magnitude", 0.5)
     value = model.model.layers[0].self_attn.q_proj.weight.dequantize(torch.float32)
-    assert torch.equal(value == 0, ~masks["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(value == 0, ~mask_of(masks["model.layers.0.self_attn.q_proj.weight"]))
 
 
 # ----------------------------------------------------------------------------------------------- adapters
@@ -194,6 +199,12 @@ def test_trainable_fractions_are_counted_by_hand(micro_model_path):
     for kind in ("mask_lora", "scale_lora"):
         counts = select_trainable(micro(micro_model_path), kind, r, 8.0)
         assert counts == {"trainable": norms + layers * per_layer, "total": total}
+    # a tied head is the embeddings' tensor, listed once under their name: norms+head trains it all the same
+    from lowmem import assets
+
+    tied = micro(str(assets.tiny_model("micro-llama-tied")))
+    assert select_trainable(tied, "norms+head")["trainable"] == norms + vocab * hidden
+    assert tied.lm_head.weight.requires_grad and tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
 # ----------------------------------------------------------------------------------------------- retraining
@@ -213,7 +224,8 @@ def test_pruned_weights_stay_zero_through_retraining_and_export(tmp_path, micro_
                                                                 strategy):
     config = make_config(tmp_path, micro_model_path, text_data, *EVERY_STRATEGY[strategy], "prune.criterion=magnitude",
                          f"update.trainable={subset}", "train.max_steps=3", "train.eval_every_n_steps=null",
-                         *(["lora.rank=4"] if subset.endswith("lora") else []))
+                         *(["lora.rank=4"] if subset.endswith("lora") else []),
+                         *(["update.weight_decay=0"] if subset == "scale_lora" else []))
     result = train(config)
     final, last = result.final_dir, result.output_dir / "checkpoint-3"
     masks = masks_of(final)
@@ -308,9 +320,12 @@ def test_a_pruned_folder_retrains_with_its_masks(tmp_path, micro_model_path, tex
     (["prune.criterion=random"], "prune.criterion 'random' is not one of"),
     (["prune.calibration_batches=0"], "prune.calibration_batches must be positive"),
     (["lora.rank=8"], "lora.* is set but update.trainable is all"),
-    (["update.trainable=scale_lora", "lora.alpha=4"], "scale_lora (W ⊙ BA) has no scale"),
+    (["update.trainable=scale_lora", "update.weight_decay=0", "lora.alpha=4"], "scale_lora (W ⊙ BA) has no scale"),
     (["update.trainable=mask_lora", "lora.rank=0"], "lora.rank must be positive"),
     (["update.trainable=some"], "update.trainable 'some' is not one of"),
+    (["prune.pattern=2:4"], "prune.pattern is set but prune.criterion is none"),
+    (["prune.criterion=magnitude", "prune.calibration_batches=4"], "magnitude pruning reads no data"),
+    (["update.trainable=scale_lora", "update.weight_decay=0.01"], "set update.weight_decay=0"),
     (["update.trainable=norms", "update.strategy=hift", "memory.offload_frozen_weights=true"],
      "the frozen matrices belong to none"),
 ])
@@ -321,7 +336,8 @@ def test_bad_prune_and_lora_values_get_one_line_errors(tmp_path, micro_model_pat
 
 
 def test_unquoted_n_m_pattern_in_yaml_is_read_as_written(tmp_path, micro_model_path, text_data):
-    config = make_config(tmp_path, micro_model_path, text_data, "prune.pattern=2:4")  # YAML's 124
+    config = make_config(tmp_path, micro_model_path, text_data, "prune.criterion=magnitude",
+                         "prune.pattern=2:4")  # YAML's 124
     assert config.prune.pattern == "2:4"
 
 

@@ -31,7 +31,8 @@ CASES = {
     "bf16-accumulation": ["model.dtype=bfloat16", "train.gradient_accumulation_steps=2"],
     "pruned-all-fused": ["prune.criterion=magnitude", "update.strategy=fused", "update.rule=adalomo"],
     "mask-lora": ["prune.criterion=magnitude", "update.trainable=mask_lora", "lora.rank=4"],
-    "scale-lora-int8": ["model.weight_format=int8", "update.trainable=scale_lora", "lora.rank=4"],
+    "scale-lora-int8": ["model.weight_format=int8", "update.trainable=scale_lora", "lora.rank=4",
+                        "update.weight_decay=0"],
     "norms": ["update.trainable=norms"],
 }
 

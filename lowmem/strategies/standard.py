@@ -42,7 +42,9 @@ class StandardStrategy:
         with_grad = {n: p for n, p in self.params.items() if p.grad is not None}
         # A pruned weight's gradient is masked before anything reads it: the norm, clipping and the rule's state
         # see only the entries that may change, as they would for a weight parametrized by W ⊙ M.
-        masks = {n: self.masks.mask_grad_(n, p.grad) for n, p in with_grad.items()} if self.masks else {}
+        if self.masks:
+            for n, p in with_grad.items():
+                self.masks.mask_grad_(n, p.grad)  # one unpacked mask at a time
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in with_grad.values())
         norm = grad_norm([p.grad for p in with_grad.values()])
         skipped = False
@@ -58,7 +60,7 @@ class StandardStrategy:
             for name, param in with_grad.items():
                 if not skipped:
                     apply_rule(self.rule, param, param.grad, self.state.get(name, param), self.lr, grad_scale,
-                               masks.get(name))
+                               self.masks.get(name, param.grad) if self.masks else None)
                 param.grad = None
         self.scaler.update(found_inf=skipped)
         stats = {"grad_norm": norm, "grad_bytes_peak": grad_bytes, "state_bytes": self.state.nbytes()}
