@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from lowmem.errors import UserError
-from lowmem.int8_weights import Int8Weight, int8_weights, matrix_layers
+from lowmem.int8_weights import Int8Weight, count_weights, int8_weights, matrix_layers, trainable_tensors
 from lowmem.masks import MASK_BUFFER, attach_masks, mask_of
+from lowmem.prune import stored_transposed, weight_value
 
 log = logging.getLogger("lowmem")
 
@@ -87,7 +88,7 @@ class AdaptedLinear(torch.nn.Module):
     def __init__(self, layer: torch.nn.Module, kind: str, rank: int, alpha: float):
         super().__init__()
         self.kind = kind
-        self.transposed = getattr(layer, "transposed", not isinstance(layer, torch.nn.Linear))
+        self.transposed = stored_transposed(layer)
         self.weight = layer.weight
         self.bias = layer.bias
         bits = getattr(layer, MASK_BUFFER, None)
@@ -160,12 +161,14 @@ def norm_and_bias_names(model: torch.nn.Module) -> set[str]:
     return names
 
 
-def select_trainable(model: torch.nn.Module, subset: str, rank: int = 16, alpha: float = 32.0) -> dict[str, int]:
+def select_trainable(model: torch.nn.Module, subset: str, rank: int = 16, alpha: float | None = None) -> dict[str, int]:
     """Set what trains for ``update.trainable`` (adding adapters for the LoRA kinds) before the strategy is built;
-    returns ``{"trainable": n, "total": n}`` in values (total: the model's own weights, adapters excluded)."""
+    returns ``{"trainable": n, "total": n}`` in values (total: the model's own weights, adapters excluded).
+    ``alpha`` (``lora.alpha``): None is 2 × ``rank``."""
     if subset not in SUBSETS:
         raise UserError(f"update.trainable '{subset}' is not one of {', '.join(SUBSETS)}")
-    total = sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in int8_weights(model).values())
+    alpha = alpha if alpha is not None else 2.0 * rank
+    total = count_weights(model)
     if subset != "all":
         keep = norm_and_bias_names(model)
         if subset == "norms+head":
@@ -188,8 +191,7 @@ def select_trainable(model: torch.nn.Module, subset: str, rank: int = 16, alpha:
         if subset in ADAPTERS:
             add_adapters(model, subset, rank, alpha)
     # counted once per tensor: a tied weight is one parameter
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainable += sum(w.numel() for w in int8_weights(model).values() if w.requires_grad)
+    trainable = sum(t.numel() for t in trainable_tensors(model).values())
     return {"trainable": trainable, "total": total}
 
 
@@ -213,9 +215,7 @@ def add_adapters(model: torch.nn.Module, kind: str, rank: int, alpha: float) -> 
 
 
 def _nonzero(layer: torch.nn.Module) -> torch.Tensor:
-    weight = layer.weight
-    value = weight.dequantize(torch.float32) if isinstance(weight, Int8Weight) else weight.detach()
-    return value != 0
+    return weight_value(layer) != 0
 
 
 def adapted_layers(model: torch.nn.Module) -> dict[str, AdaptedLinear]:

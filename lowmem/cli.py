@@ -130,9 +130,9 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
     """
     from lowmem import checkpoint as ckpt
     from lowmem.config import load_config
-    from lowmem.data import build_datasets, eval_batches
+    from lowmem.data import build_datasets
     from lowmem.model import load_model, load_tokenizer, pick_device
-    from lowmem.perp import prune_from_config
+    from lowmem.perp import calibration_batches, prune_from_config
 
     config = load_config(resolve_recipe(recipe), overrides)
     if config.prune.criterion == "none":
@@ -146,10 +146,9 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
 
     def calibration():
         data = build_datasets(config.data, tokenizer, config.train.seed)
-        return eval_batches(data.train, config.train.batch_size, tokenizer.pad_token_id,
-                            config.prune.calibration_batches)
+        return calibration_batches(config, data.train, tokenizer.pad_token_id)
 
-    report = prune_from_config(model, config, calibration() if config.prune.criterion == "wanda" else None)
+    report = prune_from_config(model, config, calibration)
     folder = Path(output) if output else Path(config.checkpoint.output_dir) / "pruned"
 
     def write(tmp: Path) -> None:

@@ -338,6 +338,11 @@ def int8_weights(model: torch.nn.Module) -> dict[str, Int8Weight]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Int8Weight)}
 
 
+def count_weights(model: torch.nn.Module) -> int:
+    """Values of every weight of the model: parameters (a tied one once) and int8 weights."""
+    return sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in int8_weights(model).values())
+
+
 def trainable_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor | Int8Weight]:
     """What a strategy updates: parameters that require grad, and trainable int8 weights."""
     found: dict[str, torch.Tensor | Int8Weight] = {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -71,9 +71,9 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    from lowmem.int8_weights import int8_weights
+    from lowmem.int8_weights import count_weights
 
-    n_params = sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in int8_weights(model).values())
+    n_params = count_weights(model)
     log.info("model: %s, %.2fM parameters, %s on %s", path, n_params / 1e6, dtype, device)
     return model
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from lowmem import assets
 from lowmem.adapters import ADAPTERS, ADAPTERS_FILE, load_adapter_state_dict, select_trainable
+from lowmem.data import eval_batches
 from lowmem.errors import UserError
 from lowmem.masks import MASKS_FILE, load_masks
 from lowmem.prune import PruneReport, prune_model, sparsity_report
@@ -36,10 +37,17 @@ class Retraining:
         return self.trainable / max(self.total, 1)
 
 
+def calibration_batches(config, train_examples, pad_token_id: int):
+    """Wanda's calibration: the first ``prune.calibration_batches`` batches of the training sequences, in order."""
+    return eval_batches(train_examples, config.train.batch_size, pad_token_id, config.prune.calibration_batches)
+
+
 def prune_from_config(model: torch.nn.Module, config, calibration=None) -> PruneReport:
-    """Prune by the recipe's ``prune`` section and report the sparsity reached."""
+    """Prune by the recipe's ``prune`` section and report the sparsity reached. ``calibration``: a callable returning
+    wanda's batches (:func:`calibration_batches`), called only for wanda."""
     p = config.prune
-    masks = prune_model(model, p.criterion, p.sparsity, p.pattern, p.include_head, calibration)
+    batches = calibration() if p.criterion == "wanda" and calibration is not None else None
+    masks = prune_model(model, p.criterion, p.sparsity, p.pattern, p.include_head, batches)
     report = sparsity_report(model, masks)
     log.info("prune: %s %s, %d matrices at %.2f%% sparsity (%.2f%% of all weights)", p.criterion, p.pattern,
              len(report.layers), 100 * report.sparsity, 100 * report.model_sparsity)
@@ -65,12 +73,10 @@ def prepare(model: torch.nn.Module, config, source: str, resume_from: Path | Non
     ``calibration``: a callable returning wanda's calibration batches (called only when they are needed)."""
     report = None
     if resume_from is None and config.prune.criterion != "none":
-        report = prune_from_config(model, config, calibration() if config.prune.criterion == "wanda" else None)
+        report = prune_from_config(model, config, calibration)
     elif load_stored_masks(model, source):
         log.info("prune: sparsity masks loaded from %s", source)
-    lora = config.lora
-    alpha = lora.alpha if lora.alpha is not None else 2.0 * lora.rank
-    counts = select_trainable(model, config.update.trainable, lora.rank, alpha)
+    counts = select_trainable(model, config.update.trainable, config.lora.rank, config.lora.alpha)
     if resume_from is not None and config.update.trainable in ADAPTERS:
         path = resume_from / ADAPTERS_FILE
         if not path.is_file():

@@ -225,8 +225,7 @@ def _retraining(model, config) -> None:
             else matrix_layers(model)
         attach_masks(model, {f"{name}.weight": torch.ones(layer.weight.shape, dtype=torch.bool)
                              for name, layer in layers})
-    lora = config.lora
-    select_trainable(model, config.update.trainable, lora.rank, lora.alpha if lora.alpha is not None else 2.0 * lora.rank)
+    select_trainable(model, config.update.trainable, config.lora.rank, config.lora.alpha)
 
 
 def _batch(config, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -420,6 +419,7 @@ def _rule_state(strategy):
 def _weight_labels(model) -> dict[int, str]:
     from lowmem.adapters import adapted_layers
     from lowmem.int8_weights import int8_weights
+    from lowmem.masks import MASK_BUFFER, masked_layers
 
     labels = {}
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -427,19 +427,13 @@ def _weight_labels(model) -> dict[int, str]:
     for weight in int8_weights(model).values():
         for tensor in weight.buffers(recurse=False):
             labels[id(tensor.untyped_storage())] = "weights int8"
-    for bits in masks_state_dict_live(model):
-        labels[id(bits.untyped_storage())] = "sparsity masks"
+    for layer in masked_layers(model).values():
+        labels[id(getattr(layer, MASK_BUFFER).untyped_storage())] = "sparsity masks"
     for layer in adapted_layers(model).values():
         for tensor in (layer.lora_A, layer.lora_B):
             labels[id(tensor.untyped_storage())] = f"adapters {str(tensor.dtype).removeprefix('torch.')}"
     return labels
 
-
-def masks_state_dict_live(model) -> list[torch.Tensor]:
-    """The packed mask buffers themselves (not copies)."""
-    from lowmem.masks import MASK_BUFFER, masked_layers
-
-    return [getattr(layer, MASK_BUFFER) for layer in masked_layers(model).values()]
 
 
 def _components(live: dict[int, tuple[int, str]], host: set[int], model, holder: dict) -> dict[str, int]:

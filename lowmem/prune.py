@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.errors import UserError
-from lowmem.int8_weights import Int8Weight, matrix_layers
+from lowmem.int8_weights import Int8Weight, count_weights, matrix_layers
 from lowmem.masks import attach_masks
 
 log = logging.getLogger("lowmem")
@@ -95,7 +95,7 @@ def prunable_layers(model: torch.nn.Module, include_head: bool = False) -> list[
     return layers
 
 
-def _transposed(layer: torch.nn.Module) -> bool:
+def stored_transposed(layer: torch.nn.Module) -> bool:
     """Whether the stored weight is [in, out] (transformers' Conv1D, or an int8/adapted layer replacing one)."""
     return getattr(layer, "transposed", not isinstance(layer, torch.nn.Linear) and type(layer).__name__ == "Conv1D")
 
@@ -193,7 +193,7 @@ def check_pattern(layers: list[tuple[str, torch.nn.Module]], pattern: str) -> No
     if nm is None:
         return
     for name, layer in layers:
-        in_features = layer.weight.shape[0] if _transposed(layer) else layer.weight.shape[1]
+        in_features = layer.weight.shape[0] if stored_transposed(layer) else layer.weight.shape[1]
         if in_features % nm[1]:
             raise UserError(f"prune.pattern={pattern}: {name} has {in_features} inputs, not a multiple of {nm[1]} "
                             "(use prune.pattern=unstructured)")
@@ -216,7 +216,7 @@ def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern
     masks = {}
     for name, layer in layers:
         stored = weight_value(layer)
-        weight = stored.T if _transposed(layer) else stored  # [out, in]
+        weight = stored.T if stored_transposed(layer) else stored  # [out, in]
         if criterion == "magnitude":
             scores, per_row = weight.abs(), False
         elif criterion == "wanda":
@@ -224,7 +224,7 @@ def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern
         else:
             raise UserError(f"prune.criterion '{criterion}' is not one of magnitude, wanda")
         kept = keep_mask(scores, sparsity, pattern, per_row)
-        kept = kept.T.contiguous() if _transposed(layer) else kept
+        kept = kept.T.contiguous() if stored_transposed(layer) else kept
         zero_pruned(layer, kept)
         attach_masks(model, {f"{name}.weight": kept})
         masks[f"{name}.weight"] = layer
@@ -234,9 +234,7 @@ def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern
 
 def sparsity_report(model: torch.nn.Module, masks) -> PruneReport:
     """Zeros actually present in each masked weight (read back from the weights, not from the masks)."""
-    from lowmem.int8_weights import int8_weights
-
-    total = sum(p.numel() for p in model.parameters()) + sum(w.numel() for w in int8_weights(model).values())
+    total = count_weights(model)
     layers = []
     for name in masks:
         layer = model.get_submodule(name.rsplit(".", 1)[0])

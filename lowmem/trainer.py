@@ -27,7 +27,7 @@ from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
-from lowmem.perp import Retraining, prepare
+from lowmem.perp import Retraining, calibration_batches, prepare
 from lowmem.rules import make_rule
 from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
@@ -158,8 +158,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
                         f"(train.max_steps / train.epochs); set train.max_steps={resume_state['step']} or more")
 
     # Masks (pruning now, on a fresh run with prune.criterion) and what trains: before the strategy hooks anything.
-    retraining = prepare(model, config, weights, resume_from, lambda: eval_batches(
-        data.train, config.train.batch_size, tokenizer.pad_token_id, config.prune.calibration_batches))
+    retraining = prepare(model, config, weights, resume_from,
+                         lambda: calibration_batches(config, data.train, tokenizer.pad_token_id))
     rule = make_rule(config.update)
     strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
     if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
