@@ -2,7 +2,8 @@
 
     python benchmarks/bench_gpu.py                       # on a GPU: Llama-3.2-1B- and Llama-3-8B-like configs
     python benchmarks/bench_gpu.py --device cpu          # the same providers on tiny stand-in configs (CI runs this)
-    options: --steps 4 --tokens 2048 --only NAME,NAME --out results.csv
+    options: --steps 4 --tokens 2048 --only NAME,NAME --out results.csv --[no-]isolate (a process per provider;
+             default on a GPU) --cap-to-plan (each lowmem row capped at its plan: does the plan suffice?)
 
 Each provider trains a fresh model built from ``benchmarks/configs/*.json`` (architecture values only, random
 weights) in bfloat16 with gradient checkpointing, batch 1 × ``--tokens`` random tokens, for ``--steps`` steps:
@@ -190,6 +191,13 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
     n_steps = args.steps
     recipe = load_recipe(spec)
     planned = plan_for(recipe, config_name, args, device) if recipe else None
+    if planned is not None and args.cap_to_plan:
+        # the allocator may hold what the plan says minus the context (which lives outside it): a run that cannot
+        # is an out-of-memory row, so the planner's modeled terms are checked, not only compared
+        from lowmem.plan import CUDA_CONTEXT_BYTES
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction((planned.device_bytes - CUDA_CONTEXT_BYTES) / total, device)
     model = build_model(config_name, DTYPES[recipe.model.dtype] if recipe else torch.bfloat16, device)
     if recipe is None or recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -218,10 +226,49 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
            "planned": planned.device_bytes if planned else None}
     if device.type == "cuda":
         row.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
+        # What the device holds outside torch's caching allocator (the CUDA context, library handles): the
+        # planner's modeled context term is calibrated from this.
+        free, total = torch.cuda.mem_get_info()
+        row.update(outside_allocator=total - free - torch.cuda.memory_reserved())
     else:
         row.update(allocated=rss_bytes("VmHWM"), reserved=None)
     del model, step, batches
     return row
+
+
+def _run_in_child(name: str, config_name: str, args) -> dict:
+    """run_provider in a spawned process; an exception comes back as its type and first line."""
+    try:
+        return run_provider(name, PROVIDERS[name], config_name, args, torch.device(args.device))
+    except ImportError as err:
+        return {"raise": "ImportError", "name": err.name}
+    except torch.cuda.OutOfMemoryError:
+        return {"raise": "OutOfMemoryError", "peak": torch.cuda.max_memory_allocated()}
+    except Exception as err:
+        return {"raise": type(err).__name__, "message": str(err)}
+
+
+def isolated(name: str, config_name: str, args) -> dict:
+    """One provider in a fresh process, its exceptions raised here as run_provider would raise them."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        row = pool.submit(_run_in_child, name, config_name, args).result()
+    if "raise" not in row:
+        return row
+    if row["raise"] == "ImportError":
+        raise ImportError(name=row["name"])
+    if row["raise"] == "OutOfMemoryError":
+        torch.cuda.reset_peak_memory_stats()
+        raise _ChildOutOfMemory(row["peak"])
+    raise RuntimeError(f"{row['raise']}: {row['message']}")
+
+
+class _ChildOutOfMemory(Exception):
+    def __init__(self, peak: int):
+        super().__init__(peak)
+        self.peak = peak
 
 
 def cases(device: torch.device, only: set[str] | None) -> list[tuple[str, dict, str]]:
@@ -243,8 +290,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--only", default=None, help="comma-separated provider names")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each provider in a fresh process (default on a GPU): what one provider leaves behind "
+                             "(a model kept alive by its hooks' reference cycles, a CUDA context's caches) cannot "
+                             "count in the next one's peak")
+    parser.add_argument("--cap-to-plan", action="store_true",
+                        help="on a GPU, run each lowmem row with the caching allocator capped at what `lowmem plan` "
+                             "predicts for it (torch.cuda.set_per_process_memory_fraction): a row that does not "
+                             "fit says out of memory")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.isolate is None:
+        args.isolate = device.type == "cuda"
+    if args.cap_to_plan and device.type != "cuda":
+        parser.error("--cap-to-plan caps the CUDA caching allocator: it needs --device cuda")
+    if args.cap_to_plan and not args.isolate:
+        parser.error("--cap-to-plan needs --isolate: the cap holds for the rest of the process")
     results = []
     gib = 2**30 if device.type == "cuda" else 2**20
     unit = "GiB" if device.type == "cuda" else "MiB (peak RSS)"
@@ -253,17 +314,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---|---|---|---|---|---|")
     for name, spec, config_name in cases(device, set(args.only.split(",")) if args.only else None):
         try:
-            row = run_provider(name, spec, config_name, args, device)
+            row = (isolated(name, config_name, args) if args.isolate else
+                   run_provider(name, spec, config_name, args, device))
             reserved = f"{row['reserved'] / gib:.2f}" if row["reserved"] is not None else "–"
             planned = (f"{row['planned_counted'] / gib:.2f} / {row['planned'] / gib:.2f}" if row["planned"] is not None
                        else "–")
             line = (f"| {config_name} | {name} | {row['allocated'] / gib:.2f} | {reserved} | {planned} | "
                     f"{row['tokens_per_s']:.0f} | {row['losses'][0]:.3f} → {row['losses'][-1]:.3f} |")
+            if "outside_allocator" in row:  # exact figures for calibrating the planner, beside the table
+                print(json.dumps({k: row[k] for k in ("allocated", "reserved", "planned_counted", "planned",
+                                                      "outside_allocator")} | {"provider": name}), file=sys.stderr)
         except ImportError as err:
             row = {"error": f"not installed ({err.name})"}
             line = f"| {config_name} | {name} | {row['error']} | | | | |"
-        except torch.cuda.OutOfMemoryError:
-            row = {"error": f"out of memory (peak {torch.cuda.max_memory_allocated() / gib:.1f} GiB)"}
+        except (torch.cuda.OutOfMemoryError, _ChildOutOfMemory) as err:
+            peak = err.peak if isinstance(err, _ChildOutOfMemory) else torch.cuda.max_memory_allocated()
+            row = {"error": f"out of memory (peak {peak / gib:.1f} GiB)"}
             line = f"| {config_name} | {name} | {row['error']} | | | | |"
         except Exception as err:  # a provider that fails is reported, not fatal: the others still run
             row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
@@ -273,7 +339,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for r in results:
         base = {**base_row("train_gpu" if device.type == "cuda" else "train_gpu_cpu_mode"),
-                "case": f"{r['config']} bf16 1x{args.tokens} ckpt", "provider": r["provider"]}
+                "case": f"{r['config']} bf16 1x{args.tokens} ckpt" + (" capped to plan" if args.cap_to_plan else ""),
+                "provider": r["provider"]}
         if "error" in r:
             rows.append({**base, "note": r["error"]})
         else:
@@ -282,7 +349,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "tokens_per_s": round(r["tokens_per_s"], 1),
                          "note": json.dumps({"loss": [round(x, 4) for x in r["losses"]], "steps": r["steps"],
                                              "planned_counted_bytes": r["planned_counted"],
-                                             "planned_bytes": r["planned"]})})
+                                             "planned_bytes": r["planned"],
+                                             "outside_allocator_bytes": r.get("outside_allocator")})})
     append_rows(rows, Path(args.out))
     return results
 

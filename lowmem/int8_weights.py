@@ -156,7 +156,7 @@ class Int8Weight(torch.nn.Module):
                 self.outlier_index.copy_(index)
             index = self.outlier_index.long()
             self.outlier_value.copy_(flat[index])
-            flat[index] = 0.0
+            flat.index_fill_(0, index, 0.0)  # a Python scalar assigned by index is uploaded per call: a sync
         if rescale and not stochastic:
             codes, absmax = quantize_blockwise(flat, linear_map(self.device), self.blocksize, preserve_sign=False)
             self.codes.copy_(codes)

@@ -79,13 +79,21 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
 
 
 def enable_gradient_checkpointing(model) -> None:
-    """Recompute each layer's activations in backward (non-reentrant, so frozen layers and hooks work)."""
+    """Recompute each layer's activations in backward (non-reentrant, so frozen layers and hooks work); backward
+    still reaches only the layers above the lowest trainable tensor."""
     # transformers 5 renamed the switch; older releases (still allowed by our pin) have only the old one.
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also hooks the input embeddings so that their output always requires grad (reentrant
+    # checkpointing and PEFT need it). Non-reentrant checkpointing does not, and the hook would send backward
+    # through every frozen layer: HiFT's backward must stop at its lowest active unit, and a frozen streamed unit
+    # has no backward at all.
+    disable = getattr(model, "disable_input_require_grads", None)
+    if disable is not None:
+        disable()
 
 
 def _looks_like_path(path: str) -> bool:

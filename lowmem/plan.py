@@ -13,8 +13,8 @@ tensor storage as the run would hold them and records the peak, split by compone
     activations            storages the forward made that are still alive (saved for backward, checkpointed inputs)
     temporaries            everything else alive at the peak (backward and update intermediates)
 
-What fake execution cannot see is added as modeled terms for a CUDA device (uncalibrated until a GPU session
-measures them): the CUDA context, the caching allocator's rounding and fragmentation, and library workspaces.
+What fake execution cannot see is added as modeled terms for a CUDA device, calibrated on an H200 (2026-11-26,
+``benchmarks/bench_gpu.py``): the CUDA context, the caching allocator's cached blocks, and library workspaces.
 Under HiFT with ``memory.offload_states`` / ``offload_frozen_weights`` the states and frozen units its residency
 plan keeps in host memory move to the host column.
 
@@ -37,17 +37,21 @@ from lowmem.errors import UserError
 GiB = 2**30
 MiB = 2**20
 
-# Modeled terms for a CUDA device: not visible to fake execution, not yet calibrated on a GPU (DESIGN §4b).
-CUDA_CONTEXT_BYTES = 512 * MiB  # the context and its kernels' images, outside memory_allocated
-ALLOCATOR_OVERHEAD = 0.05  # the caching allocator's rounding and fragmentation, as a share of the counted peak
-WORKSPACE_BYTES = 32 * MiB  # cuBLAS workspace (4096 KiB × 8) and attention scratch
+# Modeled terms for a CUDA device, which fake execution cannot see (DESIGN §4b). Calibrated 2026-11-26 on an NVIDIA
+# H200 (torch 2.11.0+cu130, driver 580.159.04) by benchmarks/bench_gpu.py, each provider in a fresh process:
+CUDA_CONTEXT_BYTES = 768 * MiB  # device memory outside torch's allocator (total - free - reserved): 767 MiB measured
+WORKSPACE_BYTES = 64 * MiB  # cuBLAS/cuBLASLt workspaces: max_memory_allocated exceeded the count by 63-67 MB
+# The caching allocator keeps freed blocks for reuse; max_memory_reserved exceeded max_memory_allocated by 1.2-2.1
+# times the largest storage the step makes (a 128k-vocabulary row of logits or embedding gradient) in four of the
+# five single-stream runs measured (LOMO, AdaLomo, int8 + Lion8bit at 1B and 7B/8B), 3.5 times in the fifth.
+CACHED_LARGEST_BLOCKS = 2
 
 
 class StorageAccountant(TorchDispatchMode):
     """Live bytes of tensor storages: the ones :meth:`track`-ed, and every storage an op makes inside the ``with``
     block, until it is freed. ``peak`` is the most that was ever live together outside host memory (storages named
     by :meth:`set_host` are not counted in it); ``at_peak`` is what ``classify(live, host_keys)`` returned for the
-    live set at (within 0.1% of) that moment."""
+    live set at (within 0.1% of) that moment; ``largest_made`` is the largest storage an op made."""
 
     def __init__(self, classify=None):
         super().__init__()
@@ -60,6 +64,7 @@ class StorageAccountant(TorchDispatchMode):
         self.classify = classify
         self.at_peak: dict[str, int] = {}
         self._classified_total = 0
+        self.largest_made = 0
 
     def set_host(self, keys: set[int]) -> None:
         """The storages that live in host memory from now on (HiFT's offloaded states and frozen units)."""
@@ -99,6 +104,8 @@ class StorageAccountant(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
+                if id(t.untyped_storage()) not in self.live:
+                    self.largest_made = max(self.largest_made, t.untyped_storage().nbytes())
                 self.track(t)
         return out
 
@@ -381,9 +388,9 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     device_bytes, host_bytes = _split_host(accountant)
     modeled = {}
     if target == "cuda":
-        counted = sum(device_bytes.values())
-        modeled = {"CUDA context": CUDA_CONTEXT_BYTES, "allocator rounding and fragmentation (5%)":
-                   int(ALLOCATOR_OVERHEAD * counted), "cuBLAS and attention workspaces": WORKSPACE_BYTES}
+        modeled = {"CUDA context": CUDA_CONTEXT_BYTES,
+                   f"allocator: {CACHED_LARGEST_BLOCKS} of the largest blocks cached": CACHED_LARGEST_BLOCKS *
+                   accountant.largest_made, "cuBLAS workspaces": WORKSPACE_BYTES}
         if getattr(state_holder["strategy"], "residency", None) is not None and config.memory.offload_frozen_weights:
             in_flight = _streamed_piece_bytes(state_holder["strategy"])
             if in_flight:

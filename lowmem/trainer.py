@@ -83,11 +83,12 @@ def check_budget(config: Config, weights: str, device: torch.device) -> None:
     ``memory.budget_gb`` (``auto``: what the device has free)."""
     import dataclasses
 
-    from lowmem.plan import GiB, simulate, suggestion_line
+    from lowmem.plan import CUDA_CONTEXT_BYTES, GiB, simulate, suggestion_line
 
     if config.memory.budget_gb == "auto":
         if device.type == "cuda":
-            budget = torch.cuda.mem_get_info(device)[0]
+            # the free memory is measured once this process's CUDA context exists, while the plan counts one
+            budget = torch.cuda.mem_get_info(device)[0] + CUDA_CONTEXT_BYTES
         else:
             budget = available_host_bytes()
     else:

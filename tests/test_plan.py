@@ -38,7 +38,7 @@ CASES = {
 
 
 def test_the_accountant_counts_live_storages_once_and_keeps_the_peak():
-    kept = torch.empty(10)  # 40 bytes, made before
+    kept = torch.empty(2000)  # 8000 bytes, made before
     accountant = StorageAccountant()
     accountant.track(kept)
     with accountant:
@@ -46,12 +46,13 @@ def test_the_accountant_counts_live_storages_once_and_keeps_the_peak():
         view = a.view(10, 100)[1:]  # same storage: not counted again
         b = torch.empty(500, dtype=torch.float64)  # 4000
         del a
-        assert accountant.current == 8040  # the view keeps a's storage alive
+        assert accountant.current == 16000  # the view keeps a's storage alive
         del view
         c = torch.empty(250, dtype=torch.int16)  # 500
-    assert accountant.peak == 8040 and accountant.current == 4540
+    assert accountant.peak == 16000 and accountant.current == 12500
+    assert accountant.largest_made == 4000  # a and b; not kept (tracked, not made) nor the view
     del b, c
-    assert accountant.current == 40
+    assert accountant.current == 8000
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))

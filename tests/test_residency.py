@@ -235,10 +235,12 @@ def test_cuda_a_unit_of_several_modules_streams_each_for_its_own_forward(arch_pa
     streamed_model, plain_model = untied_opt(arch_path, "cuda"), untied_opt(arch_path, "cuda")
     streamed = hift(streamed_model, rule="adamw", order="top_down")
     plain = hift(plain_model, rule="adamw", order="top_down", offload_states=False, offload_frozen=False)
+    torch.manual_seed(0)  # OPT has dropout: both runs draw the same masks
     run_cycles(streamed_model, streamed, 1)
     assert streamed.residency.weight_location["embeddings"] == HOST
     assert streamed_model.model.decoder.project_in.weight.device.type == "cpu"
     run_cycles(streamed_model, streamed, 2 * streamed.n_groups - 1, seed=1)
+    torch.manual_seed(0)
     run_cycles(plain_model, plain, 1)
     run_cycles(plain_model, plain, 2 * plain.n_groups - 1, seed=1)
     for (name, x), (_, y) in zip(streamed_model.named_parameters(), plain_model.named_parameters()):
