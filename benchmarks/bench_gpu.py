@@ -283,6 +283,21 @@ def cases(device: torch.device, only: set[str] | None) -> list[tuple[str, dict, 
     return out
 
 
+def csv_row(r: dict, args, device: torch.device) -> dict:
+    """The results.csv row of one provider's result."""
+    base = {**base_row("train_gpu" if device.type == "cuda" else "train_gpu_cpu_mode"),
+            "case": f"{r['config']} bf16 1x{args.tokens} ckpt" + (" capped to plan" if args.cap_to_plan else ""),
+            "provider": r["provider"]}
+    if "error" in r:
+        return {**base, "note": r["error"]}
+    return {**base, "p50_ms": round(r["step_ms"], 1), "mb": round(r["allocated"] / 2**20, 1),
+            "mb_reserved": round(r["reserved"] / 2**20, 1) if r["reserved"] is not None else "",
+            "tokens_per_s": round(r["tokens_per_s"], 1),
+            "note": json.dumps({"loss": [round(x, 4) for x in r["losses"]], "steps": r["steps"],
+                                "planned_counted_bytes": r["planned_counted"], "planned_bytes": r["planned"],
+                                "outside_allocator_bytes": r.get("outside_allocator")})}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -336,22 +351,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             line = f"| {config_name} | {name} | failed: {row['error']} | | | | |"
         print(line, flush=True)
         results.append({"provider": name, "config": config_name, **row})
-    rows = []
-    for r in results:
-        base = {**base_row("train_gpu" if device.type == "cuda" else "train_gpu_cpu_mode"),
-                "case": f"{r['config']} bf16 1x{args.tokens} ckpt" + (" capped to plan" if args.cap_to_plan else ""),
-                "provider": r["provider"]}
-        if "error" in r:
-            rows.append({**base, "note": r["error"]})
-        else:
-            rows.append({**base, "p50_ms": round(r["step_ms"], 1), "mb": round(r["allocated"] / 2**20, 1),
-                         "mb_reserved": round(r["reserved"] / 2**20, 1) if r["reserved"] is not None else "",
-                         "tokens_per_s": round(r["tokens_per_s"], 1),
-                         "note": json.dumps({"loss": [round(x, 4) for x in r["losses"]], "steps": r["steps"],
-                                             "planned_counted_bytes": r["planned_counted"],
-                                             "planned_bytes": r["planned"],
-                                             "outside_allocator_bytes": r.get("outside_allocator")})})
-    append_rows(rows, Path(args.out))
+        append_rows([csv_row(results[-1], args, device)], Path(args.out))  # row by row: a timeout loses none
     return results
 
 

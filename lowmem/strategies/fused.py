@@ -19,6 +19,8 @@ Gradient accumulation is refused by the config check: a fused update keeps no gr
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from lowmem.int8_weights import trainable_tensors
@@ -55,28 +57,39 @@ class FusedStrategy:
         self._handles = [p.register_post_accumulate_grad_hook(self._hook_for(n)) for n, p in self.params.items()]
 
     def _hook_for(self, name: str):
+        # The hook holds the strategy weakly. A tensor's hooks are out of sight of Python's cycle collector, so a
+        # strong reference (parameter → hook → strategy → parameter) kept the whole model alive after both were
+        # dropped: a second run in the same process (a notebook, a sweep) started with the first one's weights.
+        strategy = weakref.ref(self)
+
         def hook(param: torch.Tensor) -> None:
-            grad = param.grad
-            # masked before its norm is taken or the rule sees it (see lowmem.masks)
-            mask = self.masks.mask_grad_(name, grad) if self.masks else None
-            nbytes = grad.numel() * grad.element_size()
-            self._live_grad_bytes += nbytes
-            self._peak_grad_bytes = max(self._peak_grad_bytes, self._live_grad_bytes)
-            # Measuring a norm is one more pass over the gradient: only when clipping or the first pass needs it.
-            norm = None
-            if self._measuring or self.clip_grad_norm is not None:
-                norm = torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
-                self._sq_norms.append(norm.square())
-            if not self._measuring:
-                scale = self._grad_scale
-                if not self.two_pass and self.clip_grad_norm is not None:
-                    scale = clip_coefficient(norm, self.clip_grad_norm)  # per-tensor clipping, on the device
-                with torch.no_grad():
-                    apply_rule(self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask)
-            param.grad = None
-            self._live_grad_bytes -= nbytes
+            live = strategy()
+            if live is not None:
+                live._on_grad(name, param)
 
         return hook
+
+    def _on_grad(self, name: str, param: torch.Tensor) -> None:
+        """One parameter's gradient is complete: mask, measure, update, free."""
+        grad = param.grad
+        # masked before its norm is taken or the rule sees it (see lowmem.masks)
+        mask = self.masks.mask_grad_(name, grad) if self.masks else None
+        nbytes = grad.numel() * grad.element_size()
+        self._live_grad_bytes += nbytes
+        self._peak_grad_bytes = max(self._peak_grad_bytes, self._live_grad_bytes)
+        # Measuring a norm is one more pass over the gradient: only when clipping or the first pass needs it.
+        norm = None
+        if self._measuring or self.clip_grad_norm is not None:
+            norm = torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
+            self._sq_norms.append(norm.square())
+        if not self._measuring:
+            scale = self._grad_scale
+            if not self.two_pass and self.clip_grad_norm is not None:
+                scale = clip_coefficient(norm, self.clip_grad_norm)  # per-tensor clipping, on the device
+            with torch.no_grad():
+                apply_rule(self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask)
+        param.grad = None
+        self._live_grad_bytes -= nbytes
 
     def prepare(self, lr: float) -> None:
         self.lr = lr
