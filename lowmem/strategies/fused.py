@@ -59,7 +59,7 @@ class FusedStrategy:
     def _hook_for(self, name: str):
         # The hook holds the strategy weakly. A tensor's hooks are out of sight of Python's cycle collector, so a
         # strong reference (parameter → hook → strategy → parameter) kept the whole model alive after both were
-        # dropped: a second run in the same process (a notebook, a sweep) started with the first one's weights.
+        # dropped: a second run in the same process (a notebook, a sweep) still held the first one's in memory.
         strategy = weakref.ref(self)
 
         def hook(param: torch.Tensor) -> None:
