@@ -236,39 +236,26 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
     return row
 
 
-def _run_in_child(name: str, config_name: str, args) -> dict:
-    """run_provider in a spawned process; an exception comes back as its type and first line."""
+def measure(name: str, config_name: str, args) -> dict:
+    """run_provider's row, or ``{"error": ...}`` for a provider that cannot run (``failed``: for a reason other than
+    a missing package or the memory), so the others still run."""
     try:
         return run_provider(name, PROVIDERS[name], config_name, args, torch.device(args.device))
     except ImportError as err:
-        return {"raise": "ImportError", "name": err.name}
+        return {"error": f"not installed ({err.name})"}
     except torch.cuda.OutOfMemoryError:
-        return {"raise": "OutOfMemoryError", "peak": torch.cuda.max_memory_allocated()}
+        return {"error": f"out of memory (peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)"}
     except Exception as err:
-        return {"raise": type(err).__name__, "message": str(err)}
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}", "failed": True}
 
 
 def isolated(name: str, config_name: str, args) -> dict:
-    """One provider in a fresh process, its exceptions raised here as run_provider would raise them."""
+    """:func:`measure` in a fresh process."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        row = pool.submit(_run_in_child, name, config_name, args).result()
-    if "raise" not in row:
-        return row
-    if row["raise"] == "ImportError":
-        raise ImportError(name=row["name"])
-    if row["raise"] == "OutOfMemoryError":
-        torch.cuda.reset_peak_memory_stats()
-        raise _ChildOutOfMemory(row["peak"])
-    raise RuntimeError(f"{row['raise']}: {row['message']}")
-
-
-class _ChildOutOfMemory(Exception):
-    def __init__(self, peak: int):
-        super().__init__(peak)
-        self.peak = peak
+        return pool.submit(measure, name, config_name, args).result()
 
 
 def cases(device: torch.device, only: set[str] | None) -> list[tuple[str, dict, str]]:
@@ -327,28 +314,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"| config | provider | max allocated {unit} | max reserved {unit} | planned counted / with modeled {unit} | "
           "tokens/s | loss first → last |")
     print("|---|---|---|---|---|---|---|")
-    for name, spec, config_name in cases(device, set(args.only.split(",")) if args.only else None):
-        try:
-            row = (isolated(name, config_name, args) if args.isolate else
-                   run_provider(name, spec, config_name, args, device))
+    for name, _, config_name in cases(device, set(args.only.split(",")) if args.only else None):
+        row = isolated(name, config_name, args) if args.isolate else measure(name, config_name, args)
+        if "error" in row:
+            failed = "failed: " if row.pop("failed", False) else ""
+            line = f"| {config_name} | {name} | {failed}{row['error']} | | | | |"
+        else:
             reserved = f"{row['reserved'] / gib:.2f}" if row["reserved"] is not None else "–"
             planned = (f"{row['planned_counted'] / gib:.2f} / {row['planned'] / gib:.2f}" if row["planned"] is not None
                        else "–")
             line = (f"| {config_name} | {name} | {row['allocated'] / gib:.2f} | {reserved} | {planned} | "
                     f"{row['tokens_per_s']:.0f} | {row['losses'][0]:.3f} → {row['losses'][-1]:.3f} |")
-            if "outside_allocator" in row:  # exact figures for calibrating the planner, beside the table
-                print(json.dumps({k: row[k] for k in ("allocated", "reserved", "planned_counted", "planned",
-                                                      "outside_allocator")} | {"provider": name}), file=sys.stderr)
-        except ImportError as err:
-            row = {"error": f"not installed ({err.name})"}
-            line = f"| {config_name} | {name} | {row['error']} | | | | |"
-        except (torch.cuda.OutOfMemoryError, _ChildOutOfMemory) as err:
-            peak = err.peak if isinstance(err, _ChildOutOfMemory) else torch.cuda.max_memory_allocated()
-            row = {"error": f"out of memory (peak {peak / gib:.1f} GiB)"}
-            line = f"| {config_name} | {name} | {row['error']} | | | | |"
-        except Exception as err:  # a provider that fails is reported, not fatal: the others still run
-            row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
-            line = f"| {config_name} | {name} | failed: {row['error']} | | | | |"
         print(line, flush=True)
         results.append({"provider": name, "config": config_name, **row})
         append_rows([csv_row(results[-1], args, device)], Path(args.out))  # row by row: a timeout loses none

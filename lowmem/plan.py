@@ -71,11 +71,12 @@ class StorageAccountant(TorchDispatchMode):
         self.host_keys = keys
         self.host_bytes = sum(self.live[k][0] for k in keys if k in self.live)
 
-    def track(self, tensor: torch.Tensor, phase: str | None = None) -> None:
+    def track(self, tensor: torch.Tensor, phase: str | None = None) -> int:
+        """Count ``tensor``'s storage from now until it is freed; returns its bytes, or 0 if it was counted already."""
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self.live:
-            return
+            return 0
         nbytes = storage.nbytes()
         self.live[key] = (nbytes, phase or self.phase)
         self.current += nbytes
@@ -90,6 +91,7 @@ class StorageAccountant(TorchDispatchMode):
 
         self._refs[key] = weakref.ref(storage, freed)
         self._note_peak()
+        return nbytes
 
     def _note_peak(self) -> None:
         device = self.current - self.host_bytes
@@ -104,9 +106,7 @@ class StorageAccountant(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
-                if id(t.untyped_storage()) not in self.live:
-                    self.largest_made = max(self.largest_made, t.untyped_storage().nbytes())
-                self.track(t)
+                self.largest_made = max(self.largest_made, self.track(t))
         return out
 
 
