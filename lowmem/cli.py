@@ -246,7 +246,8 @@ def fit_command(config, recipe: str, limit: int, target: str, write_to: str | No
               help="With --data (default: text; --recipe takes its own).")
 @click.option("--max-seq-len", default=None, type=int, help="With --data (default: 512; --recipe takes its own).")
 @click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16", "float64"]))
 @click.option("--max-batches", default=None, type=int, help="Evaluate only the first N batches.")
 @click.option("--loss-chunk-tokens", default=None, type=click.IntRange(min=0),
               help="Head and loss this many positions at a time (0: off; default: 512 from a 32k vocabulary).")

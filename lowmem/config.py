@@ -14,7 +14,7 @@ import yaml
 
 from lowmem.errors import ConfigError, did_you_mean
 
-DTypeName = Literal["float32", "bfloat16", "float16"]
+DTypeName = Literal["float32", "bfloat16", "float16", "float64"]
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Int8WeightConfig:
 @dataclass
 class ModelConfig:
     path: str = ""  # HF folder, hub id, or lowmem:tiny-llama (built on first use)
-    dtype: DTypeName = "float32"
+    dtype: DTypeName = "float32"  # float64: numerical checks only (the rules then compute in float64, without kernels)
     gradient_checkpointing: bool = False  # saves activations of every layer; costs one extra forward
     # int8: linear weights (not the output head) stored as int8 blocks + float32 outliers, no float copy (QFT)
     weight_format: Literal["float", "int8"] = "float"

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowmem.data import IGNORE
 from lowmem.errors import UserError
+from lowmem.ops.update import math_dtype
 
 AUTO_CHUNK_TOKENS = 512  # positions per chunk when memory.loss_chunk_tokens is null (auto)
 AUTO_MIN_VOCAB = 32_000  # auto turns chunking on from this vocabulary size
@@ -38,13 +39,14 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 0) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the label tokens of ``batch`` (float32 scalar); ``chunk_tokens`` > 0
+    """Sum of next-token cross-entropy over the label tokens of ``batch`` (a float32 scalar; float64 for a float64
+    model); ``chunk_tokens`` > 0
     computes head and loss that many positions at a time (see the module docstring)."""
     targets = batch["labels"][:, 1:]
     if chunk_tokens > 0:
         return _chunked_loss_sum(model, batch, targets, chunk_tokens)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    shifted_logits = logits[:, :-1].float()
+    shifted_logits = logits[:, :-1].to(math_dtype(logits.dtype))
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
@@ -77,7 +79,8 @@ def _after_head(config):
 
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, after_head) -> torch.Tensor:
-    logits = after_head(head(hidden)).float()
+    logits = after_head(head(hidden))
+    logits = logits.to(math_dtype(logits.dtype))
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
 

@@ -12,7 +12,7 @@ from lowmem.errors import UserError
 
 log = logging.getLogger("lowmem")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def pick_device(name: str) -> torch.device:

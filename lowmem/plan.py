@@ -350,6 +350,10 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     unpacked = _UnpackedPositions() if fake else contextlib.nullcontext()
     device = torch.device("cpu")
     batch = _batch(config, model.config.vocab_size)
+    if fake:  # the step's inputs as the run holds them on the device, counted once (a real tensor would be converted
+        batch = {k: mode.from_tensor(v) for k, v in batch.items()}  # anew, and counted again, by each fake op)
+    for tensor in batch.values():
+        accountant.track(tensor, "forward")
     if count_flops:
         _register_cpu_attention_flops()
     flops = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()

@@ -11,6 +11,8 @@ import functools
 
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+_CACHES = []
+
 
 def tensor_cache(maxsize: int | None = None):
     def decorate(make):
@@ -22,6 +24,14 @@ def tensor_cache(maxsize: int | None = None):
                 return cached(*args)
 
         real.cache_clear = cached.cache_clear
+        _CACHES.append(cached)
         return real
 
     return decorate
+
+
+def clear_tensor_caches() -> None:
+    """Forget every cached constant, so the next run makes (and a storage accountant counts) them again: two counted
+    runs then see the same storages whichever ran first."""
+    for cached in _CACHES:
+        cached.cache_clear()

@@ -38,6 +38,7 @@ import torch
 
 from lowmem.errors import UserError
 from lowmem.ops.blocks import gather_blocks, pool_blocks, scatter_blocks
+from lowmem.ops.update import math_dtype
 
 SCORING = "lowmem_block_scores"
 SCORE_BYTES = 64 * 2**20  # products scored at a time: queries per chunk are sized to stay under this
@@ -53,11 +54,12 @@ def _score_attention(module, query, key, value, attention_mask, **kwargs):
     """An attention function that records, per key token, Σ over the queries that may attend it (causal, as the
     model masks, not padding) of the positive Q·K, summed over heads; it returns zeros."""
     batch, heads, length, head_dim = query.shape
-    key = key.float()
+    dtype = math_dtype(query.dtype)  # float32, or float64 for a float64 model
+    key = key.to(dtype)
     if key.shape[1] != heads:  # grouped-query attention: each key head serves heads // kv heads query heads
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
     key_t = key.transpose(-1, -2)
-    scores = query.new_zeros(batch, length, dtype=torch.float32)
+    scores = query.new_zeros(batch, length, dtype=dtype)
     positions = torch.arange(length, device=query.device)
     chunk = max(1, SCORE_BYTES // (4 * batch * heads * length))
     mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
@@ -65,7 +67,7 @@ def _score_attention(module, query, key, value, attention_mask, **kwargs):
         query_valid = _allowed(mask.diagonal(dim1=-2, dim2=-1)[..., :length]).expand(batch, -1, -1)
     for start in range(0, length, chunk):
         end = min(start + chunk, length)  # these queries see keys [0, end) at most: causal
-        products = (query[:, :, start:end].float() @ key_t[..., :end]).clamp_min_(0)  # [b, h, q, end]
+        products = (query[:, :, start:end].to(dtype) @ key_t[..., :end]).clamp_min_(0)  # [b, h, q, end]
         allowed = positions[None, :end] <= positions[start:end, None]
         if mask is not None:
             allowed = allowed & _allowed(mask[:, :, start:end, :end]) & query_valid[:, :, start:end, None]
@@ -263,7 +265,7 @@ class ScorePredictor:
     def fit(self, normed: torch.Tensor, token_scores: torch.Tensor, counts: torch.Tensor) -> None:
         x = self._features(normed).flatten(0, 1)  # [tokens, hidden + 1]
         seen = (counts > 0).flatten().float()  # padding (attended by no query) has no score to fit
-        mean = token_scores.flatten() / counts.flatten().clamp_min(1)
+        mean = token_scores.float().flatten() / counts.flatten().clamp_min(1)
         floor = 1e-6 * (mean * seen).sum() / seen.sum().clamp_min(1) + 1e-30  # keeps log(0) finite
         target = torch.log(mean + floor) * seen
         gram = (x * seen[:, None]).T @ x

@@ -38,7 +38,9 @@ def test_architecture_trains_and_its_export_reloads(tmp_path, arch_path, text_da
     tokenizer = load_tokenizer(str(result.final_dir))
     data = build_datasets(config.data, tokenizer, config.train.seed)
     scores = evaluate(reloaded, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id, 4), "cpu")
-    assert scores["val_loss"] == pytest.approx(result.last_eval["val_loss"], rel=1e-5)
+    # exactly: the export holds the very values the run computed with (int8 weights dequantized, adapters merged by the
+    # function the forward runs), and the reloaded model runs the same operations on them
+    assert scores["val_loss"] == result.last_eval["val_loss"]
     if mode.startswith("perp"):  # the export is merged and keeps every pruned zero, in each layer's own layout
         from safetensors.torch import load_file
 

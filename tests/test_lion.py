@@ -4,9 +4,10 @@ Lion8bit, native kernel against reference, counted state bytes, and exact resume
 import pytest
 import torch
 
+from float_error import U32, assert_within, dtype_step
 from lowmem.config import UpdateConfig
 from lowmem.ops.native import ensure_loaded
-from lowmem.ops.quant import dynamic_map
+from lowmem.ops.quant import dequantize_blockwise_ref, dynamic_map
 from lowmem.ops.update import lion8bit_update_, lion8bit_update_ref
 from lowmem.rules import make_rule
 
@@ -31,23 +32,27 @@ def run(r, theta, gs, lr, name="layers.0.weight"):
 
 
 def lion_formula(theta, gs, lr, beta1, beta2, wd):
-    """Chen et al. 2023, in float64: c = β1·m + (1−β1)·g; θ ← θ − lr·(sign(c) + wd·θ); m ← β2·m + (1−β2)·g."""
+    """Chen et al. 2023, exactly, in float64: c = β1·m + (1−β1)·g; θ ← θ − lr·(sign(c) + wd·θ); m ← β2·m + (1−β2)·g.
+    Returns θ (float32, for the peer comparisons) and the float32 error bound of lowmem's ``lion`` rule against it,
+    element by element (tests/float_error.py): β1·m and (1−β1)·g round and add (ec ≤ β1·em + 3u·(β1|m| + (1−β1)|g|));
+    where |c| ≤ ec the sign may come out otherwise (a difference of 2·lr that step); the decay factor and its product
+    round (2u·|θ|), lr is rounded (u·lr), the sum rounds (u·|θ'|); the momentum's error em is carried by its envelope
+    (it may cancel)."""
+    u = U32
     theta, m = theta.double().clone(), torch.zeros_like(theta, dtype=torch.float64)
+    e_theta, e_m = torch.zeros_like(theta), torch.zeros_like(theta)
     for g in gs:
         g = g.double()
         c = beta1 * m + (1 - beta1) * g
+        e_c = beta1 * e_m + 3 * u * (beta1 * m.abs() + (1 - beta1) * g.abs())
+        before = theta
         theta = theta - lr * (torch.sign(c) + wd * theta)
+        e_theta = ((1 - lr * wd) * e_theta + 2 * u * before.abs() + u * lr + u * theta.abs()
+                   + torch.where(c.abs() <= e_c, 2 * lr, 0.0))
+        e_m = beta2 * e_m + 3 * u * (beta2 * m.abs() + (1 - beta2) * g.abs())
         m = beta2 * m + (1 - beta2) * g
-    return theta.float()
-
-
-@pytest.mark.parametrize("wd", [0.0, 0.1])
-def test_lion_equals_the_formula(wd):
-    theta = torch.randn(40, 70)
-    gs = grads(theta.shape, 10)
-    ours = theta.clone()
-    run(rule("lion", weight_decay=wd), ours, gs, lr=1e-2)
-    torch.testing.assert_close(ours, lion_formula(theta, gs, 1e-2, 0.9, 0.99, wd), rtol=1e-6, atol=1e-6)
+    lion_formula.bound = e_theta
+    return theta
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
@@ -85,6 +90,27 @@ def test_native_lion8bit_owns_the_cpu_dispatch():
     assert any(line.startswith("CPU:") and "csrc/cpu/lion8bit.cpp" in line for line in table.splitlines()), table
 
 
+def assert_lion8bit_within(ours, ref, param, grad, codes0, absmax0, grad_scale, absmax_a, absmax_b, lr=1e-2):
+    """Two float32 computations of one lion8bit step (β 0.9, 0.99) from the same weight, gradient and momentum codes,
+    within their float error (tests/float_error.py). Both dequantize the same m (one rounding each: u·|m|); c =
+    β1·m + (1−β1)·s·g is then off by ec ≤ 4u·(β1|m| + (1−β1)|s·g|) on either side, so where |c| ≤ 2·ec the two signs
+    may differ (2·lr); elsewhere each side's decay, lr and sum round (3u·|θ| + u·lr), and each rounds once to the
+    weight's dtype. The new momentum β2·m + (1−β2)·s·g is off by 4u of its envelope on either side, so a block's
+    absmax (its largest |m|) by twice the block's largest such error."""
+    u = U32
+    m = dequantize_blockwise_ref(codes0.cpu(), absmax0.cpu(), dynamic_map(), 256, torch.float64).view(param.shape)
+    g = grad.cpu().double() * float(grad_scale)
+    c = 0.9 * m + 0.1 * g
+    e_c = 4 * u * (0.9 * m.abs() + 0.1 * g.abs())
+    bound = torch.where(c.abs() <= 2 * e_c, 2 * lr, 0.0) + 2 * (3 * u * param.cpu().double().abs() + u * lr)
+    if param.dtype != torch.float32:
+        bound = bound + dtype_step(param.dtype, ref)
+    assert_within(ours.cpu(), ref, bound, "weight")
+    e_m = (4 * u * (0.99 * m.abs() + 0.01 * g.abs())).flatten()
+    e_block = torch.nn.functional.pad(e_m, (0, -e_m.numel() % 256)).view(-1, 256).amax(dim=1)
+    assert_within(absmax_a.cpu(), absmax_b, 2 * e_block, "absmax")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", [(1,), (123,), (4097,), (37, 129)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.1, 0.5)], ids=["plain", "wd-scaled"])
@@ -104,9 +130,7 @@ def test_native_lion8bit_equals_reference(dtype, shape, weight_decay, grad_scale
     lion8bit_update_ref(ref, grad, codes_b, absmax_b, dynamic_map(), torch.tensor(grad_scale), args["lr"],
                         args["beta1"], args["beta2"], weight_decay, 256)
     assert ours.dtype == dtype
-    # both round once to the dtype; a c within one float32 ulp of zero could take another sign (never here)
-    torch.testing.assert_close(ours, ref)
-    torch.testing.assert_close(absmax_a, absmax_b, rtol=1e-6, atol=0)
+    assert_lion8bit_within(ours, ref, param, grad, codes0, absmax0, grad_scale, absmax_a, absmax_b)
     assert (codes_a.int() - codes_b.int()).abs().max() <= 1  # nearest code, up to one at a float32 tie
 
 
@@ -134,7 +158,8 @@ def test_lion8bit_tracks_lion_over_50_steps_on_a_tiny_model(micro_model_path):
             quantized = [n for n, s in strategy.state.by_param.items() if "exp_avg_codes" in s]
             assert quantized, "no tensor used the 8-bit state"
     assert losses["lion8bit"][-1] < 0.8 * losses["lion8bit"][0]  # it trains
-    # stated tolerance: every loss of the 50 within 2% of float32 Lion's
+    # a stated quality target, not a rounding bound: 8-bit momenta take another path than float32 ones (a sign flips
+    # where a momentum is near zero), and every loss of the 50 must stay within 2% of float32 Lion's
     for a, b in zip(losses["lion8bit"], losses["lion"]):
         assert a == pytest.approx(b, rel=0.02)
 
@@ -150,7 +175,7 @@ def test_lion8bit_close_to_bitsandbytes_lion8bit():
     for g in gs:
         p.grad = g.clone()
         optimizer.step()
-    exact = lion_formula(theta, gs, 1e-3, 0.9, 0.99, 0.0)
+    exact = lion_formula(theta, gs, 1e-3, 0.9, 0.99, 0.0).float()
     # sign updates: each weight moves by ±lr per step; disagreements come from momenta near zero
     ours_err = (ours - exact).abs().mean()
     bnb_err = (p.detach() - exact).abs().mean()
@@ -180,10 +205,11 @@ def test_cuda_lion8bit_equals_reference(dtype):
     codes, absmax = torch.full((4097,), 127, dtype=torch.uint8), torch.zeros(17)
     ours, ref = param.clone().cuda(), param.clone()
     ca, aa = codes.clone().cuda(), absmax.clone().cuda()
+    cb, ab = codes.clone(), absmax.clone()
     lion8bit_update_(ours, grad.cuda(), ca, aa, lr=1e-2, beta1=0.9, beta2=0.99)
-    lion8bit_update_ref(ref, grad, codes, absmax, dynamic_map(), torch.tensor(1.0), 1e-2, 0.9, 0.99, 0.0, 256)
-    torch.testing.assert_close(ours.cpu(), ref)
-    assert (ca.cpu().int() - codes.int()).abs().max() <= 1
+    lion8bit_update_ref(ref, grad, cb, ab, dynamic_map(), torch.tensor(1.0), 1e-2, 0.9, 0.99, 0.0, 256)
+    assert_lion8bit_within(ours, ref, param, grad, codes, absmax, 1.0, aa, ab)
+    assert (ca.cpu().int() - cb.int()).abs().max() <= 1
     # a float32 gradient of a bfloat16 weight, with a device-side gradient scale
     if dtype == torch.bfloat16:
         ours, ref = param.clone().cuda(), param.clone()
@@ -191,7 +217,7 @@ def test_cuda_lion8bit_equals_reference(dtype):
         g32 = torch.randn(4097)
         lion8bit_update_(ours, g32.cuda(), ca, aa, lr=1e-2, beta1=0.9, beta2=0.99, grad_scale=torch.tensor(0.5).cuda())
         lion8bit_update_ref(ref, g32, cb, ab, dynamic_map(), torch.tensor(0.5), 1e-2, 0.9, 0.99, 0.0, 256)
-        torch.testing.assert_close(ours.cpu(), ref)
+        assert_lion8bit_within(ours, ref, param, g32, codes, absmax, 0.5, aa, ab)
         assert (ca.cpu().int() - cb.int()).abs().max() <= 1
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from float_error import U32, assert_within
 from lowmem.ops import build
 from lowmem.ops.native import ensure_loaded
 from lowmem.ops.quant import (
@@ -87,7 +88,9 @@ def test_roundtrip_error_is_within_half_a_code_step():
     normed = (x.view(-1)[:9984].view(-1, 256) / absmax[:39, None]).flatten()
     nearest = (normed[:, None] - code[None]).abs().min(dim=1).values
     err = ((back.view(-1)[:9984] - x.view(-1)[:9984]).view(-1, 256) / absmax[:39, None]).flatten().abs()
-    torch.testing.assert_close(err, nearest, rtol=0, atol=1e-6)
+    # both are distances of at most 1 computed in float32: x/absmax, its difference to the code, the code times
+    # absmax, the difference to x and the quotient each round once, relative to values ≤ 1 (tests/float_error.py)
+    assert_within(err, nearest, 6 * U32, "round trip")
     assert torch.all(back[absmax.repeat_interleave(256)[:10_000] > 0].abs() <= x.abs().max())
 
 
@@ -123,8 +126,10 @@ def test_as_accurate_as_bitsandbytes_and_mostly_the_same_codes():
     bnb_codes, state = bnb_functional.quantize_blockwise(x, blocksize=256)
     theirs = bnb_functional.dequantize_blockwise(bnb_codes, state)
     assert torch.equal(absmax, state.absmax)
-    assert torch.all((ours - x).abs() <= (theirs - x).abs() + 1e-7)
-    assert (codes == bnb_codes).float().mean() > 0.99
+    # never worse: the same code gives the same value; another one is farther in exact arithmetic, and each side's
+    # product and difference round once (2u of |x| each, tests/float_error.py)
+    assert torch.all((ours - x).abs() <= (theirs - x).abs() + 4 * U32 * x.abs())
+    assert (codes == bnb_codes).float().mean() > 0.99  # a stated property of bitsandbytes' search, not a rounding bound
 
 
 NVCC = build.find_nvcc()

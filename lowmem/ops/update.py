@@ -8,8 +8,9 @@ override them.
                       matrices, full for vectors), u = g/√v̂, u /= max(1, RMS(u)/d), α = ρ·max(ε₂, RMS(θ))
                       (or ρ), optional first moment m ← β₁m + (1−β₁)αu, θ ← θ − α·wd·θ − (m or αu).
 ``lion8bit_update_``  Lion with the momentum as uint8 codes + float32 absmax per block (QFT).
-All math is float32; the weight is written back in its own dtype; a gradient whose dtype differs from the
-weight's is read as float32 (never rounded down to the weight's dtype).
+All math is float32 (:func:`math_dtype`: float64 for float64 weights, which the numerical tests train, and which run
+the references); the weight is written back in its own dtype; a gradient whose dtype differs from the weight's is read
+as float32 (never rounded down to the weight's dtype).
 
 Values that change every step without the host knowing them (the gradient scale s, which folds loss-scale
 unscaling and a clipping coefficient computed on the device, and the step count t) are 0-d float32 tensors
@@ -45,10 +46,17 @@ def device_scalar(value: float | torch.Tensor, device: torch.device | str) -> to
     return _constant(float(value), str(torch.device(device)))
 
 
-def scaled_grad(grad: torch.Tensor, grad_scale: float | torch.Tensor) -> torch.Tensor:
-    """``grad_scale · grad`` in float32. A number 1 multiplies nothing (and for a float32 grad copies nothing);
-    a tensor scale is applied on the device without being read."""
-    g = grad.to(torch.float32)
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an update computes in for a weight of ``dtype``: float32, or float64 for float64 weights (the
+    numerical tests compare strategies in float64, where rounding cannot hide a difference; the native kernels compute
+    in float32, so float64 weights take the references)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def scaled_grad(grad: torch.Tensor, grad_scale: float | torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``grad_scale · grad`` in ``dtype`` (float32, or :func:`math_dtype`). A number 1 multiplies nothing (and for a
+    grad already in ``dtype`` copies nothing); a tensor scale is applied on the device without being read."""
+    g = grad.to(dtype)
     if isinstance(grad_scale, torch.Tensor):
         return g * grad_scale
     return g if grad_scale == 1.0 else g * grad_scale
@@ -57,8 +65,9 @@ def scaled_grad(grad: torch.Tensor, grad_scale: float | torch.Tensor) -> torch.T
 def sgd_update_ref(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float,
                    grad_scale: torch.Tensor) -> None:
     """Reference of ``sgd_update_``: in place on ``param``."""
-    work = param if param.dtype == torch.float32 else param.float()
-    g = scaled_grad(grad, grad_scale)
+    dtype = math_dtype(param.dtype)
+    work = param if param.dtype == dtype else param.to(dtype)
+    g = scaled_grad(grad, grad_scale, dtype)
     if weight_decay:
         work.mul_(1 - lr * weight_decay)
     work.add_(g, alpha=-lr)
@@ -97,12 +106,13 @@ def factored_update_ref(
     second moment of a vector. ``step`` is t, already counted for this update. Follows transformers'
     Adafactor operation for operation, with the step-dependent scalars kept on the device.
     """
-    work = param.float()
-    g = scaled_grad(grad, grad_scale)
+    dtype = math_dtype(param.dtype)
+    work = param.to(dtype, copy=True)
+    g = scaled_grad(grad, grad_scale, dtype)
     t = step.double()
-    beta2t = (1.0 - t.pow(decay_rate)).float()
+    beta2t = (1.0 - t.pow(decay_rate)).to(dtype)
     keep_new = 1.0 - beta2t
-    rho = t.rsqrt().clamp(max=lr).float() if relative_step else lr
+    rho = t.rsqrt().clamp(max=lr).to(dtype) if relative_step else lr
     alpha = rho * work.pow(2).mean().sqrt().clamp(min=eps2) if scale_parameter else rho
     sq = g * g + eps1
     if col.numel() > 0:
@@ -143,9 +153,12 @@ def _factored_fake(param, grad, row, col, exp_avg, step, grad_scale, *args):
 
 def sgd_update_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float = 0.0,
                 grad_scale: float | torch.Tensor = 1.0) -> None:
-    """Apply LOMO's SGD step to ``param`` in place (native kernel when loaded)."""
+    """Apply LOMO's SGD step to ``param`` in place (native kernel when loaded; float64 weights: the reference)."""
     from lowmem.ops.native import ensure_loaded
 
+    if param.dtype == torch.float64:
+        sgd_update_ref(param, grad, float(lr), float(weight_decay), grad_scale)
+        return
     ensure_loaded()
     torch.ops.lowmem.sgd_update_(param, grad, float(lr), float(weight_decay), device_scalar(grad_scale, param.device))
 
@@ -153,9 +166,15 @@ def sgd_update_(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay
 def factored_update_(param, grad, row, col, exp_avg, *, step, grad_scale=1.0, lr, relative_step=False, decay_rate,
                      eps1, clip_threshold, eps2, scale_parameter, weight_decay, beta1=0.0) -> None:
     """Apply one Adafactor/AdaLomo step in place (native kernel when loaded); ``step`` is t (a number, or the
-    rule's float32 step tensor on the weight's device)."""
+    rule's float32 step tensor on the weight's device). Float64 weights take the reference, in float64."""
     from lowmem.ops.native import ensure_loaded
 
+    if param.dtype == torch.float64:
+        step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step), device=param.device)
+        factored_update_ref(param, grad, row, col, exp_avg, step, grad_scale, float(lr), bool(relative_step),
+                            float(decay_rate), float(eps1), float(clip_threshold), float(eps2), bool(scale_parameter),
+                            float(weight_decay), float(beta1))
+        return
     ensure_loaded()
     torch.ops.lowmem.factored_update_(param, grad, row, col, exp_avg, device_scalar(step, param.device),
                                       device_scalar(grad_scale, param.device), float(lr), bool(relative_step),
@@ -197,9 +216,10 @@ def lion_update_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scal
 
 
 def _lion_slice_(param, grad, exp_avg, lr, beta1, beta2, weight_decay, grad_scale) -> None:
-    g = scaled_grad(grad, grad_scale)
+    dtype = exp_avg.dtype  # the rule's math dtype: float32, or float64 for float64 weights
+    g = scaled_grad(grad, grad_scale, dtype)
     c = exp_avg.mul(beta1).add_(g, alpha=1.0 - beta1)
-    work = param if param.dtype == torch.float32 else param.float()
+    work = param if param.dtype == dtype else param.to(dtype)
     if weight_decay:
         work.mul_(1.0 - lr * weight_decay)
     work.add_(torch.sign(c), alpha=-lr)

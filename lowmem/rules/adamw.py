@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.ops.update import in_slices, scaled_grad
+from lowmem.ops.update import in_slices, math_dtype, scaled_grad
 
 
 @dataclass
 class AdamW:
-    """Decoupled weight decay Adam; float32 moments (8 bytes per parameter), math in float32.
+    """Decoupled weight decay Adam; float32 moments (8 bytes per parameter), math in float32 (float64 for float64
+    weights: :func:`lowmem.ops.update.math_dtype`).
 
     Weights in bfloat16/float16 are updated in float32 and written back (no master copy: small updates
     may round away, which is the price of 2-byte weights; later rules add stochastic rounding).
@@ -28,10 +29,11 @@ class AdamW:
         return cls(beta1=update.beta1, beta2=update.beta2, eps=update.eps, weight_decay=update.weight_decay)
 
     def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
+        dtype = math_dtype(param.dtype)
         return {
             "step": torch.zeros((), dtype=torch.float32),
-            "exp_avg": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format),
+            "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
         }
 
     @torch.no_grad()
@@ -47,8 +49,8 @@ class AdamW:
         bias_correction1 = 1 - torch.pow(self.beta1, step)
         bias_correction2 = 1 - torch.pow(self.beta2, step)
         for p, g, exp_avg, exp_avg_sq in in_slices(param, grad, state["exp_avg"], state["exp_avg_sq"]):
-            work = p if p.dtype == torch.float32 else p.float()
-            g = scaled_grad(g, grad_scale)
+            work = p if p.dtype == exp_avg.dtype else p.to(exp_avg.dtype)
+            g = scaled_grad(g, grad_scale, exp_avg.dtype)
             work.mul_(1 - lr * self.weight_decay)
             exp_avg.lerp_(g, 1 - self.beta1)
             exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from lowmem.ops.update import factored_shapes, factored_update_
+from lowmem.ops.update import factored_shapes, factored_update_, math_dtype
 
 
 @dataclass
@@ -37,13 +37,14 @@ class Factored:
 
     def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
         row_shape, col_shape = factored_shapes(param.shape)
+        dtype = math_dtype(param.dtype)
         state = {
             "step": torch.zeros((), dtype=torch.float32),
-            "exp_avg_sq_row": torch.zeros(row_shape, dtype=torch.float32, device=param.device),
-            "exp_avg_sq_col": torch.zeros(col_shape, dtype=torch.float32, device=param.device),
+            "exp_avg_sq_row": torch.zeros(row_shape, dtype=dtype, device=param.device),
+            "exp_avg_sq_col": torch.zeros(col_shape, dtype=dtype, device=param.device),
         }
         if self.beta1 is not None:
-            state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
         return state
 
     @torch.no_grad()
@@ -53,7 +54,7 @@ class Factored:
         state["step"] += 1
         exp_avg = state.get("exp_avg")
         if exp_avg is None:
-            exp_avg = param.new_empty((0,), dtype=torch.float32)
+            exp_avg = param.new_empty((0,), dtype=state["exp_avg_sq_row"].dtype)
         factored_update_(
             param, grad, state["exp_avg_sq_row"], state["exp_avg_sq_col"], exp_avg, step=state["step"],
             grad_scale=grad_scale, lr=lr, relative_step=self.relative_step, decay_rate=self.decay_rate,

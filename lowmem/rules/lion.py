@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.ops.quant import BLOCKSIZE
-from lowmem.ops.update import lion8bit_update_, lion_update_
+from lowmem.ops.update import lion8bit_update_, lion_update_, math_dtype
 
 EMBEDDING_NAMES = ("embed", "wte", "wpe")
 
@@ -49,7 +49,7 @@ class Lion:
             n_blocks = -(-param.numel() // self.blocksize)
             return {"exp_avg_codes": torch.full((param.numel(),), 127, dtype=torch.uint8, device=param.device),
                     "exp_avg_absmax": torch.zeros(n_blocks, dtype=torch.float32, device=param.device)}
-        return {"exp_avg": torch.zeros(param.shape, dtype=torch.float32, device=param.device)}
+        return {"exp_avg": torch.zeros(param.shape, dtype=math_dtype(param.dtype), device=param.device)}
 
     @torch.no_grad()
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,

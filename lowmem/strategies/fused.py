@@ -25,6 +25,7 @@ import torch
 
 from lowmem.int8_weights import trainable_tensors
 from lowmem.masks import GradientMasks
+from lowmem.ops.update import math_dtype
 from lowmem.strategies.state import (
     LossScaler,
     RuleState,
@@ -32,6 +33,7 @@ from lowmem.strategies.state import (
     clip_coefficient,
     load_strategy_state,
     overflowed,
+    stacked,
     strategy_state_dict,
 )
 
@@ -80,7 +82,7 @@ class FusedStrategy:
         # Measuring a norm is one more pass over the gradient: only when clipping or the first pass needs it.
         norm = None
         if self._measuring or self.clip_grad_norm is not None:
-            norm = torch.linalg.vector_norm(grad, 2, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(grad, 2, dtype=math_dtype(grad.dtype))
             self._sq_norms.append(norm.square())
         if not self._measuring:
             scale = self._grad_scale
@@ -122,7 +124,7 @@ class FusedStrategy:
         self.scaler.update(found_inf=False)
 
     def _global_norm(self) -> torch.Tensor:
-        return torch.stack(self._sq_norms).sum().sqrt() if self._sq_norms else torch.zeros(())
+        return stacked(self._sq_norms).sum().sqrt() if self._sq_norms else torch.zeros(())
 
     def step(self) -> dict[str, float | torch.Tensor]:
         stats = {"grad_bytes_peak": self._peak_grad_bytes, "state_bytes": self.state.nbytes()}

@@ -8,6 +8,7 @@ import torch
 
 from lowmem.host_sync import read
 from lowmem.int8_weights import Int8Weight
+from lowmem.ops.update import math_dtype
 
 STATE_SEPARATOR = "::"
 
@@ -121,10 +122,18 @@ def load_strategy_state(flat: dict[str, torch.Tensor], rule_state: RuleState, sc
 
 
 def grad_norm(grads) -> torch.Tensor:
-    """Global L2 norm of ``grads`` in float32 (norm of per-tensor norms, as torch's clip_grad_norm_), on their
-    device: never read on the host here."""
-    norms = [torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
+    """Global L2 norm of ``grads`` in float32 (float64 when one is float64: ``math_dtype``), the norm of per-tensor
+    norms as torch's clip_grad_norm_, on their device: never read on the host here."""
+    norms = [torch.linalg.vector_norm(g, 2, dtype=math_dtype(g.dtype)) for g in grads]
+    return torch.linalg.vector_norm(stacked(norms), 2) if norms else torch.zeros(())
+
+
+def stacked(scalars: list[torch.Tensor]) -> torch.Tensor:
+    """0-d tensors stacked in the widest of their dtypes (a float64 model's norms beside float32 adapters')."""
+    dtype = scalars[0].dtype
+    for t in scalars[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.stack([t.to(dtype) for t in scalars])
 
 
 def clip_coefficient(norm: torch.Tensor, max_norm: float | None) -> torch.Tensor | float:
