@@ -14,6 +14,12 @@ read of a tensor's value (``aten._local_scalar_dense``, the op behind all of the
 the tests run whole training steps under it. On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` also finds
 synchronizing copies; :func:`read` lifts it for its own read.
 
+A copy from pageable host memory to a device synchronizes too (the host waits for the copy, which waits its turn on
+the stream). The guard raises on those as well: any ``copy_`` or ``to`` from a host tensor that is not pinned to
+another device. A CPU test reaches them by running the step with its model on the ``meta`` device (shapes only).
+What a step really must upload, once (a constant's first use on a device), goes through :func:`upload`: from pinned
+memory without blocking on a GPU, and named like a read.
+
 transformers' mask creation (``masking_utils``) reads one value per forward whatever the inputs (whether the
 padding mask is all ones, or whether the position ids are packed; transformers 5.x), unless it is handed a
 prepared 4-D mask, which would bypass each model's own masking (sliding windows). The guard tolerates reads
@@ -31,6 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _LOCAL_SCALAR = torch.ops.aten._local_scalar_dense.default
+_COPIES = (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default)
 _state = threading.local()
 
 #: Where a read by a library lowmem calls is tolerated (and counted): transformers' mask creation.
@@ -68,6 +75,16 @@ def read(tensor: torch.Tensor, reason: str) -> float | int | bool:
         return tensor.item()
 
 
+def upload(tensor: torch.Tensor, device: torch.device, reason: str) -> torch.Tensor:
+    """``tensor`` (on the host) on ``device``: from pinned memory without blocking on a GPU; a deliberate, named copy
+    (a constant's first use on a device), which :class:`ForbidHostReads` lets through."""
+    device = torch.device(device)
+    with _marked(reason):
+        if device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
+
 def read_all(tensors: dict[str, torch.Tensor], reason: str) -> dict[str, float]:
     """Several one-element tensors read at one point (one wait for the device, then copies that find it done)."""
     with _marked(reason):
@@ -93,9 +110,21 @@ def _tolerated(frame) -> str | None:
     return None
 
 
+def _pageable_upload(func, args, kwargs) -> bool:
+    """Whether the op copies a host tensor that is not pinned to another device (a synchronizing copy)."""
+    if func is _COPIES[0]:
+        source, target = args[0], (kwargs or {}).get("device")
+    else:
+        target, source = args[0].device, args[1]
+    if not isinstance(source, torch.Tensor) or source.device.type != "cpu" or target is None:
+        return False
+    return torch.device(target).type != "cpu" and not source.is_pinned()
+
+
 class ForbidHostReads(TorchDispatchMode):
-    """Raises :class:`HostReadError` on every host read of a tensor's value that is neither made through
-    :func:`read` nor one of the :data:`TOLERATED` library reads.
+    """Raises :class:`HostReadError` on every host read of a tensor's value, and every copy from pageable host memory
+    to a device, that is neither made through :func:`read` / :func:`upload` nor one of the :data:`TOLERATED` library
+    reads.
 
     Attributes:
         marked: reads made through :func:`read`, by reason.
@@ -108,6 +137,14 @@ class ForbidHostReads(TorchDispatchMode):
         self.tolerated: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _COPIES and _pageable_upload(func, args, kwargs):
+            reasons = _reasons()
+            if reasons:
+                self.marked[reasons[-1]] += 1
+            else:
+                raise HostReadError(f"copy from pageable host memory to a device inside a training step at "
+                                    f"{_caller(sys._getframe(1))}: make the tensor where it is used, or upload it "
+                                    "once through lowmem.host_sync.upload")
         if func is _LOCAL_SCALAR:
             reasons = _reasons()
             frame = sys._getframe(1)

@@ -20,6 +20,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def peak_memory_record(device: torch.device) -> dict[str, int]:
+    """What ``metrics.jsonl`` records of memory: ``peak_mem_bytes`` (:func:`peak_memory_bytes`) and, on a GPU,
+    ``peak_reserved_bytes``: ``max_memory_reserved``, what the caching allocator holds, which is what runs out."""
+    record = {"peak_mem_bytes": peak_memory_bytes(device)}
+    if device.type == "cuda":
+        record["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
+    return record
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":

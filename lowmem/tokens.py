@@ -8,7 +8,7 @@ Per sparse layer and sequence:
                embedding; pooled per block of ``tokens.block_size`` tokens. Computed without gradient, over query
                chunks sized to 64 MiB of products, by running the layer's attention with a scoring function in place
                of the real one, so every architecture that computes Q and K its own way (fused qkv, q/k norms,
-               GQA) is scored as it attends.
+               GQA) is scored as it attends; the value and output projections do not run.
     keep       the top ``ceil(keep_ratio · blocks)`` blocks, in their original order (a tail shorter than a block
                is always kept); the same count for every sequence of the batch (static shapes), its own pattern.
     run        the layer on the kept tokens only: hidden states, the rotary cos/sin of their own positions, the
@@ -21,8 +21,9 @@ evaluation (``model.eval()``) measures the dense model, the one that is exported
 hooks on the layers (no copied model file, parameter names unchanged), for decoder layers that take
 ``position_embeddings`` (Llama, Qwen2/3, Mistral, Gemma, Phi-3); other models are refused in one line.
 
-Exact scoring costs the layer's Q/K/V/O projections on every token plus Σ positive QK over the causal triangle, and
-needs an attention map that fused kernels never build. With ``tokens.predictor`` a per-layer predictor
+Exact scoring costs the layer's Q and K projections on every token plus Σ positive QK over the causal triangle (the
+value projection is skipped, and the scoring stops before the output projection), and needs an attention map that
+fused kernels never build. With ``tokens.predictor`` a per-layer predictor
 (:class:`ScorePredictor`) estimates the scores from the layer's normed input instead: fitted on the exact scores of
 the first step, and refitted every ``tokens.refresh_every`` steps (full fine-tuning moves the weights the pattern
 depends on). Such a refresh step selects by the exact scores, and first measures the old predictor's recall of the
@@ -31,6 +32,7 @@ exact top blocks on that fresh batch (``token_recall`` in ``metrics.jsonl``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 
@@ -73,14 +75,41 @@ def _score_attention(module, query, key, value, attention_mask, **kwargs):
             allowed = allowed & _allowed(mask[:, :, start:end, :end]) & query_valid[:, :, start:end, None]
         scores[:, :end] += products.masked_fill_(~allowed, 0).sum(dim=(1, 2))
     module._lowmem_scores = scores
-    return query.new_zeros(batch, length, heads, head_dim), None
+    raise _Scored  # the attention's output (and its o_proj) is not needed
+
+
+class _Scored(Exception):
+    """Raised by :func:`_score_attention` once the scores are recorded, so the attention module stops there."""
+
+
+@contextlib.contextmanager
+def _values_skipped(attention: torch.nn.Module):
+    """While scoring, the attention's ``v_proj`` returns zeros that take no memory and no FLOPs (a stride-0 view):
+    the scores need Q and K only. A fused qkv projection (Phi-3) has no separate value projection to skip."""
+    v_proj = getattr(attention, "v_proj", None)
+    width = getattr(v_proj, "out_features", None)
+    if v_proj is None or width is None:
+        yield
+        return
+    own = v_proj.__dict__.get("forward")
+    v_proj.forward = lambda x, *args, **kwargs: x.new_zeros(()).expand(*x.shape[:-1], width)
+    try:
+        yield
+    finally:
+        if own is None:
+            del v_proj.forward
+        else:
+            v_proj.forward = own
 
 
 class TokenEliminator:
     """Forward hooks on the sparse decoder layers of ``model`` (see the module docstring); :meth:`remove` undoes."""
 
     def __init__(self, model: torch.nn.Module, keep_ratio: float, dense_layers: int, block_size: int = 64,
-                 predictor: bool = False, refresh_every: int = 50):
+                 predictor: bool = False, refresh_every: int = 50, device: torch.device | None = None):
+        """``device``: where training runs (default: where the input embeddings are). Predictors loaded from a
+        checkpoint go there, wherever the layer's weights sit at that moment: with weight streaming the model is
+        loaded in host memory and placed only later."""
         from transformers import AttentionInterface
 
         from lowmem.units import decoder_layers
@@ -100,6 +129,7 @@ class TokenEliminator:
                             f"{' or '.join(SUPPORTED_ATTENTION)} attention")
         AttentionInterface.register(SCORING, _score_attention)
         self.model, self.keep_ratio, self.block_size = model, keep_ratio, block_size
+        self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
         self.sparse = [layer for i, layer in enumerate(layers) if dense_layers <= i < len(layers) - 1]
         self._index = {id(layer): i for i, layer in enumerate(self.sparse)}
         self.predictors = [ScorePredictor() for _ in self.sparse] if predictor else None
@@ -137,12 +167,12 @@ class TokenEliminator:
         return {f"predictor.{i}.weight": p.weight for i, p in enumerate(self.predictors) if p.weight is not None}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Predictors saved by :meth:`state_dict`; layers without one (none saved, or the predictor was off) fit
-        at their next forward."""
+        """Predictors saved by :meth:`state_dict`, put on the training device; layers without one (none saved, or the
+        predictor was off) fit at their next forward."""
         for i, predictor in enumerate(self.predictors or []):
             weight = state.get(f"predictor.{i}.weight")
             if weight is not None:
-                predictor.weight = weight.to(self.sparse[i].input_layernorm.weight.device)
+                predictor.weight = weight.to(self.device)
 
     # ------------------------------------------------------------------------------------------- choose
 
@@ -178,8 +208,11 @@ class TokenEliminator:
         saved = config._attn_implementation_internal
         config._attn_implementation_internal = SCORING
         try:
-            attention(hidden_states=normed, position_embeddings=kwargs["position_embeddings"],
-                      attention_mask=kwargs.get("attention_mask"))
+            with _values_skipped(attention):
+                attention(hidden_states=normed, position_embeddings=kwargs["position_embeddings"],
+                          attention_mask=kwargs.get("attention_mask"))
+        except _Scored:
+            pass
         finally:
             config._attn_implementation_internal = saved
         return attention.__dict__.pop("_lowmem_scores")

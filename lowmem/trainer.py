@@ -24,7 +24,7 @@ from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.errors import UserError
 from lowmem.host_sync import read_all
 from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, evaluate, loss_sum
-from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes
+from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes, peak_memory_record
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
 from lowmem.perp import Retraining, calibration_batches, prepare
@@ -109,6 +109,23 @@ def available_host_bytes() -> int:
     raise UserError("memory.budget_gb=auto: /proc/meminfo has no MemAvailable (set a size in GiB)")
 
 
+def chunked_loss_tokens(config: Config, model) -> int:
+    """``memory.loss_chunk_tokens`` resolved for this model (0: the plain loss), after the probe that the model's head
+    can be chunked: one that cannot is refused when chunking was asked for, and gets the plain loss under auto."""
+    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
+    if not chunk:
+        return 0
+    try:
+        check_chunked_head(model)
+    except UserError as err:
+        if config.memory.loss_chunk_tokens is not None:  # asked for: refuse
+            raise
+        log.warning("loss: not chunked (%s)", str(err).split(": ", 1)[1])  # auto: the plain loss
+        return 0
+    log.info("loss: head and cross-entropy %d positions at a time (the full logits never exist)", chunk)
+    return chunk
+
+
 def train(config: Config, step_guard=None) -> TrainResult:
     """Run the recipe ``config``; ``step_guard`` (a context manager factory, e.g.
     :class:`lowmem.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
@@ -138,16 +155,6 @@ def train(config: Config, step_guard=None) -> TrainResult:
                        config.model.gradient_checkpointing, int8, config.train.seed)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
-    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
-    if chunk:
-        try:
-            check_chunked_head(model)
-            log.info("loss: head and cross-entropy %d positions at a time (the full logits never exist)", chunk)
-        except UserError as err:
-            if config.memory.loss_chunk_tokens is not None:  # asked for: refuse
-                raise
-            log.warning("loss: not chunked (%s)", str(err).split(": ", 1)[1])  # auto: the plain loss
-            chunk = 0
     data = build_datasets(config.data, tokenizer, config.train.seed)
     data_fingerprint = fingerprint(data.train)
     if resume_state is not None:
@@ -165,7 +172,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
     strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
     if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
         t = config.tokens
-        eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor, t.refresh_every)
+        eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor, t.refresh_every,
+                                     device)
         log.info("tokens: %d sparse layers keep %.0f%% of their %d-token blocks, chosen by %s", len(eliminator.sparse),
                  100 * t.keep_ratio, t.block_size,
                  f"a predictor refitted every {t.refresh_every} steps" if t.predictor else "exact Q·K scores")
@@ -182,6 +190,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
         log.info("resumed from %s at step %d", resume_from, start_step)
     if streamed:
         strategy.place(model)
+    # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
+    chunk = chunked_loss_tokens(config, model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",
              strategy.name, rule.name, config.update.lr, config.train.lr_schedule, 100 * config.train.warmup_ratio,
              steps, config.train.batch_size, config.train.gradient_accumulation_steps)
@@ -264,7 +274,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
         result.losses.extend(losses)
         elapsed = time.perf_counter() - window_start
         record = {"step": done, "loss": losses[-1], "lr": lr, "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                  "peak_mem_bytes": peak_memory_bytes(device), "epoch": stream.epoch,
+                  **peak_memory_record(device), "epoch": stream.epoch,
                   "activation_bytes": activation_bytes, **stats, **values}
         bad = next((x for x in losses if not math.isfinite(x)), None)
         if bad is not None:

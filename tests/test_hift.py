@@ -323,3 +323,19 @@ def test_hift_fused_refuses_accumulation(tmp_path, micro_model_path, text_data):
     with pytest.raises(ConfigError, match="hift.fused=false accumulates exactly"):
         make_config(tmp_path, micro_model_path, text_data, "update.strategy=hift", "hift.fused=true",
                     "train.gradient_accumulation_steps=2")
+
+
+def test_with_weight_streaming_the_chunked_loss_probe_runs_after_placement(tmp_path, micro_model_path, text_data,
+                                                                           monkeypatch):
+    # the probe is a forward of the model: before placement it would run the whole model in host memory
+    import lowmem.trainer
+    from lowmem.strategies.hift import HiftStrategy
+
+    calls = []
+    probe, place = lowmem.trainer.check_chunked_head, HiftStrategy.place
+    monkeypatch.setattr(lowmem.trainer, "check_chunked_head", lambda model: calls.append("probe") or probe(model))
+    monkeypatch.setattr(HiftStrategy, "place", lambda self, model: calls.append("place") or place(self, model))
+    lowmem.trainer.train(make_config(tmp_path, micro_model_path, text_data, "update.strategy=hift",
+                                     "memory.offload_frozen_weights=true", "memory.loss_chunk_tokens=16",
+                                     "train.max_steps=1"))
+    assert calls == ["place", "probe"]

@@ -172,3 +172,65 @@ def test_cuda_step_has_no_synchronizing_call(micro_model_path, strategy, rule):
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert all(w.filename.replace("\\", "/").endswith("transformers/masking_utils.py") for w in syncs), [
         f"{w.filename}:{w.lineno}" for w in syncs]
+
+
+def meta_steps(model, strategy, n_steps=2):
+    """Steps with the model on the ``meta`` device, a stand-in for a GPU on a CPU machine (shapes only, no values):
+    every host-to-device copy a step makes then shows, and the guard raises on one from pageable memory. Token counts
+    come from the host batches, as the trainer's do; the batches carry no padding mask, whose all-ones check
+    transformers makes on the host, and the packed-sequence check is answered as a plan answers it."""
+    from lowmem.plan import _UnpackedPositions
+
+    guard = ForbidHostReads()
+    host = batches(n_steps, model.config.vocab_size)
+    with _UnpackedPositions():
+        for batch in host:
+            tokens = count_label_tokens(batch)
+            on_device = {k: v.to("meta") for k, v in batch.items() if k != "attention_mask"}
+            with guard:
+                strategy.prepare(1e-3)
+                strategy.backward(loss_sum(model, on_device) / tokens)
+                strategy.step()
+    return guard
+
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+@pytest.mark.parametrize("strategy", ["standard", "fused", "hift"])
+def test_a_step_on_a_device_copies_nothing_from_pageable_host_memory(micro_model_path, strategy, rule):
+    # e.g. a rule state made on the host and moved to the weight's device when first needed: under HiFT that is
+    # inside a step, for every group of the first cycle
+    model = load_model(micro_model_path, "float32").to("meta")  # train() ran on the host (transformers' kernels)
+    update = UpdateConfig(rule=rule, clip_grad_norm=1.0)
+    update.lion.min_8bit_size = 256
+    config = Config(update=update, hift=HiftConfig(group_size=1),
+                    memory=MemoryConfig(offload_states=True, offload_frozen_weights=True))
+    step = make_strategy(strategy, model, make_rule(update), update, config, torch.device("meta"))
+    guard = meta_steps(model, step, n_steps=3)
+    assert set(guard.marked) <= {"dynamic code map"}  # the 8-bit momentum's code map, uploaded once by name
+
+
+@pytest.mark.parametrize("trainable", ["all", "mask_lora"])
+def test_an_int8_pruned_step_on_a_device_copies_nothing_from_pageable_host_memory(micro_model_path, trainable):
+    from lowmem.adapters import select_trainable
+    from lowmem.prune import prune_model
+
+    model = load_model(micro_model_path, "float32")
+    quantize_model(model, refresh_every=2, seed=1, stochastic=False)  # a generator cannot live on meta
+    prune_model(model, "magnitude", 0.5, "2:4")
+    select_trainable(model, trainable, 4, 8.0)
+    model.to("meta")
+    config = UpdateConfig(rule="adalomo", clip_grad_norm=1.0)
+    guard = meta_steps(model, make_strategy("fused", model, make_rule(config), config))
+    assert not guard.marked
+
+
+def test_the_guard_catches_a_pageable_upload_and_lets_a_named_one_through():
+    from lowmem.host_sync import upload
+
+    guard = ForbidHostReads()
+    with guard, pytest.raises(HostReadError, match="copy from pageable host memory to a device"):
+        torch.ones(3).to("meta")
+    with guard:
+        upload(torch.ones(3), torch.device("meta"), "constant")
+        torch.ones(3).to("cpu")  # host to host: no device involved
+    assert guard.marked == {"constant": 1}

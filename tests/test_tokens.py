@@ -98,6 +98,29 @@ def test_block_scores_are_the_positive_query_key_products_each_key_receives(arch
     assert_within(chunked, expected, bound, "block scores, chunked")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma", "phi3"])
+def test_exact_scoring_runs_the_query_and_key_projections_only(arch, arch_path):
+    # the matrix FLOPs of scoring a layer: Q and K projections of every token and the products of the causal chunks;
+    # the value and output projections must not run (a fused qkv projection, Phi-3's, computes V with them)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = load_model(arch_path(arch), "float32")
+    layer, config = model.model.layers[0], model.config
+    attention = layer.self_attn
+    batch, length = 2, 40
+    hidden = model.model.embed_tokens(batch_of(batch, length, config.vocab_size)["input_ids"]).detach()
+    cos_sin = model.model.rotary_emb(hidden, position_ids=torch.arange(length)[None])
+    eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
+    projections = ["qkv_proj"] if hasattr(attention, "qkv_proj") else ["q_proj", "k_proj"]
+    expected = sum(2 * batch * length * getattr(attention, n).weight.numel() for n in projections)
+    heads, head_dim = config.num_attention_heads, attention.head_dim
+    expected += 2 * batch * heads * length * length * head_dim  # one chunk of queries against every key
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        eliminator.exact_token_scores(layer, layer.input_layernorm(hidden), {"position_embeddings": cos_sin})
+    eliminator.remove()
+    assert counter.get_total_flops() == expected
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_eliminated_tokens_pass_through_and_kept_ones_are_computed_at_their_positions(arch_path, attention):
     model = load_model(arch_path("llama"), "float64")  # the hand run computes in another order (float_error.py)
@@ -407,3 +430,28 @@ def test_the_trainer_reports_recall_at_each_refit_and_resumes_the_predictor_exac
     assert sorted(recalls) == [4, 7] and all(0.0 <= v <= 1.0 for v in recalls.values())  # refits at steps 3 and 6
     # killed at step 2, between the fit (0) and the refit (3): the resumed run must predict with the saved predictor
     assert_resume_is_exact(tmp_path, micro_model_path, text_data, *args, "train.max_steps=5", split_at=2)
+
+
+def test_loaded_predictors_go_to_the_training_device_wherever_the_layer_sits(arch_path):
+    # with weight streaming the model is loaded in host memory and placed after the checkpoint is read: a predictor
+    # put where its layer sat then (the host) would multiply device features by a host weight ("meta" stands in for
+    # the GPU)
+    model = load_model(arch_path("llama"), "float32")
+    eliminator = TokenEliminator(model, 0.5, 0, 8, predictor=True, device=torch.device("meta"))
+    width = model.config.hidden_size + 1
+    eliminator.load_state_dict({f"predictor.{i}.weight": torch.randn(width) for i in range(len(eliminator.sparse))})
+    eliminator.remove()
+    assert eliminator.predictors and all(p.weight.device.type == "meta" for p in eliminator.predictors)
+
+
+@pytest.mark.cuda
+def test_cuda_resume_with_weight_streaming_and_the_predictor_is_exact(tmp_path, micro_model_path, text_data):
+    from test_trainer import assert_resume_is_exact
+
+    # top_down: the head trains first, so every unit below it streams; the predictor fitted at step 0 predicts at
+    # step 2, the first after the resume
+    assert_resume_is_exact(tmp_path, micro_model_path, text_data, "train.device=cuda", "update.strategy=hift",
+                           "hift.group_size=1", "hift.order=top_down", "memory.offload_states=true",
+                           "memory.offload_frozen_weights=true", "update.rule=adamw", "tokens.eliminate=true",
+                           "tokens.dense_layers=0", "tokens.block_size=8", "tokens.keep_ratio=0.5",
+                           "tokens.predictor=true", "tokens.refresh_every=3", "train.max_steps=5", split_at=2)

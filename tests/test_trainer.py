@@ -206,3 +206,21 @@ def test_gradient_checkpointing_trains_the_same(tmp_path, micro_model_path, text
     checkpointed = train(make_config(tmp_path, micro_model_path, text_data, *common, "model.gradient_checkpointing=true",
                                      name="gc"))
     assert checkpointed.losses == pytest.approx(plain.losses, rel=RUN64_LOSS_RTOL)
+
+
+def test_metrics_record_reserved_memory_on_a_gpu(monkeypatch):
+    # what fails on a GPU is what the caching allocator reserves, not what is allocated: both are recorded there
+    from lowmem.metrics import peak_memory_record
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 7 * 2**30)
+    assert peak_memory_record(torch.device("cuda")) == {"peak_mem_bytes": 5 * 2**30, "peak_reserved_bytes": 7 * 2**30}
+    assert set(peak_memory_record(torch.device("cpu"))) == {"peak_mem_bytes"}  # the process's peak RSS
+
+
+@pytest.mark.cuda
+def test_cuda_metrics_record_allocated_and_reserved_peaks(tmp_path, micro_model_path, text_data):
+    result = train(make_config(tmp_path, micro_model_path, text_data, "train.device=cuda", "train.max_steps=2"))
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert steps and all(r["peak_reserved_bytes"] >= r["peak_mem_bytes"] > 0 for r in steps)

@@ -44,7 +44,9 @@ def _dynamic_map_cpu(max_exponent_bits: int = 7) -> torch.Tensor:
 
 @tensor_cache()
 def _dynamic_map_on(device: str) -> torch.Tensor:
-    return _dynamic_map_cpu().to(device)
+    from lowmem.host_sync import upload
+
+    return upload(_dynamic_map_cpu(), torch.device(device), "dynamic code map")
 
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:

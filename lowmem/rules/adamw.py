@@ -31,7 +31,8 @@ class AdamW:
     def init_state(self, param: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
         dtype = math_dtype(param.dtype)
         return {
-            "step": torch.zeros((), dtype=torch.float32),
+            # made where the weight is: made on the host and moved, it would be a synchronizing copy inside a step
+            "step": torch.zeros((), dtype=torch.float32, device=param.device),
             "exp_avg": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
             "exp_avg_sq": torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format),
         }

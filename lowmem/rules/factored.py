@@ -39,7 +39,8 @@ class Factored:
         row_shape, col_shape = factored_shapes(param.shape)
         dtype = math_dtype(param.dtype)
         state = {
-            "step": torch.zeros((), dtype=torch.float32),
+            # made where the weight is: made on the host and moved, it would be a synchronizing copy inside a step
+            "step": torch.zeros((), dtype=torch.float32, device=param.device),
             "exp_avg_sq_row": torch.zeros(row_shape, dtype=dtype, device=param.device),
             "exp_avg_sq_col": torch.zeros(col_shape, dtype=dtype, device=param.device),
         }

@@ -51,11 +51,19 @@ class Lion:
                     "exp_avg_absmax": torch.zeros(n_blocks, dtype=torch.float32, device=param.device)}
         return {"exp_avg": torch.zeros(param.shape, dtype=math_dtype(param.dtype), device=param.device)}
 
+    def _code_on(self, device: torch.device) -> torch.Tensor:
+        """The custom code map on ``device``, uploaded once (a copy per update would synchronize each time)."""
+        if self.code.device != device:
+            from lowmem.host_sync import upload
+
+            self.code = upload(self.code, device, "lion8bit code map")
+        return self.code
+
     @torch.no_grad()
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
                grad_scale: float | torch.Tensor = 1.0) -> None:
         if "exp_avg_codes" in state:
-            code = self.code.to(param.device) if self.code is not None else None
+            code = self._code_on(param.device) if self.code is not None else None
             lion8bit_update_(param, grad, state["exp_avg_codes"], state["exp_avg_absmax"], lr=lr, beta1=self.beta1,
                              beta2=self.beta2, weight_decay=self.weight_decay, grad_scale=grad_scale,
                              blocksize=self.blocksize, code=code)
