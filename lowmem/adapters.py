@@ -12,8 +12,8 @@ frozen. M is the layer's stored mask (``lowmem.masks``), or W ≠ 0 when the mod
 
 :class:`AdaptedLinear` computes  y = x·W'ᵀ + b  with a custom autograd function that saves only x (and the small
 A, B): W' is rebuilt in backward, so no weight-sized tensor is kept per layer between forward and backward.
-Merging (:func:`merged_state_dict`) writes W' into the weight, so the exported model has no adapters and its
-pruned entries are exactly zero — a plain LoRA merge W + s·BA would fill them.
+Merging (:meth:`AdaptedLinear.merged_weight`, written by ``lowmem.hf_folder``) writes W' into the weight, so the
+exported model has no adapters and its pruned entries are exactly zero — a plain LoRA merge W + s·BA would fill them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lowmem.errors import UserError
 from lowmem.int8_weights import Int8Weight, count_weights, int8_weights, matrix_layers, trainable_tensors
-from lowmem.masks import MASK_BUFFER, attach_masks, mask_of
+from lowmem.masks import MASK_BUFFER, attach_masks, mask_of, mask_rows
 from lowmem.prune import stored_transposed, weight_value
 
 log = logging.getLogger("lowmem")
@@ -35,6 +35,7 @@ SUBSETS = ("all", "norms", "norms+head", "mask_lora", "scale_lora")
 ADAPTERS = ("mask_lora", "scale_lora")
 ADAPTER_KEYS = ("lora_A", "lora_B")
 ADAPTERS_FILE = "adapters.safetensors"
+MERGE_CHUNK_VALUES = 2**22  # values per block of rows a merge computes at once (16 MiB of float32 per temporary)
 
 
 def _effective_weight(layer: "AdaptedLinear", dtype: torch.dtype, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -128,12 +129,34 @@ class AdaptedLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _AdaptedLinearFunction.apply(x, self.lora_A, self.lora_B, self.bias, self)
 
+    def base_rows(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``start`` to ``stop`` of W in its stored layout, in ``dtype`` (a view when nothing converts: never
+        write to it)."""
+        if isinstance(self.weight, Int8Weight):
+            return self.weight.dequantize_rows(start, stop, dtype)
+        return self.weight[start:stop].to(dtype)
+
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """W' in the stored layout and the weight's dtype (math in float32, or float64 for float64 weights)."""
-        w = _effective_weight(self, torch.promote_types(self.weight.dtype, torch.float32), self.lora_A, self.lora_B)
-        w = w.T if self.transposed else w
-        return w.to(self.weight.dtype).contiguous()
+    def merged_weight(self, chunk_values: int | None = None) -> torch.Tensor:
+        """W' in the stored layout and the weight's dtype (math in float32, or float64 for float64 weights), computed
+        a block of stored rows at a time: the merge holds its result, one matrix, and one block's temporaries (the
+        base weight's rows, the rows of B·A, the mask's rows), never float copies of the whole matrix."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        rows, cols = self.weight.shape
+        a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)  # r × in, out × r: small
+        out = torch.empty((rows, cols), dtype=self.weight.dtype, device=self.lora_A.device)
+        step = max(1, (chunk_values or MERGE_CHUNK_VALUES) // cols)
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            # rows of B·A in the stored layout: output rows (Linear), or input rows of its transpose (Conv1D)
+            product = a[:, start:stop].T @ b.T if self.transposed else b[start:stop] @ a
+            w = self.base_rows(start, stop, dtype)
+            if self.kind == "scale_lora":
+                product.mul_(w)
+            else:
+                product.mul_(mask_rows(self, start, stop, product.device)).mul_(self.scale).add_(w)
+            out[start:stop] = product
+        return out
 
     def extra_repr(self) -> str:
         return (f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
@@ -242,18 +265,3 @@ def load_adapter_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor
                 raise ValueError(f"{key} has shape {tuple(tensor.shape)}, the model's {tuple(target.shape)} "
                                  "(resume with the lora.rank it was written with)")
             target.copy_(tensor)
-
-
-def without_adapters(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict without the adapters' tensors: the base model's HF weights."""
-    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
-
-
-def merge_into(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` (an HF state dict of ``model``) with each adapted layer's weight replaced by its merged W' (on the
-    device ``state`` holds that weight on)."""
-    merged = without_adapters(state)
-    for name, layer in adapted_layers(model).items():
-        key = f"{name}.weight"
-        merged[key] = layer.merged_weight().to(merged[key].device)
-    return merged

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowmem.adapters import ADAPTERS_FILE, adapted_layers, adapter_state_dict, merge_into, without_adapters
-from lowmem.int8_weights import dequantized_state_dict, int8_state_dict, int8_weights, load_int8_state_dict
+from lowmem.adapters import ADAPTERS_FILE, adapted_layers, adapter_state_dict
+from lowmem.hf_folder import SHARD_BYTES, write_hf_folder
+from lowmem.int8_weights import int8_state_dict, int8_weights, load_int8_state_dict
 from lowmem.masks import MASKS_FILE, masks_state_dict
 
 # 2: adds weights_int8.safetensors; 3: its rounding generators by device. Versions 1 and 2 still load.
@@ -220,16 +221,11 @@ def _settle() -> None:
         torch.cuda.synchronize()
 
 
-def save_model(model, folder: Path, merge: bool = False) -> None:
-    """``save_pretrained`` into ``folder``; int8 weights are written dequantized, in the model's dtype. Adapters
+def save_model(model, folder: Path, merge: bool = False, shard_bytes: int = SHARD_BYTES) -> None:
+    """The model as an HF folder in ``folder``, shard by shard (``lowmem.hf_folder``: the model plus one matrix on its
+    device, one shard in host memory); int8 weights are written dequantized, in the model's dtype. Adapters
     (``lowmem.adapters``) are left out, or with ``merge`` folded into their weights (pruned entries stay zero)."""
-    adapted = bool(adapted_layers(model))
-    if not int8_weights(model) and not adapted:
-        model.save_pretrained(folder)
-        return
-    state = dequantized_state_dict(model) if int8_weights(model) else model.state_dict()
-    state = merge_into(state, model) if merge and adapted else without_adapters(state)
-    model.save_pretrained(folder, state_dict=state)
+    write_hf_folder(model, folder, merge, shard_bytes)
 
 
 def save_masks(model, folder: Path) -> None:

@@ -130,6 +130,22 @@ class Int8Weight(torch.nn.Module):
             flat[self.outlier_index.long()] = self.outlier_value.to(dtype)
         return flat.view(self.shape)
 
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start`` to ``stop`` of the (2-D) weight as a new float tensor of ``dtype``: only the blocks that hold
+        them are dequantized, so a merge or an export row block by row block holds no float copy of the matrix."""
+        dtype = dtype or self.compute_dtype
+        cols = self.shape[-1]
+        first, last = start * cols, stop * cols
+        b0, b1 = first // self.blocksize, -(-last // self.blocksize)
+        codes = self.codes[b0 * self.blocksize: min(b1 * self.blocksize, self.codes.numel())]
+        flat = dequantize_blockwise(codes, self.absmax[b0:b1], linear_map(self.device), self.blocksize, dtype)
+        flat = flat[first - b0 * self.blocksize: last - b0 * self.blocksize]
+        if self.n_outliers:
+            index = self.outlier_index.long()
+            inside = (index >= first) & (index < last)
+            flat[index[inside] - first] = self.outlier_value[inside].to(dtype)
+        return flat.view(stop - start, cols)
+
     @torch.no_grad()
     def update_with(self, rule, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
                     grad_scale: float | torch.Tensor = 1.0, mask: torch.Tensor | None = None) -> None:

@@ -40,6 +40,15 @@ def unpack_bits(bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torc
     return flat[:numel].view(shape).bool()
 
 
+def unpack_bits_range(bits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Entries ``start`` to ``stop`` (flat, row-major) of a mask packed by :func:`pack_bits`, as bools: only the bytes
+    that hold them are unpacked."""
+    first, last = start // 8, -(-stop // 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    flat = bits[first:last].unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)
+    return flat[start - 8 * first: stop - 8 * first].bool()
+
+
 def attach_masks(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Give each layer named by ``masks`` (weight name ``...q_proj.weight`` → bool mask of the weight's stored shape)
     its packed mask, on the layer's device."""
@@ -62,6 +71,15 @@ def mask_of(layer: torch.nn.Module, device: torch.device | None = None) -> torch
     if device is not None and bits.device != device:
         bits = bits.to(device)
     return unpack_bits(bits, layer.weight.shape)
+
+
+def mask_rows(layer: torch.nn.Module, start: int, stop: int, device: torch.device | None = None) -> torch.Tensor:
+    """Rows ``start`` to ``stop`` of the layer's mask, in its weight's stored layout (a 2-D weight)."""
+    bits = getattr(layer, MASK_BUFFER)
+    if device is not None and bits.device != device:
+        bits = bits.to(device)
+    cols = layer.weight.shape[-1]
+    return unpack_bits_range(bits, start * cols, stop * cols).view(stop - start, cols)
 
 
 def masks_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
