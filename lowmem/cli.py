@@ -141,6 +141,13 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
     if config.model.weight_format == "int8":
         log.warning("prune: model.weight_format=int8 is for training; the pruned model is written in %s, and a "
                     "training run quantizes it", config.model.dtype)
+    if config.memory.budget_gb is not None:  # pruning runs on the device: planned like training (lowmem plan)
+        import dataclasses
+
+        from lowmem.trainer import check_budget
+
+        float_weights = dataclasses.replace(config, model=dataclasses.replace(config.model, weight_format="float"))
+        check_budget(float_weights, config.model.path, device, steps=0)
     tokenizer = load_tokenizer(config.model.path)
     model = load_model(config.model.path, config.model.dtype, device)
 

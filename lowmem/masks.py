@@ -18,16 +18,22 @@ import torch
 MASK_BUFFER = "weight_mask"
 MASKS_FILE = "masks.safetensors"
 _BIT_VALUES = (1, 2, 4, 8, 16, 32, 64, 128)
+PACK_BLOCK = 2**23  # entries packed at a time (a multiple of 8)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8 bytes, 8 entries each (flattened row-major; entry i is bit i % 8 of byte i // 8)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+    """A bool tensor as uint8 bytes, 8 entries each (flattened row-major; entry i is bit i % 8 of byte i // 8), packed
+    a block of ``PACK_BLOCK`` entries at a time, so its byte-per-entry temporaries are one block's."""
+    flat = mask.reshape(-1)
+    packed = torch.empty(-(-flat.numel() // 8), dtype=torch.uint8, device=mask.device)
     weights = torch.tensor(_BIT_VALUES, dtype=torch.uint8, device=mask.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    for start in range(0, flat.numel(), PACK_BLOCK):
+        block = flat[start:start + PACK_BLOCK].to(torch.uint8)
+        pad = -block.numel() % 8
+        if pad:
+            block = torch.cat([block, block.new_zeros(pad)])
+        packed[start // 8: start // 8 + block.numel() // 8] = (block.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return packed
 
 
 def unpack_bits(bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

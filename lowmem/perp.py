@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from lowmem import assets
 from lowmem.adapters import ADAPTERS, ADAPTERS_FILE, load_adapter_state_dict, select_trainable
@@ -42,16 +43,19 @@ def calibration_batches(config, train_examples, pad_token_id: int):
     return eval_batches(train_examples, config.train.batch_size, pad_token_id, config.prune.calibration_batches)
 
 
-def prune_from_config(model: torch.nn.Module, config, calibration=None) -> PruneReport:
+def prune_from_config(model: torch.nn.Module, config, calibration=None, report: bool = True) -> PruneReport | None:
     """Prune by the recipe's ``prune`` section and report the sparsity reached. ``calibration``: a callable returning
-    wanda's batches (:func:`calibration_batches`), called only for wanda."""
+    wanda's batches (:func:`calibration_batches`), called only for wanda. ``report``: read the sparsity back (the
+    memory plan, on tensors without values, cannot: None)."""
     p = config.prune
     batches = calibration() if p.criterion == "wanda" and calibration is not None else None
     masks = prune_model(model, p.criterion, p.sparsity, p.pattern, p.include_head, batches)
-    report = sparsity_report(model, masks)
+    if not report:
+        return None
+    reached = sparsity_report(model, masks)
     log.info("prune: %s %s, %d matrices at %.2f%% sparsity (%.2f%% of all weights)", p.criterion, p.pattern,
-             len(report.layers), 100 * report.sparsity, 100 * report.model_sparsity)
-    return report
+             len(reached.layers), 100 * reached.sparsity, 100 * reached.model_sparsity)
+    return reached
 
 
 def load_stored_masks(model: torch.nn.Module, folder: str | Path) -> bool:
@@ -60,21 +64,25 @@ def load_stored_masks(model: torch.nn.Module, folder: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        load_masks(model, load_file(path))
+        with unset_fake_temporarily():  # a file's bytes are real tensors, also while the memory plan traces the run
+            packed = load_file(path)
+        load_masks(model, packed)
     except ValueError as err:
         raise UserError(f"{path}: {err} (was it written for this model?)") from None
     return True
 
 
 def prepare(model: torch.nn.Module, config, source: str, resume_from: Path | None = None,
-            calibration=None) -> Retraining:
+            calibration=None, report: bool = True) -> Retraining:
     """Masks and trainable subset for ``model`` loaded from ``source`` (a checkpoint folder when resuming).
 
-    ``calibration``: a callable returning wanda's calibration batches (called only when they are needed)."""
-    report = None
+    ``calibration``: a callable returning wanda's calibration batches (called only when they are needed).
+    ``report``: read back the sparsity reached and log what trains (the memory plan, on tensors without values,
+    neither reads nor logs)."""
+    pruned = None
     if resume_from is None and config.prune.criterion != "none":
-        report = prune_from_config(model, config, calibration)
-    elif load_stored_masks(model, source):
+        pruned = prune_from_config(model, config, calibration, report)
+    elif load_stored_masks(model, source) and report:
         log.info("prune: sparsity masks loaded from %s", source)
     counts = select_trainable(model, config.update.trainable, config.lora.rank, config.lora.alpha)
     if resume_from is not None and config.update.trainable in ADAPTERS:
@@ -86,7 +94,8 @@ def prepare(model: torch.nn.Module, config, source: str, resume_from: Path | Non
             load_adapter_state_dict(model, load_file(path))
         except ValueError as err:
             raise UserError(f"{path}: {err}") from None
-    result = Retraining(counts["trainable"], counts["total"], report)
-    log.info("update.trainable=%s: %s of %s weights train (%.3f%%)", config.update.trainable,
-             f"{result.trainable:,}", f"{result.total:,}", 100 * result.fraction)
+    result = Retraining(counts["trainable"], counts["total"], pruned)
+    if report:
+        log.info("update.trainable=%s: %s of %s weights train (%.3f%%)", config.update.trainable,
+                 f"{result.trainable:,}", f"{result.total:,}", 100 * result.fraction)
     return result

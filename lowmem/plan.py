@@ -11,6 +11,9 @@ tensor storage as the run would hold them and records the peak, split by compone
     gradients              ``.grad`` of parameters (under ``fused`` the live per-tensor gradients)
     rule state             the rule's per-parameter state
     activations            storages the forward made that are still alive (saved for backward, checkpointed inputs)
+    pruning                what pruning holds before the first step (``prune.criterion``: scores, masks, wanda's
+                           calibration hidden states), when that is the peak
+    sparsity masks         packed masks of a pruned model (pruned now, or stored beside its weights)
     temporaries            everything else alive at the peak (backward and update intermediates)
 
 What fake execution cannot see is added as modeled terms for a CUDA device, calibrated on an H200 (2026-11-26,
@@ -219,25 +222,34 @@ def _prepare(model, config) -> None:
     model.train()
 
 
-def _retraining(model, config) -> None:
-    """PERP's part of the run: sparsity masks where the run will have them (all kept: which entries are pruned does
-    not change a byte) and ``update.trainable``'s subset and adapters, as ``lowmem.perp.prepare`` sets them up."""
-    from lowmem.adapters import select_trainable
-    from lowmem.int8_weights import matrix_layers
-    from lowmem.masks import attach_masks
-    from lowmem.prune import prunable_layers
+def _retraining(model, config, mode, track) -> None:
+    """PERP's part of the run, by the trainer's own code (``lowmem.perp.prepare``) on a fresh run of ``model.path``:
+    pruning when ``prune.criterion`` is set (wanda on ``prune.calibration_batches`` batches like the step's, each
+    counted by ``track`` as it is made), else the masks stored beside the weights; then ``update.trainable``'s subset
+    and adapters."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    if config.prune.criterion != "none" or config.update.trainable == "mask_lora":
-        layers = prunable_layers(model, config.prune.include_head) if config.prune.criterion != "none" \
-            else matrix_layers(model)
-        attach_masks(model, {f"{name}.weight": torch.ones(layer.weight.shape, dtype=torch.bool)
-                             for name, layer in layers})
-    select_trainable(model, config.update.trainable, config.lora.rank, config.lora.alpha)
+    from lowmem.perp import prepare
+
+    def calibration():
+        batches = []
+        for _ in range(config.prune.calibration_batches):
+            with unset_fake_temporarily():
+                batch = _batch(config, model.config.vocab_size)
+            batch.pop("labels")
+            batch = {k: mode.from_tensor(v) for k, v in batch.items()} if mode is not None else batch
+            for tensor in batch.values():
+                track(tensor)
+            batches.append(batch)
+        return batches
+
+    prepare(model, config, config.model.path, None, calibration, report=False)
 
 
 def _batch(config, vocab_size: int) -> dict[str, torch.Tensor]:
-    """A training batch of full-length sequences. Packed text has no padding, and transformers then builds no 4-D
-    mask (it checks the mask's values); other formats pad, so their batches carry a padded mask, which it builds."""
+    """A training batch of full-length sequences (or a calibration batch, without its labels). Packed text has no
+    padding, and transformers then builds no 4-D mask (it checks the mask's values); other formats pad, so their
+    batches carry a padded mask, which it builds."""
     shape = (config.train.batch_size, config.data.max_seq_len)
     ids = torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
@@ -321,18 +333,17 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
 
     start = time.perf_counter()
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    prepared = model is not None  # a model handed in is ready; one built here gets PERP's part in the count below
     if fake:
         model = _fake_model(config, mode)
         with mode:
             _prepare(model, config)
-            _retraining(model, config)
     elif model is None:
         from lowmem.model import load_model
 
         int8 = config.model.int8 if config.model.weight_format == "int8" else None
         model = load_model(config.model.path, config.model.dtype, "cpu", config.model.gradient_checkpointing, int8,
                            config.train.seed)
-        _retraining(model, config)
     notes = []
     chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
     if chunk and not fake:  # the trainer's probe compares values, which fake tensors do not have
@@ -359,6 +370,11 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     flops = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     baseline = PEERS[peer](model, config.update.lr) if peer else None
     with unpacked, context, accountant, flops:
+        if not prepared:  # pruning runs on the device before the first step: its peak is part of the run's
+            accountant.phase = "prune"
+            _retraining(model, config, mode, accountant.track)
+            for tensor in [*model.parameters(), *model.buffers()]:  # adapters; masks loaded from a file
+                accountant.track(tensor, "weights")
         if baseline is None:
             strategy = make_strategy(config.update.strategy, model, make_rule(config.update), config.update, config,
                                      device)
@@ -371,7 +387,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
                                          t.refresh_every)
         else:
             eliminator = None
-        n_steps = steps or default_steps(config, strategy)
+        n_steps = steps if steps is not None else default_steps(config, strategy)
         accum = config.train.gradient_accumulation_steps
         label_tokens = max(1, config.train.batch_size * (config.data.max_seq_len - 1) * accum)
         for step in range(n_steps):
@@ -468,6 +484,8 @@ def _components(live: dict[int, tuple[int, str]], host: set[int], model, holder:
             name = "rule state"
         elif phase == "forward":
             name = "activations"
+        elif phase == "prune":
+            name = "pruning"
         else:
             name = "temporaries"
         name = f"{name} {HOST_MARK}" if key in host else name
@@ -510,13 +528,17 @@ def _split_host(accountant: StorageAccountant) -> tuple[dict[str, int], dict[str
 
 
 def _streamed_piece_bytes(strategy) -> int:
-    """Two of the largest modules a HiFT run streams in for their forward (one computing, one prefetched)."""
+    """Two of the largest modules a HiFT run streams in for their forward (one computing, one prefetched), counted as
+    the residency scheduler moves them: parameters and buffers (an int8 weight is buffers: codes, scales, outliers)."""
+    from lowmem.residency import _own_tensors
+
     residency = strategy.residency
+    highest = max(residency.lowest_active(group) for group in strategy.groups)  # units below it stream at times
     sizes = []
-    for unit in residency.units:
+    for unit in residency.units[:highest]:
         if residency.offloadable(unit):
             for module in unit.modules:
-                sizes.append(sum(p.numel() * p.element_size() for p in module.parameters()))
+                sizes.append(sum(t.numel() * t.element_size() for t in _own_tensors(module)))
     return sum(sorted(sizes)[-2:])
 
 

@@ -3,14 +3,17 @@
 Criteria (``prune.criterion``):
     magnitude  score |W|; the smallest ``sparsity`` share of each matrix is pruned (one threshold per matrix);
     wanda      score |W_ij|·‖x_j‖₂ (Sun et al. 2023), x_j the layer's input feature j over calibration tokens of the
-               recipe's training data (sums of squares gathered by forward pre-hooks, in float32); pruned per
-               output row, as in the Wanda paper.
+               recipe's training data, measured layer by layer on the outputs of the already-pruned layers below
+               (``lowmem.calibration``, as Wanda's reference implementation does); pruned per output row.
 Patterns (``prune.pattern``): ``unstructured``, or N:M (``2:4``, ``4:8``): in every group of M consecutive entries
 along the input dimension the N highest-scoring are kept (sparsity is then (M−N)/M).
 
 Pruned are the layers int8 weights would quantize (``nn.Linear`` and transformers' ``Conv1D`` outside embeddings
 and output head); the output head too with ``prune.include_head``. Embeddings never are. Weights are read and
-written in the layer's stored layout, float or int8 (dequantized, pruned, requantized: code 128 is exactly zero).
+written in the layer's stored layout, float or int8 (a pruned code becomes code 128, exactly zero; a pruned outlier
+0.0). Memory: a block of rows of scores at a time (``CHUNK_VALUES``) and one layer's mask at 1 byte an entry, where
+sorting a whole matrix took ~20 bytes an entry (a float32 copy, its magnitudes, int64 sort indices: ~10 GiB more
+for Llama-3's 525M-entry head).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lowmem.calibration import prune_layer_by_layer
 from lowmem.errors import UserError
-from lowmem.int8_weights import Int8Weight, count_weights, matrix_layers
+from lowmem.int8_weights import ZERO_CODE, Int8Weight, count_weights, matrix_layers
 from lowmem.masks import attach_masks
 
 log = logging.getLogger("lowmem")
@@ -108,84 +112,129 @@ def weight_value(layer: torch.nn.Module) -> torch.Tensor:
     return weight.detach().float()
 
 
-def zero_pruned(layer: torch.nn.Module, mask: torch.Tensor) -> None:
-    """Set the weight's entries outside ``mask`` to exactly zero (int8: requantized with fresh scales)."""
+def _rows_in_out(layer: torch.nn.Module):
+    """(rows, cols, rows(a, b)): the weight as an [out, in] matrix, read a block of output rows at a time in float32
+    (float64 for a float64 model), without a float copy of the whole matrix. A transformers Conv1D layout stores
+    [in, out], so its output rows are stored columns: an int8 one is dequantized whole once (``whole``)."""
     weight = layer.weight
-    with torch.no_grad():
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    if not stored_transposed(layer):
+        rows, cols = weight.shape
         if isinstance(weight, Int8Weight):
-            value = weight.dequantize(torch.float32).mul_(mask)
-            weight._store(value.view(-1), rescale=True, stochastic=False)
+            return rows, cols, lambda a, b: weight.dequantize_rows(a, b, dtype)
+        return rows, cols, lambda a, b: weight.detach()[a:b].to(dtype)
+    cols, rows = weight.shape
+    if isinstance(weight, Int8Weight):
+        whole = weight.dequantize(dtype)
+        return rows, cols, lambda a, b: whole[:, a:b].T
+    return rows, cols, lambda a, b: weight.detach()[:, a:b].T.to(dtype)
+
+
+@torch.no_grad()
+def zero_pruned(layer: torch.nn.Module, kept: torch.Tensor) -> None:
+    """Set the weight's entries outside ``kept`` (stored layout) to exactly zero, in place, a block of rows at a time:
+    an int8 weight's pruned codes become the zero code and its pruned outliers 0.0; nothing else is requantized."""
+    weight = layer.weight
+    rows, cols = weight.shape
+    step = max(1, CHUNK_VALUES // cols)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        pruned = ~kept[start:stop]
+        if isinstance(weight, Int8Weight):
+            weight.codes[start * cols: stop * cols].masked_fill_(pruned.reshape(-1), ZERO_CODE)
         else:
-            weight.mul_(mask)
+            weight.data[start:stop].masked_fill_(pruned, 0)
+    if isinstance(weight, Int8Weight) and weight.n_outliers:
+        weight.outlier_value.masked_fill_(~kept.reshape(-1)[weight.outlier_index.long()], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------- scores and masks
+
+CHUNK_VALUES = 2**22  # scores chosen from at a time: their temporaries (~21 bytes a value) stay under 100 MiB
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str, per_row: bool) -> torch.Tensor:
     """The entries to keep of an [out, in] score matrix: per N:M group along ``in``, per output row (``per_row``),
     or over the whole matrix. Exactly ``round(sparsity · n)`` entries of each row or matrix are pruned; ties go to
-    the lower index."""
-    out_features, in_features = scores.shape
+    the lower index. (:func:`select_kept` on a matrix already in memory.)"""
+    return select_kept(lambda a, b: scores[a:b], *scores.shape, sparsity, pattern, per_row, scores.device)
+
+
+def select_kept(score_rows, rows: int, cols: int, sparsity: float, pattern: str, per_row: bool,
+                device: torch.device) -> torch.Tensor:
+    """:func:`keep_mask` of the [rows, cols] scores that ``score_rows(a, b)`` gives a block of rows at a time, with
+    bounded memory: the result (1 byte an entry) and one block's temporaries. A row's k-th smallest score is its
+    ``kthvalue``; the whole matrix's is found by a radix select over the scores' bits (two passes, 2 × 65536 counts),
+    and the entries equal to it are pruned in index order across the blocks. Nothing is read on the host."""
+    kept = torch.empty((rows, cols), dtype=torch.bool, device=device)
+    step = max(1, CHUNK_VALUES // cols)
     nm = PATTERNS[pattern]
-    if nm is not None:
-        n, m = nm
-        groups = scores.reshape(out_features, in_features // m, m)
-        kept = torch.zeros_like(groups, dtype=torch.bool)
-        kept.scatter_(2, groups.topk(n, dim=2, sorted=False).indices, True)
-        return kept.view(out_features, in_features)
-    rows = scores if per_row else scores.reshape(1, -1)
-    n_prune = round(sparsity * rows.shape[1])
-    kept = torch.ones_like(rows, dtype=torch.bool)
-    if n_prune:
-        # stable sort: among equal scores the lower index is pruned first, so the count is exact and reproducible
-        order = rows.argsort(dim=1, stable=True)[:, :n_prune]
-        kept.scatter_(1, order, False)
-    return kept.view(out_features, in_features)
+    whole = nm is None and not per_row
+    n_prune = round(sparsity * (rows * cols if whole else cols))
+    if whole and n_prune:
+        threshold, need = _kth_smallest(score_rows, rows, step, n_prune, device)
+        carry = torch.zeros((), dtype=torch.int64, device=device)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        if nm is not None:
+            n, m = nm
+            groups = score_rows(start, stop).reshape(stop - start, cols // m, m)
+            chosen = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(n, dim=2, sorted=False).indices,
+                                                                          True)
+            kept[start:stop] = chosen.view(stop - start, cols)
+        elif n_prune == 0:
+            kept[start:stop] = True
+        elif per_row:
+            kept[start:stop] = _keep_per_row(score_rows(start, stop), n_prune)
+        else:
+            scores = score_rows(start, stop).to(torch.float32)
+            equal = scores == threshold
+            order = equal.view(-1).cumsum(0).view_as(equal) + carry
+            kept[start:stop] = ~((scores < threshold) | (equal & (order <= need)))
+            carry = carry + equal.sum()
+    return kept
+
+
+def _keep_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's k lowest scores pruned (among equal ones the lower index first)."""
+    threshold = scores.kthvalue(k, dim=1, keepdim=True).values
+    below = scores < threshold
+    need = k - below.sum(dim=1, keepdim=True)
+    equal = scores == threshold
+    return ~(below | (equal & (equal.cumsum(dim=1) <= need)))
+
+
+def _kth_smallest(score_rows, rows: int, step: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-th smallest of the non-negative scores (as float32, whose bits order like their values), exactly, and
+    how many of the k smallest equal it: the top 16 bits' histogram finds its bin, the low 16 bits' histogram of
+    that bin's values its value."""
+    target = torch.full((1,), k, dtype=torch.int64, device=device)
+    cumulative = _bit_counts(score_rows, rows, step, device).cumsum_(0)
+    top = torch.searchsorted(cumulative, target)  # the first bin whose cumulative count reaches k
+    below = torch.where(top > 0, cumulative[(top - 1).clamp_min(0)], 0)
+    del cumulative  # one set of 65536 counts (512 KiB) at a time
+    cumulative = _bit_counts(score_rows, rows, step, device, within=top).cumsum_(0)
+    bottom = torch.searchsorted(cumulative, target - below)
+    below = below + torch.where(bottom > 0, cumulative[(bottom - 1).clamp_min(0)], 0)
+    threshold = (top * 65536 + bottom).to(torch.int32).view(torch.float32)
+    return threshold, k - below
+
+
+def _bit_counts(score_rows, rows: int, step: int, device, within: torch.Tensor | None = None) -> torch.Tensor:
+    """65536 counts of the scores' top 16 bits, or, ``within`` a top-bits bin, of their low 16 bits."""
+    counts = torch.zeros(65536, dtype=torch.int64, device=device)
+    for start in range(0, rows, step):
+        bits = score_rows(start, min(rows, start + step)).to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+        if within is None:
+            counts.scatter_add_(0, (bits >> 16).long(), torch.ones_like(bits, dtype=torch.int64))
+        else:
+            counts.scatter_add_(0, (bits & 0xFFFF).long(), ((bits >> 16) == within).long())
+    return counts
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_sums: torch.Tensor) -> torch.Tensor:
     """|W_ij|·‖x_j‖₂ for an [out, in] weight and the per-input-feature sums of squares of its inputs."""
     return weight.abs() * input_sq_sums.sqrt().unsqueeze(0)
-
-
-@torch.no_grad()
-def input_norms(model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]], batches) -> dict[str, torch.Tensor]:
-    """Per layer, the sum over every calibration token (padding excluded) of each input feature's square (float32,
-    [in])."""
-    sums: dict[str, torch.Tensor] = {}
-    handles = []
-
-    real = [None]  # the current batch's non-padding positions, flattened: padding is not calibration data
-
-    def hook_for(name: str):
-        def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if real[0] is not None and real[0].numel() == x.shape[0]:
-                x = x[real[0]]
-            total = x.float().square().sum(dim=0)
-            sums[name] = total if name not in sums else sums[name].add_(total)
-
-        return hook
-
-    for name, layer in layers:
-        handles.append(layer.register_forward_pre_hook(hook_for(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        for batch in batches:
-            mask = batch["attention_mask"].to(device)
-            real[0] = mask.reshape(-1).bool()
-            model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    missing = [name for name, _ in layers if name not in sums]
-    if missing:
-        raise UserError(f"prune.criterion=wanda: {missing[0]} saw no calibration input (is it used by the forward?)")
-    return sums
 
 
 def check_pattern(layers: list[tuple[str, torch.nn.Module]], pattern: str) -> None:
@@ -199,37 +248,52 @@ def check_pattern(layers: list[tuple[str, torch.nn.Module]], pattern: str) -> No
                             "(use prune.pattern=unstructured)")
 
 
+def prune_layer(model: torch.nn.Module, name: str, layer: torch.nn.Module, sparsity: float, pattern: str,
+                input_sq_sums: torch.Tensor | None = None) -> None:
+    """Prune one layer: magnitude scores, or wanda's with its inputs' ``input_sq_sums``; zero the pruned entries and
+    attach the (packed) mask."""
+    rows, cols, weight_rows = _rows_in_out(layer)
+    device = layer.weight.device
+    if input_sq_sums is None:
+        score_rows = lambda a, b: weight_rows(a, b).abs()  # noqa: E731
+    else:
+        norms = input_sq_sums.to(device)
+        score_rows = lambda a, b: wanda_scores(weight_rows(a, b), norms)  # noqa: E731
+    kept = select_kept(score_rows, rows, cols, sparsity, pattern, input_sq_sums is not None, device)
+    if stored_transposed(layer):
+        kept = kept.T.contiguous()
+    zero_pruned(layer, kept)
+    attach_masks(model, {f"{name}.weight": kept})
+
+
 def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern: str = "unstructured",
                 include_head: bool = False, calibration=None) -> dict[str, torch.nn.Module]:
     """Prune ``model`` in place; returns weight name → its layer, which holds the packed mask (``lowmem.masks``:
-    ``mask_of(layer)`` unpacks it). Each layer's mask is packed as soon as it is chosen, so one unpacked mask exists
-    at a time.
+    ``mask_of(layer)`` unpacks it). Memory: one layer's mask (1 byte an entry) and one block of its scores at a time.
 
-    ``calibration``: an iterable of batches (``input_ids``, ``attention_mask``) for ``wanda``."""
+    ``calibration``: an iterable of batches (``input_ids``, ``attention_mask``) for ``wanda``, which is calibrated layer
+    by layer, each layer on the outputs of the pruned layers below it (``lowmem.calibration``)."""
     layers = prunable_layers(model, include_head)
     check_pattern(layers, pattern)
-    norms = None
-    if criterion == "wanda":
+    if criterion == "magnitude":
+        for name, layer in layers:
+            prune_layer(model, name, layer, sparsity, pattern)
+    elif criterion == "wanda":
         if calibration is None:
             raise UserError("prune.criterion=wanda needs calibration batches of the recipe's data")
-        norms = input_norms(model, layers, calibration)
-    masks = {}
-    for name, layer in layers:
-        stored = weight_value(layer)
-        weight = stored.T if stored_transposed(layer) else stored  # [out, in]
-        if criterion == "magnitude":
-            scores, per_row = weight.abs(), False
-        elif criterion == "wanda":
-            scores, per_row = wanda_scores(weight, norms[name].to(weight.device)), True
-        else:
-            raise UserError(f"prune.criterion '{criterion}' is not one of magnitude, wanda")
-        kept = keep_mask(scores, sparsity, pattern, per_row)
-        kept = kept.T.contiguous() if stored_transposed(layer) else kept
-        zero_pruned(layer, kept)
-        attach_masks(model, {f"{name}.weight": kept})
-        masks[f"{name}.weight"] = layer
-        del stored, weight, scores, kept
-    return masks
+        prune_layer_by_layer(model, layers, calibration,
+                             lambda name, layer, norms: prune_layer(model, name, layer, sparsity, pattern, norms))
+    else:
+        raise UserError(f"prune.criterion '{criterion}' is not one of magnitude, wanda")
+    return {f"{name}.weight": layer for name, layer in layers}
+
+
+@torch.no_grad()
+def count_zeros(layer: torch.nn.Module) -> int:
+    """Zeros present in the layer's weight, counted a block of rows at a time."""
+    rows, _, weight_rows = _rows_in_out(layer)
+    step = max(1, CHUNK_VALUES // layer.weight.shape[-1])
+    return sum(int((weight_rows(a, min(rows, a + step)) == 0).sum()) for a in range(0, rows, step))
 
 
 def sparsity_report(model: torch.nn.Module, masks) -> PruneReport:
@@ -238,6 +302,5 @@ def sparsity_report(model: torch.nn.Module, masks) -> PruneReport:
     layers = []
     for name in masks:
         layer = model.get_submodule(name.rsplit(".", 1)[0])
-        value = weight_value(layer)
-        layers.append(LayerSparsity(name, int((value == 0).sum()), value.numel()))
+        layers.append(LayerSparsity(name, count_zeros(layer), layer.weight.numel()))
     return PruneReport(layers, total)

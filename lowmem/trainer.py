@@ -78,9 +78,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def check_budget(config: Config, weights: str, device: torch.device) -> None:
-    """Simulate the run's steps (``lowmem plan``) before anything is allocated; refuse it if it needs more than
-    ``memory.budget_gb`` (``auto``: what the device has free)."""
+def check_budget(config: Config, weights: str, device: torch.device, steps: int | None = None) -> None:
+    """Simulate the run's steps (``lowmem plan``; ``steps=0``: its pruning alone, as ``lowmem prune`` runs it) before
+    anything is allocated; refuse it if it needs more than ``memory.budget_gb`` (``auto``: what the device has free)."""
     import dataclasses
 
     from lowmem.plan import CUDA_CONTEXT_BYTES, GiB, simulate, suggestion_line
@@ -94,7 +94,10 @@ def check_budget(config: Config, weights: str, device: torch.device) -> None:
     else:
         budget = int(float(config.memory.budget_gb) * GiB)
     planned = dataclasses.replace(config, model=dataclasses.replace(config.model, path=weights))
-    plan = simulate(planned, target=device.type)
+    plan = simulate(planned, steps=steps, target=device.type)
+    if not plan.fits(budget) and steps == 0:
+        raise UserError(f"memory.budget_gb: pruning needs {plan.device_bytes / GiB:.2f} GiB, over the {budget / GiB:.2f} "
+                        "GiB budget (prune on a larger device, or with train.device=cpu)")
     if not plan.fits(budget):
         raise UserError(f"memory.budget_gb: {suggestion_line(planned, plan, budget, device.type)}")
     log.info("plan: %.2f GiB planned of %.2f GiB (memory.budget_gb %s; %d steps simulated in %.1f s)",

@@ -60,37 +60,92 @@ def test_n_m_pattern_holds_in_every_group_along_the_input(micro_model_path, patt
         assert (w.masked_fill(~groups, float("inf")).amin(-1) >= w.masked_fill(groups, -1).amax(-1)).all()
 
 
-def test_wanda_scores_and_masks_equal_an_independent_computation(micro_model_path, text_data, tokenizer):
+def calibration_data(micro_model_path, text_data, tokenizer, n=3):
     from lowmem.config import DataConfig
     from lowmem.data import build_datasets, eval_batches
 
-    model = micro(micro_model_path)
     data = build_datasets(DataConfig(path=text_data, max_seq_len=48, val_fraction=0.0), tokenizer, 0)
-    batches = list(eval_batches(data.train, 2, tokenizer.pad_token_id, 3))
+    batches = list(eval_batches(data.train, 2, tokenizer.pad_token_id, n))
     # one padded row (as chat formats have): padding positions are not calibration data
     batches[0]["attention_mask"][1, 30:] = 0
     batches[0]["input_ids"][1, 30:] = tokenizer.pad_token_id
-    layer = model.model.layers[1].mlp.down_proj
-    weight = layer.weight.detach().double().clone()
-    # independent: capture the layer's whole inputs, then norms over every token in float64
-    inputs = []
-    handle = layer.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach().double()))
-    with torch.no_grad():
-        for batch in batches:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    handle.remove()
-    x = torch.cat([t[batch["attention_mask"].bool()] for t, batch in zip(inputs, batches)])
-    assert x.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches) < 3 * 2 * 48
-    expected_scores = weight.abs() * torch.linalg.vector_norm(x, dim=0)
-    # float64 both ways: sums of at most 300 squares, n·u₆₄ relative (tests/float_error.py)
-    torch.testing.assert_close(wanda_scores(weight, x.square().sum(0)), expected_scores, rtol=SUM64, atol=0)
-    # per output row: the 40% lowest of each row go
-    k = round(0.4 * weight.shape[1])
-    threshold = expected_scores.sort(dim=1).values[:, k - 1 : k]
-    expected_mask = expected_scores > threshold
+    return batches
+
+
+def reference_wanda(model, batches, sparsity, layer_by_layer=True):
+    """Wanda by hand, as its reference implementation prunes (``prune_wanda``): for each decoder layer in order, the
+    inputs of its linear layers captured by a whole forward of the model, whose lower layers are already pruned
+    (``layer_by_layer``; otherwise all from the dense model); norms over the real tokens; |W|·‖x‖ per output row, the
+    lowest ``sparsity`` of each row pruned (a stable sort: among equal scores the lower index first)."""
+    from lowmem.prune import prunable_layers
+
+    layers = prunable_layers(model)
+    masks = {}
+    dense_inputs = None
+    for i in range(len(model.model.layers)):
+        block = [(n, m) for n, m in layers if n.startswith(f"model.layers.{i}.")]
+        if dense_inputs is None or layer_by_layer:
+            inputs = {n: [] for n, _ in layers}
+            handles = [m.register_forward_hook(lambda mod, args, out, n=n: inputs[n].append(args[0].detach()))
+                       for n, m in layers]
+            with torch.no_grad():
+                for batch in batches:
+                    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            for handle in handles:
+                handle.remove()
+            dense_inputs = inputs
+        for name, layer in block:
+            x = torch.cat([t[b["attention_mask"].bool()] for t, b in zip(dense_inputs[name], batches)])
+            scores = layer.weight.detach().abs() * torch.linalg.vector_norm(x, dim=0)
+            k = round(sparsity * scores.shape[1])
+            kept = torch.ones_like(scores, dtype=torch.bool)
+            kept.scatter_(1, scores.argsort(dim=1, stable=True)[:, :k], False)
+            masks[f"{name}.weight"] = kept
+            with torch.no_grad():
+                layer.weight.mul_(kept)
+    return masks
+
+
+def test_wanda_prunes_layer_by_layer_on_the_outputs_of_the_pruned_layers_below(micro_model_path, text_data, tokenizer):
+    # float64, so that a score's rank cannot turn on the order of a float32 sum (tests/float_error.py)
+    model = micro(micro_model_path, dtype="float64")
+    batches = calibration_data(micro_model_path, text_data, tokenizer)
+    expected = reference_wanda(micro(micro_model_path, dtype="float64"), batches, 0.4)
     masks = prune_model(model, "wanda", 0.4, calibration=batches)
-    assert torch.equal(mask_of(masks["model.layers.1.mlp.down_proj.weight"]), expected_mask)
-    assert (model.model.layers[1].mlp.down_proj.weight[~expected_mask] == 0).all()
+    assert set(masks) == set(expected)
+    for name, layer in masks.items():
+        assert torch.equal(mask_of(layer), expected[name]), name
+        assert (layer.weight[~expected[name]] == 0).all()
+    # and it matters: measured on the dense model (the earlier one-pass calibration), the second layer's masks differ
+    dense = reference_wanda(micro(micro_model_path, dtype="float64"), batches, 0.4, layer_by_layer=False)
+    assert all(torch.equal(dense[n], expected[n]) for n in expected if ".layers.0." in n)
+    assert not all(torch.equal(dense[n], expected[n]) for n in expected if ".layers.1." in n)
+
+
+def test_wanda_scores_are_the_weight_magnitudes_times_the_input_norms():
+    weight = torch.randn(5, 7, dtype=torch.float64)
+    x = torch.randn(30, 7, dtype=torch.float64)
+    # float64 both ways: sums of 30 squares, n·u₆₄ relative (tests/float_error.py)
+    torch.testing.assert_close(wanda_scores(weight, x.square().sum(0)), weight.abs() * torch.linalg.vector_norm(x, dim=0),
+                               rtol=SUM64, atol=0)
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["matrix", "rows"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_the_bounded_selection_equals_a_stable_sort(monkeypatch, per_row, ties):
+    # blocks of 3 rows (the last shorter) where a matrix took a stable argsort of all its scores (~20 bytes an entry)
+    import lowmem.prune
+
+    monkeypatch.setattr(lowmem.prune, "CHUNK_VALUES", 3 * 37)
+    generator = torch.Generator().manual_seed(4)
+    scores = torch.rand(11, 37, generator=generator)
+    if ties:  # many equal scores, zeros too: the k-th smallest falls inside a run of equal ones
+        scores = (scores * 4).floor() / 4
+    rows = scores if per_row else scores.reshape(1, -1)
+    k = round(0.45 * rows.shape[1])
+    expected = torch.ones_like(rows, dtype=torch.bool)
+    expected.scatter_(1, rows.argsort(dim=1, stable=True)[:, :k], False)
+    assert torch.equal(keep_mask(scores, 0.45, "unstructured", per_row), expected.view(11, 37))
 
 
 def test_pruning_leaves_embeddings_and_head_unless_asked(micro_model_path):
@@ -358,3 +413,36 @@ def test_prune_command_refuses_without_a_criterion(tmp_path, micro_model_path, t
     make_config(tmp_path, micro_model_path, text_data)
     result = CliRunner().invoke(main, ["prune", str(tmp_path / "recipe.yaml")])
     assert result.exit_code == 2 and "prune.criterion is none" in result.output
+
+
+@pytest.mark.parametrize("criterion,pattern", [("magnitude", "unstructured"), ("magnitude", "2:4"),
+                                               ("wanda", "unstructured")])
+def test_pruning_holds_one_mask_and_one_block_of_scores(micro_model_path, text_data, tokenizer, monkeypatch, criterion,
+                                                        pattern):
+    # before: a float32 copy of the matrix, its magnitudes and a stable argsort with int64 indices (~20 bytes an
+    # entry: ~10 GiB more for Llama-3's 525M-entry head); now the bool mask (1 byte an entry), the packed one (1/8),
+    # one block of scores with its temporaries (counted generously at 64 bytes a value), and a whole matrix's
+    # threshold's 65536 counts (512 KiB, whatever the matrix's size)
+    import lowmem.masks
+    import lowmem.prune
+    from lowmem.plan import StorageAccountant
+
+    monkeypatch.setattr(lowmem.prune, "CHUNK_VALUES", 1024)
+    monkeypatch.setattr(lowmem.masks, "PACK_BLOCK", 1024)
+    model = micro(micro_model_path)
+    batches = calibration_data(micro_model_path, text_data, tokenizer, n=1) if criterion == "wanda" else None
+    accountant = StorageAccountant()
+    own = sum(accountant.track(t) for t in [*model.parameters(), *model.buffers()])
+    with accountant:
+        prune_model(model, criterion, 0.5, pattern, include_head=criterion == "magnitude", calibration=batches)
+    largest = max(p.numel() for n, p in model.named_parameters() if "layers." in n or "lm_head" in n)
+    masks = sum(-(-p.numel() // 8) for n, p in model.named_parameters() if "layers." in n or "lm_head" in n)
+    calibration = 0
+    if batches is not None:  # wanda holds one layer's inputs per batch, and a layer's forward of them
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        calibration = 8 * tokens * model.config.intermediate_size * 4
+    counts = 65536 * 8 if (criterion, pattern) == ("magnitude", "unstructured") else 0
+    bound = masks + largest * (1 + 1 / 8) + 64 * 1024 + counts + calibration
+    assert accountant.peak - own <= bound, (accountant.peak - own, bound)
+    if criterion == "magnitude":
+        assert 20 * largest > bound  # what sorting the whole head took would not fit

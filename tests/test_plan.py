@@ -32,6 +32,9 @@ CASES = {
     "bf16-accumulation": ["model.dtype=bfloat16", "train.gradient_accumulation_steps=2"],
     "pruned-all-fused": ["prune.criterion=magnitude", "update.strategy=fused", "update.rule=adalomo"],
     "mask-lora": ["prune.criterion=magnitude", "update.trainable=mask_lora", "lora.rank=4"],
+    "wanda-head-2:4": ["prune.criterion=wanda", "prune.pattern=2:4", "prune.calibration_batches=2",
+                       "prune.include_head=true"],
+    "mask-lora-derived": ["update.trainable=mask_lora", "lora.rank=4"],  # no stored mask: W ≠ 0
     "scale-lora-int8": ["model.weight_format=int8", "update.trainable=scale_lora", "lora.rank=4",
                         "update.weight_decay=0"],
     "norms": ["update.trainable=norms"],
@@ -199,3 +202,67 @@ def test_counted_flops_include_attention_and_recomputation(tmp_path, micro_model
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     assert counter.get_total_flops() == 4 * 1 * 2 * 32 * 32 * 8  # QKᵀ and PV: 2 × 2·s²·d per head
+
+
+def test_a_pruned_folder_is_planned_with_its_masks(tmp_path, micro_model_path, text_data):
+    # lowmem prune's folder carries masks.safetensors, which the trainer loads and holds whatever update.trainable is:
+    # 1 bit per entry of every pruned matrix (0.8 GiB at 8B, once missing from the plan and the budget check)
+    from lowmem.masks import MASKS_FILE
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "recipe.yaml"
+    make_config(tmp_path, micro_model_path, text_data)  # writes recipe.yaml
+    out = tmp_path / "pruned"
+    pruned = CliRunner().invoke(main, ["prune", str(recipe), "prune.criterion=magnitude", "prune.sparsity=0.5",
+                                       "--output", str(out)])
+    assert pruned.exit_code == 0, pruned.output
+    packed = sum(t.numel() for t in load_file(out / MASKS_FILE).values())
+    config = make_config(tmp_path, str(out), text_data, "data.max_seq_len=64")
+    plan = simulate(config, steps=2)
+    assert plan.device["sparsity masks"] == packed
+    shown = CliRunner().invoke(main, ["plan", str(recipe), f"model.path={out}", "--device", "cpu"])
+    assert shown.exit_code == 0 and "sparsity masks" in shown.output, shown.output
+
+
+def test_int8_weights_streamed_for_their_forward_are_planned_in_flight(tmp_path, micro_model_path, text_data):
+    # an int8 weight's codes, scales and outliers are buffers: counting parameters only planned ~0 bytes in flight
+    from lowmem.int8_weights import Int8Weight
+
+    config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", "model.weight_format=int8",
+                         "update.strategy=hift", "update.rule=lion8bit", "memory.offload_frozen_weights=true",
+                         "hift.order=top_down")
+    plan = simulate(config)
+    in_flight = next(v for k, v in plan.modeled.items() if k.startswith("streamed frozen weights"))
+    from lowmem.int8_weights import quantize_model
+    from lowmem.model import load_model
+
+    model = load_model(micro_model_path)
+    quantize_model(model)
+    layer = model.model.layers[0]
+    assert any(isinstance(m, Int8Weight) for m in layer.modules())
+    one = sum(t.numel() * t.element_size() for t in [*layer.parameters(), *layer.buffers()])
+    embeddings = model.model.embed_tokens.weight.numel() * 4
+    # the largest two that ever stream: the float embeddings and one int8 decoder layer (the head, at the top, never)
+    assert in_flight == embeddings + one
+
+
+def test_a_prune_recipe_is_planned_with_its_pruning(tmp_path, micro_model_path, text_data):
+    # pruning runs on the device before the first step (lowmem prune, and a train recipe with prune.criterion): the
+    # plan runs it too, wanda's layer-by-layer calibration included; steps=0 plans the pruning alone
+    config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", "prune.criterion=wanda",
+                         "prune.calibration_batches=3", "prune.include_head=true")
+    clear_tensor_caches()
+    planned = simulate(config, steps=0)
+    clear_tensor_caches()
+    real = simulate(config, steps=0, fake=False)
+    assert planned.device == real.device and "pruning" in planned.device
+
+
+def test_lowmem_prune_refuses_a_budget_its_pruning_does_not_fit(tmp_path, micro_model_path, text_data):
+    recipe = tmp_path / "recipe.yaml"
+    make_config(tmp_path, micro_model_path, text_data)
+    args = ["prune", str(recipe), "prune.criterion=magnitude", "train.device=cpu", "--output", str(tmp_path / "p")]
+    refused = CliRunner().invoke(main, [*args, "memory.budget_gb=0.0001"])
+    assert refused.exit_code == 2 and "memory.budget_gb: pruning needs" in refused.stderr, refused.output
+    assert not (tmp_path / "p").exists()
+    assert CliRunner().invoke(main, [*args, "memory.budget_gb=1"]).exit_code == 0
