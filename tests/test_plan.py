@@ -2,6 +2,8 @@
 hand counts; the simulated peak against a real CPU run of the same steps for every strategy × rule and each
 memory technique; the CLI's exit codes and its one line; the trainer's refusal; the shipped model configs."""
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -9,7 +11,6 @@ from click.testing import CliRunner
 from lowmem.cli import main
 from lowmem.errors import UserError
 from lowmem.plan import StorageAccountant, parse_bytes, simulate
-from lowmem.tensor_cache import clear_tensor_caches
 from test_trainer import make_config
 
 CASES = {
@@ -62,11 +63,8 @@ def test_the_accountant_counts_live_storages_once_and_keeps_the_peak():
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_the_simulated_peak_equals_a_real_run_of_the_same_steps(tmp_path, micro_model_path, text_data, case):
     config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", *case)
-    # byte for byte: the same code makes the same storages on fake tensors as on real ones. The cached constants (code
-    # maps, scalars) are made by whichever run asks first, so each run starts without them.
-    clear_tensor_caches()
+    # byte for byte: the same code makes the same storages on fake tensors as on real ones
     planned = simulate(config, steps=3)
-    clear_tensor_caches()
     real = simulate(config, steps=3, fake=False)
     assert planned.device == real.device
 
@@ -170,9 +168,7 @@ def test_fit_picks_a_plan_under_a_small_budget_and_a_real_run_of_it_stays_under(
 def test_the_bitsandbytes_8bit_adamw_baseline_plans_as_it_runs(tmp_path, micro_model_path, text_data):
     pytest.importorskip("bitsandbytes")
     config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64")
-    clear_tensor_caches()
     planned = simulate(config, steps=2, peer="bnb-adamw8bit")
-    clear_tensor_caches()
     real = simulate(config, steps=2, fake=False, peer="bnb-adamw8bit")
     assert planned.device == real.device
     # two uint8 moments per value of the large tensors, float32 for those under bitsandbytes' 4096-value threshold
@@ -251,9 +247,7 @@ def test_a_prune_recipe_is_planned_with_its_pruning(tmp_path, micro_model_path, 
     # plan runs it too, wanda's layer-by-layer calibration included; steps=0 plans the pruning alone
     config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", "prune.criterion=wanda",
                          "prune.calibration_batches=3", "prune.include_head=true")
-    clear_tensor_caches()
     planned = simulate(config, steps=0)
-    clear_tensor_caches()
     real = simulate(config, steps=0, fake=False)
     assert planned.device == real.device and "pruning" in planned.device
 
@@ -266,3 +260,74 @@ def test_lowmem_prune_refuses_a_budget_its_pruning_does_not_fit(tmp_path, micro_
     assert refused.exit_code == 2 and "memory.budget_gb: pruning needs" in refused.stderr, refused.output
     assert not (tmp_path / "p").exists()
     assert CliRunner().invoke(main, [*args, "memory.budget_gb=1"]).exit_code == 0
+
+
+FIT_CANDIDATES = {
+    "fused-adalomo": ["update.strategy=fused", "update.rule=adalomo"],
+    "int8": ["update.strategy=fused", "update.rule=adalomo", "model.weight_format=int8"],
+    "hift-offload": ["update.strategy=hift", "update.rule=adamw", "memory.offload_states=true",
+                     "memory.offload_frozen_weights=true", "hift.group_size=2"],
+    "tokens": ["update.strategy=fused", "update.rule=adalomo", "tokens.eliminate=true", "tokens.dense_layers=0",
+               "tokens.block_size=16", "tokens.predictor=true"],
+}
+
+
+def test_each_candidate_is_planned_as_it_would_be_alone(tmp_path, micro_model_path, text_data):
+    # --fit plans candidates one after another in one process and counts their FLOPs: each plan must equal the same
+    # plan made alone, in a fresh process, without counting FLOPs (lowmem plan). torch's FlopCounterMode, which
+    # decomposes ops and tracks modules, once planned HiFT at 1B 2.3× above its plan and AdaLomo at 8B 19.05 GiB for
+    # 15.14; each plan also counted the cached constants only when it was the first in its process.
+    import subprocess
+    import sys
+
+    common = ["data.max_seq_len=64", "model.gradient_checkpointing=true", "memory.loss_chunk_tokens=16"]
+    configs = {name: make_config(tmp_path, micro_model_path, text_data, *common, *args)
+               for name, args in FIT_CANDIDATES.items()}
+    in_sequence = {name: simulate(config, count_flops=True) for name, config in configs.items()}
+    again = simulate(configs["fused-adalomo"], count_flops=True)
+    assert again.device == in_sequence["fused-adalomo"].device and again.modeled == in_sequence["fused-adalomo"].modeled
+    for name, config in configs.items():
+        alone = simulate(config)
+        assert alone.device == in_sequence[name].device and alone.modeled == in_sequence[name].modeled, name
+    script = ("import json, sys; from lowmem.config import load_config; from lowmem.plan import simulate; "
+              "p = simulate(load_config(sys.argv[1], sys.argv[2:])); print(json.dumps([p.device, p.modeled]))")
+    fresh = subprocess.run([sys.executable, "-c", script, str(tmp_path / "recipe.yaml"), *common,
+                            *FIT_CANDIDATES["hift-offload"]], capture_output=True, text=True, check=True)
+    device, modeled = json.loads(fresh.stdout.strip().splitlines()[-1])
+    assert device == in_sequence["hift-offload"].device and modeled == in_sequence["hift-offload"].modeled
+
+
+def test_fit_finds_the_least_saving_level_that_fits_when_a_level_saves_less_than_the_one_before(
+        tmp_path, micro_model_path, text_data, monkeypatch):
+    # token elimination under checkpointing saves nothing and costs bookkeeping: a ladder need not be monotone, and a
+    # binary search over it (lowmem until 2026-12-05) skipped the level that fits here and chose the last one
+    import lowmem.plan as plan
+
+    sizes = [10, 5, 9, 9, 9, 3]  # GiB at each level; level 1 is the least saving one under 6 GiB
+    monkeypatch.setattr(plan, "families", lambda config: [["update.strategy=fused", "update.rule=adalomo"]])
+    monkeypatch.setattr(plan, "savings_ladder", lambda config: [[f"train.seed={i}"] for i in range(len(sizes))])
+
+    def planned(config, **kwargs):
+        return plan.Plan(device={"weights": sizes[config.train.seed] * plan.GiB}, modeled={}, host={}, steps=1,
+                         seconds=0.0, flops_per_step=1.0)
+
+    monkeypatch.setattr(plan, "simulate", planned)
+    config = make_config(tmp_path, micro_model_path, text_data)
+    [chosen] = plan.fit(config, 6 * plan.GiB)
+    assert "train.seed=1" in chosen.overrides
+
+
+def test_the_one_line_suggestion_tries_int8_weights_with_the_recipes_own_rule(tmp_path, micro_model_path, text_data):
+    # a fused AdaLomo recipe that int8 weights alone make fit (Gemma-2-9B at 24 GB: 27.3 GiB, 20.25 with int8); the
+    # suggestion tried int8 only together with lion8bit, a change of rule the recipe did not ask for
+    from lowmem.plan import suggestion_line
+
+    args = ["data.max_seq_len=64", "update.strategy=fused", "update.rule=adalomo", "model.gradient_checkpointing=true",
+            "memory.loss_chunk_tokens=16"]
+    config = make_config(tmp_path, micro_model_path, text_data, *args)
+    plan = simulate(config, target="cpu")
+    with_int8 = simulate(make_config(tmp_path, micro_model_path, text_data, *args, "model.weight_format=int8"),
+                         target="cpu")
+    assert with_int8.device_bytes < plan.device_bytes
+    line = suggestion_line(config, plan, with_int8.device_bytes, target="cpu")
+    assert line.endswith("fits with model.weight_format=int8"), line
