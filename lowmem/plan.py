@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem.config import with_overrides
 from lowmem.errors import UserError
-from lowmem.tensor_cache import clear_tensor_caches
+from lowmem.tensor_cache import cached_tensors, clear_tensor_caches
 
 GiB = 2**30
 MiB = 2**20
@@ -57,8 +57,11 @@ class StorageAccountant(TorchDispatchMode):
     by :meth:`set_host` are not counted in it); ``at_peak`` is what ``classify(live, host_keys)`` returned for the
     live set at (within 0.1% of) that moment; ``largest_made`` is the largest storage an op made."""
 
-    def __init__(self, classify=None):
+    def __init__(self, classify=None, inputs: bool = False):
+        """``inputs``: also count each storage an op reads the first time it is seen (a run whose weights, batches and
+        states were made before the count began: the trainer counted step by step)."""
         super().__init__()
+        self.inputs = inputs
         self.live: dict[int, tuple[int, str]] = {}  # id(storage) → (bytes, phase it was made in)
         self._refs: dict[int, weakref.ref] = {}
         self.current = self.peak = 0  # current: every live storage; peak: of current − host_bytes
@@ -107,6 +110,10 @@ class StorageAccountant(TorchDispatchMode):
             self.at_peak = self.classify(self.live, self.host_keys)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.inputs:
+            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    self.track(t, "inputs")
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
@@ -241,23 +248,28 @@ def _retraining(model, config, mode, track) -> None:
             batch = {k: mode.from_tensor(v) for k, v in batch.items()} if mode is not None else batch
             for tensor in batch.values():
                 track(tensor)
-            batches.append(batch)
+            batches.append(_model_inputs(config, batch))
         return batches
 
     prepare(model, config, config.model.path, None, calibration, report=False)
 
 
 def _batch(config, vocab_size: int) -> dict[str, torch.Tensor]:
-    """A training batch of full-length sequences (or a calibration batch, without its labels). Packed text has no
-    padding, and transformers then builds no 4-D mask (it checks the mask's values); other formats pad, so their
-    batches carry a padded mask, which it builds."""
+    """A training batch of full-length sequences, as the trainer holds it (ids, labels, padding mask). Packed text has
+    no padding: its mask is all ones, which transformers reads and then builds no 4-D mask, so :func:`_model_inputs`
+    leaves it out of the forward (fake tensors cannot be read); other formats pad, so their batches carry a padded
+    mask, from which it builds one."""
     shape = (config.train.batch_size, config.data.max_seq_len)
     ids = torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids.clone()}
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     if config.data.format != "text":
-        batch["attention_mask"] = torch.ones_like(ids)
         batch["attention_mask"][-1, -1] = 0
     return batch
+
+
+def _model_inputs(config, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the forward is given of a :func:`_batch`: packed text's all-ones mask acts as none (see there)."""
+    return {k: v for k, v in batch.items() if k != "attention_mask" or config.data.format != "text"}
 
 
 # ----------------------------------------------------------------------------------------------- simulate
@@ -378,16 +390,21 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
         notes.append(f"loss chunked by {chunk} positions, assuming the model's head passes the trainer's probe")
     state_holder: dict = {}
     accountant = StorageAccountant(lambda live, host: _components(live, host, model, state_holder))
-    for tensor in [*model.parameters(), *model.buffers()]:
+    for tensor in [*model.parameters(), *model.buffers(), *cached_tensors()]:  # and constants its making left
         accountant.track(tensor, "weights")
     context = mode if fake else contextlib.nullcontext()
     unpacked = _UnpackedPositions() if fake else contextlib.nullcontext()
     device = torch.device("cpu")
-    batch = _batch(config, model.config.vocab_size)
-    if fake:  # the step's inputs as the run holds them on the device, counted once (a real tensor would be converted
-        batch = {k: mode.from_tensor(v) for k, v in batch.items()}  # anew, and counted again, by each fake op)
-    for tensor in batch.values():
-        accountant.track(tensor, "forward")
+    accum = config.train.gradient_accumulation_steps
+    batches = []  # the step's micro-batches, all on the device through the step as the trainer holds them
+    for _ in range(accum):
+        batch = _batch(config, model.config.vocab_size)
+        if fake:  # counted once (a real tensor would be converted anew, and counted again, by each fake op)
+            batch = {k: mode.from_tensor(v) for k, v in batch.items()}
+        for tensor in batch.values():
+            accountant.track(tensor, "forward")
+        batches.append(batch)
+    inputs = [_model_inputs(config, batch) for batch in batches]
     if count_flops:
         _register_cpu_attention_flops()
     flops = MatmulFlops() if count_flops else contextlib.nullcontext()
@@ -411,7 +428,6 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
         else:
             eliminator = None
         n_steps = steps if steps is not None else default_steps(config, strategy)
-        accum = config.train.gradient_accumulation_steps
         label_tokens = max(1, config.train.batch_size * (config.data.max_seq_len - 1) * accum)
         for step in range(n_steps):
             accountant.phase = "update"
@@ -419,14 +435,15 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
             accountant.set_host(_host_keys(strategy))
             if eliminator is not None:
                 eliminator.start_step(step)
-            for _ in range(accum):
+            step_loss = None  # as the trainer's loop keeps it: the step's loss, and its stats, to the log point
+            for micro_batch in inputs:
                 accountant.phase = "forward"
-                loss = loss_sum(model, batch, chunk) / label_tokens
+                loss = loss_sum(model, micro_batch, chunk) / label_tokens
                 accountant.phase = "backward"
                 strategy.backward(loss)
-                del loss
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             accountant.phase = "update"
-            strategy.step()
+            stats = strategy.step()  # noqa: F841  (held to the next step, as a loop that logs every step holds it)
             accountant.set_host(_host_keys(strategy))
     device_bytes, host_bytes = _split_host(accountant)
     modeled = {}
