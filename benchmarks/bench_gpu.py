@@ -12,8 +12,9 @@ weights) in bfloat16 with gradient checkpointing, batch 1 × ``--tokens`` random
                 parameter from ``register_post_accumulate_grad_hook``: torchtune's optimizer-in-backward);
                 bitsandbytes PagedAdamW8bit and lomo-optim AdaLomo where they import;
     lowmem      fused + adalomo; fused + lion8bit with int8 weights; hift + adamw with ``offload_states`` and
-                ``offload_frozen_weights`` (4 groups, one full cycle); and each shipped 24 GB recipe on its model's
-                shape, with the recipe's own settings.
+                ``offload_frozen_weights`` (4 groups, two full cycles: its tokens/s of the first cycle beside the
+                steady state's, from the second on); and each shipped 24 GB recipe on its model's shape, with the
+                recipe's own settings.
 
 On a GPU: ``torch.cuda.max_memory_allocated`` and ``max_memory_reserved`` over the provider's whole run (model
 included; reset between providers), tokens/s over the steps after the first. Each lowmem row also carries what
@@ -131,7 +132,7 @@ def load_recipe(spec: dict):
 
 def lowmem_step(config, model, device: torch.device, n_steps: int):
     """The recipe's strategy and rule on ``model`` (int8 weights when the recipe says so); returns (step function,
-    steps to run)."""
+    steps to run, HiFT's cycle length or None)."""
     from lowmem.int8_weights import quantize_model
     from lowmem.rules import make_rule
     from lowmem.strategies import make_strategy
@@ -141,9 +142,11 @@ def lowmem_step(config, model, device: torch.device, n_steps: int):
         i8 = config.model.int8
         quantize_model(model, i8.outlier_fraction, i8.refresh_every, i8.blocksize, config.train.seed,
                        i8.stochastic_rounding)
-    if config.update.strategy == "hift":  # 4 groups; run one full cycle and one step more
+    cycle = None
+    if config.update.strategy == "hift":  # 4 groups: two full cycles and one step more, for the steady state
         config.hift.group_size = math.ceil(len(discover_units(model)) / 4)
-        n_steps = max(n_steps, 5)
+        cycle = math.ceil(len(discover_units(model)) / config.hift.group_size)
+        n_steps = max(n_steps, 2 * cycle + 1)
     strategy = make_strategy(config.update.strategy, model, make_rule(config.update), config.update, config, device)
 
     def step(loss_fn) -> torch.Tensor:
@@ -153,7 +156,7 @@ def lowmem_step(config, model, device: torch.device, n_steps: int):
         strategy.step()
         return loss
 
-    return step, n_steps
+    return step, n_steps, cycle
 
 
 def plan_for(recipe, config_name: str, args, device: torch.device):
@@ -174,7 +177,7 @@ def plan_for(recipe, config_name: str, args, device: torch.device):
         with torch.device("meta"):
             shape = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model.path))
         config.hift.group_size = math.ceil(len(discover_units(shape)) / 4)
-        steps = max(steps, 5)
+        steps = max(steps, 2 * math.ceil(len(discover_units(shape)) / config.hift.group_size) + 1)
     return simulate(config, steps=steps, target=device.type)
 
 
@@ -201,6 +204,7 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
     model = build_model(config_name, DTYPES[recipe.model.dtype] if recipe else torch.bfloat16, device)
     if recipe is None or recipe.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    cycle = None
     if recipe is None:
         apply = peer_step(spec["peer"], model, device)
 
@@ -209,7 +213,7 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
             apply(loss)
             return loss
     else:
-        step, n_steps = lowmem_step(recipe, model, device, n_steps)
+        step, n_steps, cycle = lowmem_step(recipe, model, device, n_steps)
     # lowmem rows compute the loss as their recipe does (chunked from a 32k vocabulary unless it says otherwise)
     chunk = chunk_tokens_for(recipe.memory.loss_chunk_tokens, model.config.vocab_size) if recipe else 0
     batches = make_batches(model.config.vocab_size, args.tokens, n_steps, device)
@@ -220,10 +224,13 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
         loss = step(lambda: loss_sum(model, batch, chunk) / tokens)
         losses.append(float(loss.detach()))  # waits for the step: the time below is the step's
         times.append(time.perf_counter() - start)
-    steady = times[1:] or times
+    # HiFT: its steady state is the second cycle on (the first makes every group's state and pins every host copy)
+    steady = times[cycle:] if cycle else (times[1:] or times)
     row = {"tokens_per_s": args.tokens * len(steady) / sum(steady), "step_ms": 1e3 * sorted(steady)[len(steady) // 2],
            "losses": losses, "steps": n_steps, "planned_counted": planned.counted_bytes if planned else None,
            "planned": planned.device_bytes if planned else None}
+    if cycle:
+        row["first_cycle_tokens_per_s"] = args.tokens * cycle / sum(times[:cycle])
     if device.type == "cuda":
         row.update(allocated=torch.cuda.max_memory_allocated(), reserved=torch.cuda.max_memory_reserved())
         # What the device holds outside torch's caching allocator (the CUDA context, library handles): the
@@ -282,7 +289,8 @@ def csv_row(r: dict, args, device: torch.device) -> dict:
             "tokens_per_s": round(r["tokens_per_s"], 1),
             "note": json.dumps({"loss": [round(x, 4) for x in r["losses"]], "steps": r["steps"],
                                 "planned_counted_bytes": r["planned_counted"], "planned_bytes": r["planned"],
-                                "outside_allocator_bytes": r.get("outside_allocator")})}
+                                "outside_allocator_bytes": r.get("outside_allocator"),
+                                "first_cycle_tokens_per_s": r.get("first_cycle_tokens_per_s")})}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -311,8 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     gib = 2**30 if device.type == "cuda" else 2**20
     unit = "GiB" if device.type == "cuda" else "MiB (peak RSS)"
-    print(f"| config | provider | max allocated {unit} | max reserved {unit} | planned counted / with modeled {unit} | "
-          "tokens/s | loss first → last |")
+    print(f"| config | provider | max allocated {unit} | max reserved {unit} (÷ allocated) | planned counted / with "
+          f"modeled {unit} | tokens/s (HiFT: first cycle → steady) | loss first → last |")
     print("|---|---|---|---|---|---|---|")
     for name, _, config_name in cases(device, set(args.only.split(",")) if args.only else None):
         row = isolated(name, config_name, args) if args.isolate else measure(name, config_name, args)
@@ -320,11 +328,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             failed = "failed: " if row.pop("failed", False) else ""
             line = f"| {config_name} | {name} | {failed}{row['error']} | | | | |"
         else:
-            reserved = f"{row['reserved'] / gib:.2f}" if row["reserved"] is not None else "–"
+            reserved = (f"{row['reserved'] / gib:.2f} ({row['reserved'] / row['allocated']:.2f})"
+                        if row["reserved"] is not None else "–")
+            speed = f"{row['tokens_per_s']:.0f}"
+            if row.get("first_cycle_tokens_per_s"):
+                speed = f"{row['first_cycle_tokens_per_s']:.0f} → {speed}"
             planned = (f"{row['planned_counted'] / gib:.2f} / {row['planned'] / gib:.2f}" if row["planned"] is not None
                        else "–")
             line = (f"| {config_name} | {name} | {row['allocated'] / gib:.2f} | {reserved} | {planned} | "
-                    f"{row['tokens_per_s']:.0f} | {row['losses'][0]:.3f} → {row['losses'][-1]:.3f} |")
+                    f"{speed} | {row['losses'][0]:.3f} → {row['losses'][-1]:.3f} |")
         print(line, flush=True)
         results.append({"provider": name, "config": config_name, **row})
         append_rows([csv_row(results[-1], args, device)], Path(args.out))  # row by row: a timeout loses none

@@ -20,22 +20,24 @@ layer, on the embeddings' weight (Llama-3.2-1B/3B, Gemma, small Qwen models). Un
 unit's weights are used below it (``lowmem.units``), so backward stops at the lowest active unit. A unit with
 several modules (GPT-2's embeddings: ``wte`` and ``wpe``) streams each module's tensors for that module's forward.
 
-CUDA streams and the caching allocator (DESIGN §4a). The allocator gives a freed block back to the stream that
-allocated it and may hand it out again at once, so these rules hold for every copy here:
+CUDA streams and the caching allocator (DESIGN §4a). The device operations are a mover's (``lowmem.movers``:
+:class:`~lowmem.movers.CudaMover` on a GPU; none on a CPU, where host and device are one memory and the moves are
+bookkeeping). Every move follows these rules:
 
-1. Host memory is pinned, and every copy between host and device is ``non_blocking``: from pageable memory a copy
-   is synchronous, and would wait for everything queued on the device.
-2. Before the side stream reads what the default stream wrote, it waits for it: for a state's host copy, on the
-   event recorded after the device-to-host copy that wrote it (so the next group's state comes in while this
-   group's update and outgoing copies run); for weights, ``side.wait_stream(current)``.
-3. A tensor allocated on the side stream and used on the default stream is ``record_stream(current)``-ed when it
-   is made, so when it is dropped its block is not reused before the default-stream kernels that read it ran.
-4. Before the default stream uses what the side stream copied in, it waits for it: ``current.wait_stream(side)``
-   before backward (prefetched state: the forward, which needs none, overlaps the copy) or before the unit's
-   forward (streamed weights).
+1. Host memory is pinned, and every copy between host and device is non-blocking: from pageable memory a copy is
+   synchronous, and would wait for everything queued on the device.
+2. Everything copied in is allocated on the default stream, so one pool caches it: a state moved out frees its blocks
+   to the pool the next group's state is then allocated from (on the H200, states allocated on a side stream lived
+   in that stream's pool too, and HiFT with offloading reserved 71 GiB for 36 GiB allocated).
+3. A prefetch (the next group's state after the update; the next streamed module while one computes) is copied on a
+   side stream that first waits for the default stream, so the blocks' last users there, and the device-to-host
+   copies that wrote the host buffers, have run; each destination is ``record_stream``-ed to that side stream.
+4. The default stream waits on an event recorded after the copies it needs (before backward: the prefetched state;
+   before a streamed module's forward: that module's weights), never on a whole side stream. States and weights
+   have a side stream each, so a forward does not wait behind a state prefetch.
 5. A host copy made by a non-blocking device-to-host copy is read on the host only after :meth:`synchronize`
-   (checkpoints call it). A pinned host buffer is kept per tensor and rewritten on the default stream only: the
-   side stream's reads of it are ordered before by rule 4.
+   (checkpoints call it). A pinned host buffer is kept per tensor and rewritten on the default stream only: the side
+   streams' reads of it are ordered before by rule 3.
 """
 
 from __future__ import annotations
@@ -69,23 +71,34 @@ class ResidencyScheduler:
         self.unit_index = {u.name: i for i, u in enumerate(units)}
         self.rule_state = rule_state
         self.device = device
-        self.real = device.type == "cuda"
+        self.mover = None
+        self.real = False
+        self.state_stream = self.weight_stream = None
+        if device.type == "cuda":
+            from lowmem.movers import CudaMover
+
+            self.attach(CudaMover(device))
         self.offload_states = offload_states
         self.offload_frozen_weights = offload_frozen_weights
         self.state_location: dict[str, str] = {}
         self.weight_location: dict[str, str] = {u.name: DEVICE for u in units}
-        self.stream = torch.cuda.Stream(device) if self.real else None
         self._hooks = []
         self.last_plan: list[Move] = []
         self._host_state: dict[str, dict[str, torch.Tensor]] = {}  # pinned host buffer per state tensor
-        self._written: dict[str, torch.cuda.Event] = {}  # per parameter: its state's last device-to-host copy
+        self._states_copied = None  # the event after the last state prefetch's copies (rule 4)
         # pinned host copies of a unit's tensors, module by module (one list per module of ``unit.modules``)
         self._host_weights: dict[str, list[list[torch.Tensor]]] = {}
         self._stale_host_weights: set[str] = {u.name for u in units}  # units trained since their host copy
-        self._streamed_in: dict[tuple[str, int], list[torch.Tensor]] = {}  # device copies prefetched for (unit, module j)
+        # device copies prefetched for (unit, module j), and the event after their copies
+        self._streamed_in: dict[tuple[str, int], tuple[list[torch.Tensor], object]] = {}
         self.pinned_units = self._units_used_outside(model) if model is not None else set()
         for name in sorted(self.pinned_units):
             log.info("residency: unit %s stays on the device: its weights are also used outside it (tied)", name)
+
+    def attach(self, mover) -> None:
+        """Move tensors with ``mover`` (``lowmem.movers``), with a side stream each for states and weights."""
+        self.mover, self.real = mover, True
+        self.state_stream, self.weight_stream = mover.stream(), mover.stream()
 
     # ------------------------------------------------------------------------------------------- plan
 
@@ -147,7 +160,8 @@ class ResidencyScheduler:
                 on_host.update(id(t) for t in _unit_tensors(unit))
                 self.weight_location[unit.name] = HOST
                 if self.real:
-                    self._host_weights[unit.name] = [[_pin(t.data) for t in _own_tensors(m)] for m in unit.modules]
+                    self._host_weights[unit.name] = [[self.mover.pin(t.data) for t in _own_tensors(m)]
+                                                     for m in unit.modules]
                     for t, host in self._with_hosts(unit):
                         t.data = host
                     self._stale_host_weights.discard(unit.name)
@@ -162,6 +176,7 @@ class ResidencyScheduler:
 
     def _to_device(self, tensor: torch.Tensor) -> None:
         tensor.data = tensor.data.to(self.device)  # in place: hooks and optimizers keep the same tensor
+        # (synchronous: the model is placed once, before the first step)
 
     def place_states(self, active: list[Unit]) -> None:
         """After resume, with every loaded state in host memory: the active group's on the device, the others where
@@ -173,7 +188,7 @@ class ResidencyScheduler:
                 if self.real:
                     buffers = self._host_state.setdefault(name, {})
                     for key, tensor in state.items():
-                        buffers[key] = _pin(tensor)
+                        buffers[key] = self.mover.pin(tensor)
                         state[key] = buffers[key]
             else:
                 self.state_location[name] = DEVICE
@@ -199,14 +214,15 @@ class ResidencyScheduler:
         return moves
 
     def states_ready(self) -> None:
-        """Before backward: the default stream waits for the state prefetched on the side stream (rule 4)."""
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        """Before backward: the default stream waits for the prefetched state's copies (rule 4)."""
+        if self._states_copied is not None:
+            self.mover.wait_event(self.mover.current(), self._states_copied)
+            self._states_copied = None
 
     def synchronize(self) -> None:
         """Wait until every copy queued here has landed, so host copies may be read (checkpoints)."""
         if self.real:
-            torch.cuda.synchronize(self.device)
+            self.mover.synchronize()
 
     def _apply(self, moves: list[Move]) -> None:
         prefetching = [m for m in moves if m.kind == "state" and m.prefetch]
@@ -216,58 +232,66 @@ class ResidencyScheduler:
             elif move.kind == "weights":
                 self._move_weights(move)
         if prefetching and self.real:
-            current = torch.cuda.current_stream(self.device)
-            for move in prefetching:  # rule 2: the copies that wrote these host buffers have run
-                if move.name in self._written:
-                    self.stream.wait_event(self._written[move.name])
-            with torch.cuda.stream(self.stream):
-                for move in prefetching:
-                    self._move_state(move, user=current)
+            self._prefetch_states(prefetching)
         for move in moves:
             location = self.state_location if move.kind == "state" else self.weight_location
             location[move.name] = move.dst
 
-    def _move_state(self, move: Move, user: torch.cuda.Stream | None = None) -> None:
-        """Move one parameter's state; ``user``: the stream that will use a prefetched copy (this runs on the side
-        stream then, where ``torch.cuda.current_stream`` is the side stream itself)."""
+    def _move_state(self, move: Move) -> None:
+        """Move one parameter's state on the default stream (rules 1, 2): out after its update (the device tensors
+        are dropped at once: their blocks return to the default stream's pool, reused only after these copies), or
+        in where the plan needs it and nothing prefetched it."""
         if not self.real:
             return
         state = self.rule_state.by_param.get(move.name, {})
+        current = self.mover.current()
         if move.dst == HOST:
             buffers = self._host_state.setdefault(move.name, {})
             for key, tensor in state.items():
                 host = buffers.get(key)
                 if host is None:
-                    host = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                host.copy_(tensor, non_blocking=True)  # rule 1; the device tensor is dropped after this
+                    host = buffers[key] = self.mover.pinned_empty(tensor)
+                self.mover.copy(host, tensor, current)
                 state[key] = host
-            self._written[move.name] = torch.cuda.Event()
-            self._written[move.name].record(torch.cuda.current_stream(self.device))
             return
-        for key, tensor in state.items():
-            on_device = tensor.to(self.device, non_blocking=True)
-            if user is not None:
-                on_device.record_stream(user)  # rule 3: made on the side stream, used on the default one
+        for key, host in state.items():
+            on_device = self.mover.empty_like(host)
+            self.mover.copy(on_device, host, current)
             state[key] = on_device
+
+    def _prefetch_states(self, moves: list[Move]) -> None:
+        """The next group's states, copied in on the state stream while the next forward runs (rules 2–4)."""
+        current = self.mover.current()
+        targets = [(state, key, host, self.mover.empty_like(host))  # allocated on the default stream
+                   for state in (self.rule_state.by_param.get(m.name, {}) for m in moves) for key, host in state.items()]
+        self.mover.wait_stream(self.state_stream, current)  # after the allocations and the outgoing copies
+        for state, key, host, on_device in targets:
+            self.mover.copy(on_device, host, self.state_stream)
+            self.mover.record_stream(on_device, self.state_stream)
+            state[key] = on_device
+        self._states_copied = self.mover.event(self.state_stream)
 
     def _move_weights(self, move: Move) -> None:
         if not self.real:
             return
         unit = self.units[self.unit_index[move.name]]
+        current = self.mover.current()
         if move.dst == HOST:
             if unit.name not in self._host_weights:
-                self._host_weights[unit.name] = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                                                  for t in _own_tensors(m)] for m in unit.modules]
+                self._host_weights[unit.name] = [[self.mover.pinned_empty(t) for t in _own_tensors(m)]
+                                                 for m in unit.modules]
             stale = unit.name in self._stale_host_weights
             for t, host in self._with_hosts(unit):
                 if stale:
-                    host.copy_(t.data, non_blocking=True)
+                    self.mover.copy(host, t.data, current)
                 t.data = host
             self._stale_host_weights.discard(unit.name)
         else:
             self._stream_for_forward(unit.name, enabled=False)
             for t, host in self._with_hosts(unit):
-                t.data = host.to(self.device, non_blocking=True)
+                on_device = self.mover.empty_like(host)
+                self.mover.copy(on_device, host, current)
+                t.data = on_device
             return
         self._stream_for_forward(unit.name, enabled=True)
 
@@ -311,12 +335,16 @@ class ResidencyScheduler:
                                                for a in (*args, *kwargs.values())):
                 raise RuntimeError(f"residency: unit {piece[0]} is streamed for its forward only, but its input "
                                    "requires grad, so backward would pass through it (a lowmem bug: please report)")
-            current = torch.cuda.current_stream(self.device)
-            copies = self._streamed_in.pop(piece, None)
-            if copies is None:
-                copies = [host.to(self.device, non_blocking=True) for host in self._piece_hosts(piece)]
+            current = self.mover.current()
+            prefetched = self._streamed_in.pop(piece, None)
+            if prefetched is None:
+                copies = []
+                for host in self._piece_hosts(piece):
+                    copies.append(self.mover.empty_like(host))
+                    self.mover.copy(copies[-1], host, current)
             else:
-                current.wait_stream(self.stream)  # rule 4
+                copies, copied = prefetched
+                self.mover.wait_event(current, copied)  # rule 4: this piece's copies, not the whole stream
             for t, on_device in zip(_own_tensors(mod), copies, strict=True):
                 t.data = on_device
             self._prefetch_weights(self._next_host_piece(piece))
@@ -341,15 +369,16 @@ class ResidencyScheduler:
         return None
 
     def _prefetch_weights(self, piece: tuple[str, int] | None) -> None:
+        """The next streamed module's weights, copied in on the weight stream while this one computes (rules 2–4)."""
         if piece is None or piece in self._streamed_in:
             return
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)  # rule 2: the host copies may have been written by a queued copy
-        with torch.cuda.stream(self.stream):
-            copies = [host.to(self.device, non_blocking=True) for host in self._piece_hosts(piece)]
-        for on_device in copies:
-            on_device.record_stream(current)  # rule 3
-        self._streamed_in[piece] = copies
+        hosts = self._piece_hosts(piece)
+        copies = [self.mover.empty_like(host) for host in hosts]  # allocated on the default stream
+        self.mover.wait_stream(self.weight_stream, self.mover.current())
+        for on_device, host in zip(copies, hosts):
+            self.mover.copy(on_device, host, self.weight_stream)
+            self.mover.record_stream(on_device, self.weight_stream)
+        self._streamed_in[piece] = (copies, self.mover.event(self.weight_stream))
 
     # ----------------------------------------------------------------------------------------- count
 
@@ -396,10 +425,3 @@ def _unit_tensors(unit: Unit) -> list[torch.Tensor]:
 def _direct_tensors(module: torch.nn.Module):
     """A module's own parameters and buffers, not its children's."""
     return itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
-
-
-def _pin(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in pinned host memory (itself if it already is)."""
-    if tensor.device.type == "cpu" and tensor.is_pinned():
-        return tensor
-    return tensor.detach().to("cpu").pin_memory()

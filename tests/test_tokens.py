@@ -241,21 +241,36 @@ def test_elimination_under_gradient_checkpointing_equals_it_without(arch_path):
         assert_within(grads_a[name], grads_b[name], SUM64 * scale, name)
 
 
-def test_weight_streaming_brings_a_layer_in_before_the_scoring_runs(micro_model_path):
+def test_weight_streaming_brings_a_layer_in_before_the_scoring_runs(micro_model_path, monkeypatch):
     # on a GPU a streamed layer's weights must be on the device before the eliminator scores with them: the
-    # residency's pre-hook is prepended whenever it is (re-)registered
+    # residency's pre-hook is prepended whenever it is (re-)registered. A step with both, its moves recorded on the CPU
+    # (tests/test_residency.py's mover): when the scoring runs, the layer's projections are the copies moved in.
     from lowmem.config import Config, HiftConfig, MemoryConfig, UpdateConfig
     from lowmem.rules import make_rule
     from lowmem.strategies import make_strategy
+    from test_residency import RecordingMover, address, step
 
     model = load_model(micro_model_path, "float32")
     update = UpdateConfig(rule="sgd")
-    config = Config(update=update, hift=HiftConfig(), memory=MemoryConfig(offload_frozen_weights=True))
+    config = Config(update=update, hift=HiftConfig(order="top_down"), memory=MemoryConfig(offload_frozen_weights=True))
     strategy = make_strategy("hift", model, make_rule(update), update, config)
-    TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)
-    strategy.residency._stream_for_forward("layers.0", enabled=True)  # what a move to the host does
-    first = next(iter(model.model.layers[0]._forward_pre_hooks.values()))
-    assert "_bring_in_hook" in first.__qualname__
+    mover = RecordingMover()
+    strategy.residency.attach(mover)
+    eliminator = TokenEliminator(model, keep_ratio=0.5, dense_layers=0, block_size=8)  # before placement, as the
+    strategy.place(model)  # trainer makes it; the head trains first: layers.0 and layers.1 stream for their forward
+    scored = []
+    score = TokenEliminator.exact_token_scores
+
+    def checked(self, layer, normed, kwargs):
+        attention = layer.self_attn
+        scored.append(all(address(m.weight) in mover.allocated for m in (attention.q_proj, attention.k_proj)))
+        return score(self, layer, normed, kwargs)
+
+    monkeypatch.setattr(TokenEliminator, "exact_token_scores", checked)
+    step(model, strategy, batch_of(2, 32, model.config.vocab_size), 1e-3)
+    eliminator.remove()
+    assert strategy.residency.weight_location["layers.0"] == "host"
+    assert scored == [True]  # layers.0, its one sparse layer, scored on the weights brought in
 
 
 # ------------------------------------------------------------------------------------------- the predictor
