@@ -43,7 +43,8 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 class _Norms:
-    """Forward pre-hooks on ``layers`` summing the squares of each input feature over the current batch's real tokens."""
+    """Forward pre-hooks on ``layers`` summing the squares of each input feature over the current batch's real
+    tokens."""
 
     def __init__(self, layers: list[tuple[str, torch.nn.Module]]):
         self.sums: dict[str, torch.Tensor] = {}
@@ -87,8 +88,8 @@ def _forward(model, batch, device, norms: _Norms | None) -> None:
 @torch.no_grad()
 def prune_layer_by_layer(model: torch.nn.Module, layers: list[tuple[str, torch.nn.Module]], batches,
                          prune: Callable[[str, torch.nn.Module, torch.Tensor], None]) -> None:
-    """Call ``prune(name, layer, input_sq_sums)`` for every prunable layer of ``layers``, in forward order, each with the
-    norms of the inputs it gets once everything below it is pruned (see the module docstring)."""
+    """Call ``prune(name, layer, input_sq_sums)`` for every prunable layer of ``layers``, in forward order, each with
+    the norms of the inputs it gets once everything below it is pruned (see the module docstring)."""
     batches = list(batches)
     stack = decoder_layers(model)
     if stack is None:

@@ -93,7 +93,8 @@ def _untied(refs: dict[str, torch.Tensor], model) -> list[str]:
 
 
 def shards(entries: list[Entry], shard_bytes: int) -> list[list[Entry]]:
-    """Consecutive entries, at most ``shard_bytes`` each (a tensor larger than that alone), as huggingface_hub splits."""
+    """Consecutive entries, at most ``shard_bytes`` each (a tensor larger than that alone), as huggingface_hub
+    splits."""
     out: list[list[Entry]] = []
     size = 0
     for entry in entries:

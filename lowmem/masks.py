@@ -32,7 +32,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
         pad = -block.numel() % 8
         if pad:
             block = torch.cat([block, block.new_zeros(pad)])
-        packed[start // 8: start // 8 + block.numel() // 8] = (block.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+        first = start // 8
+        packed[first: first + block.numel() // 8] = (block.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
     return packed
 
 

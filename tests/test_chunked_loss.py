@@ -123,7 +123,8 @@ def test_training_with_chunked_loss_equals_training_without(tmp_path, micro_mode
 
     # the same math in another order, so in float64 (tests/float_error.py)
     common = [*args, "model.dtype=float64", *RUN64_ADAM_EPS, "train.max_steps=3"]
-    plain = train(make_config(tmp_path, micro_model_path, text_data, *common, "memory.loss_chunk_tokens=0", name="plain"))
+    plain = train(make_config(tmp_path, micro_model_path, text_data, *common, "memory.loss_chunk_tokens=0",
+                              name="plain"))
     chunked = train(make_config(tmp_path, micro_model_path, text_data, *common, "memory.loss_chunk_tokens=20",
                                 name="chunked"))
     assert chunked.losses == pytest.approx(plain.losses, rel=RUN64_LOSS_RTOL)

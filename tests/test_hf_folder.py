@@ -38,7 +38,8 @@ def int8_model(path):
 
 
 def export_peak(model, folder, merge):
-    """Peak live tensor bytes while ``model`` is written (its own tensors counted from the start), and what they were."""
+    """Peak live tensor bytes while ``model`` is written (its own tensors counted from the start), and what those
+    were."""
     accountant = StorageAccountant()
     own = sum(accountant.track(t) for t in [*model.parameters(), *model.buffers()])
     with accountant:
