@@ -80,7 +80,8 @@ def _forward(model, batch, device, norms: _Norms | None) -> None:
     if norms is not None:
         norms.real = _real(batch, device)
     try:
-        model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+        # no KV cache: a cache captured in the recorded arguments would grow each time a layer is replayed
+        model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
     except _Stop:
         pass
 
@@ -129,7 +130,7 @@ def prune_layer_by_layer(model: torch.nn.Module, layers: list[tuple[str, torch.n
             for b in range(len(batches)):  # the pruned layer's outputs: the next layer's inputs
                 args, kwargs = _with_hidden(*inputs[i][b], hidden[b])
                 out = layer(*args, **kwargs)
-                hidden[b] = out[0] if isinstance(out, tuple) else out
+                hidden[b] = out if isinstance(out, torch.Tensor) else out[0]  # a tuple or a ModelOutput
         del hidden, inputs
         if after:
             _calibrate_outside(model, after, batches, device, stop_at=model.get_output_embeddings(), prune=prune)

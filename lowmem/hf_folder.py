@@ -54,12 +54,11 @@ def hf_entries(model: torch.nn.Module, merge: bool = False) -> list[Entry]:
     refs = {k: v for k, v in state.items()
             if not k.startswith(int8_prefixes) and k.rsplit(".", 1)[-1] not in ADAPTER_KEYS}
     refs.update({name: weight.codes for name, weight in weights.items()})
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():  # as save_pretrained: before untying
+        refs.pop(key, None)
     order = {k: i for i, k in enumerate(state)}
     order.update({name: order[f"{name}.codes"] for name in weights})
     keys = sorted(_untied(refs, model), key=order.__getitem__)
-    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
-        if key in keys:
-            keys.remove(key)
     entries = []
     for key in keys:
         layer = adapted.get(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None

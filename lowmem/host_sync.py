@@ -14,9 +14,9 @@ read of a tensor's value (``aten._local_scalar_dense``, the op behind all of the
 the tests run whole training steps under it. On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` also finds
 synchronizing copies; :func:`read` lifts it for its own read.
 
-A copy from pageable host memory to a device synchronizes too (the host waits for the copy, which waits its turn on
-the stream). The guard raises on those as well: any ``copy_`` or ``to`` from a host tensor that is not pinned to
-another device. A CPU test reaches them by running the step with its model on the ``meta`` device (shapes only).
+A copy between host memory and a device synchronizes too (the host waits for the copy, which waits its turn on the
+stream), unless the host side is pinned and the copy ``non_blocking``. The guard raises on those as well: any
+``copy_`` or ``to`` either way that is not both. A CPU test reaches them by running the step with its model on the ``meta`` device (shapes only).
 What a step really must upload, once (a constant's first use on a device), goes through :func:`upload`: from pinned
 memory without blocking on a GPU, and named like a read.
 
@@ -110,15 +110,24 @@ def _tolerated(frame) -> str | None:
     return None
 
 
-def _pageable_upload(func, args, kwargs) -> bool:
-    """Whether the op copies a host tensor that is not pinned to another device (a synchronizing copy)."""
-    if func is _COPIES[0]:
-        source, target = args[0], (kwargs or {}).get("device")
-    else:
-        target, source = args[0].device, args[1]
-    if not isinstance(source, torch.Tensor) or source.device.type != "cpu" or target is None:
+def _synchronizing_copy(func, args, kwargs) -> bool:
+    """Whether the op copies between host memory and a device in a way that makes the host wait: unless the host
+    side is pinned and the copy ``non_blocking``, it does (host to device: from pageable memory; device to host:
+    into a new, pageable tensor, as ``.cpu()`` does)."""
+    kwargs = kwargs or {}
+    if func is _COPIES[0]:  # _to_copy(self, *, device, pin_memory, non_blocking, ...)
+        source = args[0]
+        target = torch.device(kwargs["device"]) if kwargs.get("device") is not None else source.device
+        if (source.device.type == "cpu") == (target.type == "cpu"):
+            return False
+        pinned = source.is_pinned() if source.device.type == "cpu" else bool(kwargs.get("pin_memory"))
+        return not (pinned and kwargs.get("non_blocking", False))
+    target, source = args[0], args[1]  # copy_(self, src, non_blocking)
+    if not isinstance(source, torch.Tensor) or (source.device.type == "cpu") == (target.device.type == "cpu"):
         return False
-    return torch.device(target).type != "cpu" and not source.is_pinned()
+    host = source if source.device.type == "cpu" else target
+    non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    return not (host.is_pinned() and non_blocking)
 
 
 class ForbidHostReads(TorchDispatchMode):
@@ -137,14 +146,14 @@ class ForbidHostReads(TorchDispatchMode):
         self.tolerated: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _COPIES and _pageable_upload(func, args, kwargs):
+        if func in _COPIES and _synchronizing_copy(func, args, kwargs):
             reasons = _reasons()
             if reasons:
                 self.marked[reasons[-1]] += 1
             else:
-                raise HostReadError(f"copy from pageable host memory to a device inside a training step at "
-                                    f"{_caller(sys._getframe(1))}: make the tensor where it is used, or upload it "
-                                    "once through lowmem.host_sync.upload")
+                raise HostReadError(f"synchronizing copy between host and device inside a training step at "
+                                    f"{_caller(sys._getframe(1))}: make the tensor where it is used, or copy from "
+                                    "pinned memory without blocking (lowmem.host_sync.upload)")
         if func is _LOCAL_SCALAR:
             reasons = _reasons()
             frame = sys._getframe(1)

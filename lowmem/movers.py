@@ -8,9 +8,10 @@ records every allocation, copy, wait and event with its stream, and copies host 
   block comes back to the pool the next allocation on the default stream draws from: one pool, not one per stream
   (on the H200 the side stream's pool held a second copy of every group: 71 GiB reserved for 36 GiB allocated);
 * a side stream waits for the default stream after those allocations, before it copies into them (the block's last
-  users on the default stream, and the copies that wrote the host buffers, have run), and marks the destination with
-  ``record_stream`` (if it is dropped unused, its block waits for the copy);
-* the default stream waits on an **event** recorded after the copies it needs, not on the whole side stream;
+  users on the default stream, and the copies that wrote the host buffers, have run);
+* the default stream waits on an **event** recorded after the copies it needs, not on the whole side stream, before
+  it uses a destination or drops it unused; so a destination lives and dies on the default stream and needs no
+  ``record_stream`` (which would keep a freed block from reuse until the side stream's later copies ran);
 * states and weights have a stream each, so a forward never waits behind a state prefetch;
 * host memory is pinned, and every host-to-device copy is non-blocking.
 """
@@ -52,9 +53,6 @@ class CudaMover:
 
     def wait_event(self, waiter, event) -> None:
         waiter.wait_event(event)
-
-    def record_stream(self, tensor: torch.Tensor, stream) -> None:
-        tensor.record_stream(stream)
 
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` in pinned host memory (itself if it already is)."""

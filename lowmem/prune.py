@@ -187,7 +187,7 @@ def select_kept(score_rows, rows: int, cols: int, sparsity: float, pattern: str,
         elif per_row:
             kept[start:stop] = _keep_per_row(score_rows(start, stop), n_prune)
         else:
-            scores = score_rows(start, stop).to(torch.float32)
+            scores = score_rows(start, stop).to(torch.float32).contiguous()  # a Conv1D layout's rows are a view
             equal = scores == threshold
             order = equal.view(-1).cumsum(0).view_as(equal) + carry
             kept[start:stop] = ~((scores < threshold) | (equal & (order <= need)))
@@ -269,7 +269,8 @@ def prune_layer(model: torch.nn.Module, name: str, layer: torch.nn.Module, spars
 def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern: str = "unstructured",
                 include_head: bool = False, calibration=None) -> dict[str, torch.nn.Module]:
     """Prune ``model`` in place; returns weight name → its layer, which holds the packed mask (``lowmem.masks``:
-    ``mask_of(layer)`` unpacks it). Memory: one layer's mask (1 byte an entry) and one block of its scores at a time.
+    ``mask_of(layer)`` unpacks it). Memory: one layer's mask (1 byte an entry; 2 while a Conv1D layout's is
+    transposed to its stored layout) and one block of its scores at a time.
 
     ``calibration``: an iterable of batches (``input_ids``, ``attention_mask``) for ``wanda``, which is calibrated layer
     by layer, each layer on the outputs of the pruned layers below it (``lowmem.calibration``)."""

@@ -31,7 +31,10 @@ bookkeeping). Every move follows these rules:
    in that stream's pool too, and HiFT with offloading reserved 71 GiB for 36 GiB allocated).
 3. A prefetch (the next group's state after the update; the next streamed module while one computes) is copied on a
    side stream that first waits for the default stream, so the blocks' last users there, and the device-to-host
-   copies that wrote the host buffers, have run; each destination is ``record_stream``-ed to that side stream.
+   copies that wrote the host buffers, have run. The default stream waits for every such copy before it uses the
+   destination, or drops it unused, so a destination lives and dies on the default stream: no ``record_stream``,
+   which would hold a freed block until the side stream's later copies ran (the host runs ahead of the device
+   inside a forward, so each streamed module would take a new block).
 4. The default stream waits on an event recorded after the copies it needs (before backward: the prefetched state;
    before a streamed module's forward: that module's weights), never on a whole side stream. States and weights
    have a side stream each, so a forward does not wait behind a state prefetch.
@@ -267,7 +270,6 @@ class ResidencyScheduler:
         self.mover.wait_stream(self.state_stream, current)  # after the allocations and the outgoing copies
         for state, key, host, on_device in targets:
             self.mover.copy(on_device, host, self.state_stream)
-            self.mover.record_stream(on_device, self.state_stream)
             state[key] = on_device
         self._states_copied = self.mover.event(self.state_stream)
 
@@ -314,7 +316,9 @@ class ResidencyScheduler:
         self._hooks = kept
         unit = self.units[self.unit_index[name]]
         for j in range(len(unit.modules)):
-            self._streamed_in.pop((name, j), None)
+            prefetched = self._streamed_in.pop((name, j), None)
+            if prefetched is not None:  # dropped unused: the default stream waits for its copy first (rule 3)
+                self.mover.wait_event(self.mover.current(), prefetched[1])
         if not enabled:
             return
         for j, module in enumerate(unit.modules):
@@ -377,7 +381,6 @@ class ResidencyScheduler:
         self.mover.wait_stream(self.weight_stream, self.mover.current())
         for on_device, host in zip(copies, hosts):
             self.mover.copy(on_device, host, self.weight_stream)
-            self.mover.record_stream(on_device, self.weight_stream)
         self._streamed_in[piece] = (copies, self.mover.event(self.weight_stream))
 
     # ----------------------------------------------------------------------------------------- count

@@ -228,8 +228,10 @@ def test_the_guard_catches_a_pageable_upload_and_lets_a_named_one_through():
     from lowmem.host_sync import upload
 
     guard = ForbidHostReads()
-    with guard, pytest.raises(HostReadError, match="copy from pageable host memory to a device"):
+    with guard, pytest.raises(HostReadError, match="synchronizing copy between host and device"):
         torch.ones(3).to("meta")
+    with guard, pytest.raises(HostReadError, match="synchronizing copy between host and device"):
+        torch.ones(3, device="meta").cpu()  # device to host, into pageable memory: as synchronous
     with guard:
         upload(torch.ones(3), torch.device("meta"), "constant")
         torch.ones(3).to("cpu")  # host to host: no device involved

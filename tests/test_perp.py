@@ -446,3 +446,33 @@ def test_pruning_holds_one_mask_and_one_block_of_scores(micro_model_path, text_d
     assert accountant.peak - own <= bound, (accountant.peak - own, bound)
     if criterion == "magnitude":
         assert 20 * largest > bound  # what sorting the whole head took would not fit
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_magnitude_pruning_of_conv1d_layouts_over_the_whole_matrix(arch_path, int8):
+    # GPT-2 stores [in, out]: its output rows are stored columns, read as a transposed view a block at a time
+    from lowmem.config import Int8WeightConfig
+    from lowmem.model import load_model
+    from lowmem.prune import weight_value
+
+    model = load_model(arch_path("gpt2"), "float32", int8=Int8WeightConfig() if int8 else None)
+    before = {name: weight_value(layer).abs() for name, layer in [(n, m) for n, m in model.named_modules()
+                                                                   if n.endswith(("c_attn", "c_fc"))]}
+    masks = prune_model(model, "magnitude", 0.3)
+    for name, magnitudes in before.items():
+        layer = masks[f"{name}.weight"]
+        kept = mask_of(layer)
+        assert int((~kept).sum()) == round(0.3 * kept.numel()), name  # one threshold over the whole matrix
+        assert magnitudes[~kept].max() <= magnitudes[kept].min()
+        assert torch.equal(weight_value(layer) == 0, ~kept | (magnitudes == 0))
+
+
+def test_wanda_calibration_keeps_no_cache_when_the_model_would(micro_model_path, text_data, tokenizer):
+    # prune_model is public: a model loaded elsewhere may have use_cache on; a replayed layer must not append to a
+    # cache captured in its recorded arguments (with padding it failed; without, it attended to stale keys)
+    model = micro(micro_model_path, dtype="float64")
+    model.config.use_cache = True
+    batches = calibration_data(micro_model_path, text_data, tokenizer)
+    masks = prune_model(model, "wanda", 0.4, calibration=batches)
+    expected = reference_wanda(micro(micro_model_path, dtype="float64"), batches, 0.4)
+    assert all(torch.equal(mask_of(masks[n]), expected[n]) for n in expected)
