@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lowmem.errors import UserError
 from lowmem.int8_weights import Int8Weight, count_weights, int8_weights, matrix_layers, trainable_tensors
 from lowmem.masks import MASK_BUFFER, attach_masks, mask_of, mask_rows
-from lowmem.prune import stored_transposed, weight_value
+from lowmem.prune import row_blocks, stored_transposed, weight_value
 
 log = logging.getLogger("lowmem")
 
@@ -145,9 +145,7 @@ class AdaptedLinear(torch.nn.Module):
         rows, cols = self.weight.shape
         a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)  # r × in, out × r: small
         out = torch.empty((rows, cols), dtype=self.weight.dtype, device=self.lora_A.device)
-        step = max(1, (chunk_values or MERGE_CHUNK_VALUES) // cols)
-        for start in range(0, rows, step):
-            stop = min(rows, start + step)
+        for start, stop in row_blocks(rows, cols, chunk_values or MERGE_CHUNK_VALUES):
             # rows of B·A in the stored layout: output rows (Linear), or input rows of its transpose (Conv1D)
             product = a[:, start:stop].T @ b.T if self.transposed else b[start:stop] @ a
             w = self.base_rows(start, stop, dtype)

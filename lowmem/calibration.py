@@ -68,17 +68,21 @@ class _Norms:
             handle.remove()
 
 
-def _real(batch, device) -> torch.Tensor | None:
-    """The batch's non-padding positions, flattened (None: a batch without a padding mask has none)."""
+def _padding_mask(batch, device) -> torch.Tensor | None:
+    """The batch's padding mask on ``device`` (None: a batch without one has no padding)."""
     mask = batch.get("attention_mask")
-    return mask.to(device).reshape(-1) if mask is not None else None
+    return mask.to(device) if mask is not None else None
+
+
+def _real(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The non-padding positions of a padding mask, flattened, as :class:`_Norms` weighs its rows."""
+    return mask.reshape(-1) if mask is not None else None
 
 
 def _forward(model, batch, device, norms: _Norms | None) -> None:
-    mask = batch.get("attention_mask")
-    mask = mask.to(device) if mask is not None else None
+    mask = _padding_mask(batch, device)
     if norms is not None:
-        norms.real = _real(batch, device)
+        norms.real = _real(mask)
     try:
         # no KV cache: a cache captured in the recorded arguments would grow each time a layer is replayed
         model(input_ids=batch["input_ids"].to(device), attention_mask=mask, use_cache=False)
@@ -115,12 +119,13 @@ def prune_layer_by_layer(model: torch.nn.Module, layers: list[tuple[str, torch.n
         inputs = _record_inputs(model, stack, batches, device)
         hidden = [_hidden_of(*call) for call in inputs[0]]
         inputs[0] = [_with_hidden(*call, None) for call in inputs[0]]  # held once, in ``hidden``
+        reals = [_real(_padding_mask(batch, device)) for batch in batches]  # moved once, not once a layer
         for i, layer in enumerate(stack):
             if inside[i]:
                 norms = _Norms(inside[i])
                 try:
-                    for b, batch in enumerate(batches):
-                        norms.real = _real(batch, device)
+                    for b, real in enumerate(reals):
+                        norms.real = real
                         args, kwargs = _with_hidden(*inputs[i][b], hidden[b])
                         layer(*args, **kwargs)
                 finally:
@@ -131,7 +136,7 @@ def prune_layer_by_layer(model: torch.nn.Module, layers: list[tuple[str, torch.n
                 args, kwargs = _with_hidden(*inputs[i][b], hidden[b])
                 out = layer(*args, **kwargs)
                 hidden[b] = out if isinstance(out, torch.Tensor) else out[0]  # a tuple or a ModelOutput
-        del hidden, inputs
+        del hidden, inputs, reals
         if after:
             _calibrate_outside(model, after, batches, device, stop_at=model.get_output_embeddings(), prune=prune)
     finally:

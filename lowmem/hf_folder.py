@@ -73,21 +73,14 @@ def hf_entries(model: torch.nn.Module, merge: bool = False) -> list[Entry]:
 
 
 def _nbytes(tensor) -> int:
-    return tensor.numel() * torch.empty((), dtype=tensor.dtype).element_size()
+    """Bytes of ``tensor`` (or of an int8 weight's value in its float dtype)."""
+    return tensor.numel() * tensor.dtype.itemsize
 
 
 def _untied(refs: dict[str, torch.Tensor], model) -> list[str]:
-    """The keys left after transformers' own removal of tied weights (the first of each storage, where it has none)."""
-    try:
-        from transformers.modeling_utils import remove_tied_weights_from_state_dict
-    except ImportError:  # pragma: no cover - transformers 5 has it
-        seen, kept = set(), []
-        for key, tensor in refs.items():
-            storage = tensor.untyped_storage().data_ptr()
-            if storage not in seen:
-                seen.add(storage)
-                kept.append(key)
-        return kept
+    """The keys left after transformers' own removal of tied weights."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
     return list(remove_tied_weights_from_state_dict(dict(refs), model))
 
 

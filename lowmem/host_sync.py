@@ -16,7 +16,8 @@ synchronizing copies; :func:`read` lifts it for its own read.
 
 A copy between host memory and a device synchronizes too (the host waits for the copy, which waits its turn on the
 stream), unless the host side is pinned and the copy ``non_blocking``. The guard raises on those as well: any
-``copy_`` or ``to`` either way that is not both. A CPU test reaches them by running the step with its model on the ``meta`` device (shapes only).
+``copy_`` or ``to`` either way that is not both. A CPU test reaches them by running the step with its model on
+the ``meta`` device (shapes only).
 What a step really must upload, once (a constant's first use on a device), goes through :func:`upload`: from pinned
 memory without blocking on a GPU, and named like a read.
 

@@ -13,6 +13,8 @@ pruned entries stay exactly zero whatever the rule's arithmetic (int8 weights: b
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MASK_BUFFER = "weight_mask"
@@ -39,20 +41,16 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the bool tensor of ``shape``."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    flat = bits.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)
-    return flat[:numel].view(shape).bool()
+    return unpack_bits_range(bits, 0, math.prod(shape)).view(shape)
 
 
-def unpack_bits_range(bits: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Entries ``start`` to ``stop`` (flat, row-major) of a mask packed by :func:`pack_bits`, as bools: only the bytes
-    that hold them are unpacked."""
+def unpack_bits_range(bits: torch.Tensor, start: int, stop: int, device: torch.device | None = None) -> torch.Tensor:
+    """Entries ``start`` to ``stop`` (flat, row-major) of a mask packed by :func:`pack_bits`, as bools on ``device``
+    (default the mask's): only the bytes that hold them are moved and unpacked."""
     first, last = start // 8, -(-stop // 8)
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    flat = bits[first:last].unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)
+    packed = bits[first:last] if device is None else bits[first:last].to(device)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    flat = packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)
     return flat[start - 8 * first: stop - 8 * first].bool()
 
 
@@ -82,11 +80,8 @@ def mask_of(layer: torch.nn.Module, device: torch.device | None = None) -> torch
 
 def mask_rows(layer: torch.nn.Module, start: int, stop: int, device: torch.device | None = None) -> torch.Tensor:
     """Rows ``start`` to ``stop`` of the layer's mask, in its weight's stored layout (a 2-D weight)."""
-    bits = getattr(layer, MASK_BUFFER)
-    if device is not None and bits.device != device:
-        bits = bits.to(device)
     cols = layer.weight.shape[-1]
-    return unpack_bits_range(bits, start * cols, stop * cols).view(stop - start, cols)
+    return unpack_bits_range(getattr(layer, MASK_BUFFER), start * cols, stop * cols, device).view(stop - start, cols)
 
 
 def masks_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

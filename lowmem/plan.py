@@ -235,17 +235,12 @@ def _retraining(model, config, mode, track) -> None:
     pruning when ``prune.criterion`` is set (wanda on ``prune.calibration_batches`` batches like the step's, each
     counted by ``track`` as it is made), else the masks stored beside the weights; then ``update.trainable``'s subset
     and adapters."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     from lowmem.perp import prepare
 
     def calibration():
         batches = []
         for _ in range(config.prune.calibration_batches):
-            with unset_fake_temporarily():
-                batch = _batch(config, model.config.vocab_size)
-            batch.pop("labels")
-            batch = {k: mode.from_tensor(v) for k, v in batch.items()} if mode is not None else batch
+            batch = _held_batch(config, model.config.vocab_size, mode, labels=False)
             for tensor in batch.values():
                 track(tensor)
             batches.append(_model_inputs(config, batch))
@@ -265,6 +260,19 @@ def _batch(config, vocab_size: int) -> dict[str, torch.Tensor]:
     if config.data.format != "text":
         batch["attention_mask"][-1, -1] = 0
     return batch
+
+
+def _held_batch(config, vocab_size: int, mode, labels: bool = True) -> dict[str, torch.Tensor]:
+    """A :func:`_batch` (without its labels unless ``labels``) as the run holds it: made real, even inside ``mode``,
+    then converted once into ``mode``'s fake tensors when there is one (a real tensor would be converted anew, and
+    counted again, by each fake op)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        batch = _batch(config, vocab_size)
+    if not labels:
+        del batch["labels"]
+    return {k: mode.from_tensor(v) for k, v in batch.items()} if mode is not None else batch
 
 
 def _model_inputs(config, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -398,9 +406,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     accum = config.train.gradient_accumulation_steps
     batches = []  # the step's micro-batches, all on the device through the step as the trainer holds them
     for _ in range(accum):
-        batch = _batch(config, model.config.vocab_size)
-        if fake:  # counted once (a real tensor would be converted anew, and counted again, by each fake op)
-            batch = {k: mode.from_tensor(v) for k, v in batch.items()}
+        batch = _held_batch(config, model.config.vocab_size, mode)
         for tensor in batch.values():
             accountant.track(tensor, "forward")
         batches.append(batch)

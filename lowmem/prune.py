@@ -136,9 +136,7 @@ def zero_pruned(layer: torch.nn.Module, kept: torch.Tensor) -> None:
     an int8 weight's pruned codes become the zero code and its pruned outliers 0.0; nothing else is requantized."""
     weight = layer.weight
     rows, cols = weight.shape
-    step = max(1, CHUNK_VALUES // cols)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+    for start, stop in row_blocks(rows, cols):
         pruned = ~kept[start:stop]
         if isinstance(weight, Int8Weight):
             weight.codes[start * cols: stop * cols].masked_fill_(pruned.reshape(-1), ZERO_CODE)
@@ -151,6 +149,13 @@ def zero_pruned(layer: torch.nn.Module, kept: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------------- scores and masks
 
 CHUNK_VALUES = 2**22  # scores chosen from at a time: their temporaries (~21 bytes a value) stay under 100 MiB
+
+
+def row_blocks(rows: int, cols: int, values: int | None = None) -> list[tuple[int, int]]:
+    """(start, stop) of the consecutive blocks of rows of a [rows, cols] matrix, ``values`` entries each (default
+    :data:`CHUNK_VALUES`), at least one row."""
+    step = max(1, (values or CHUNK_VALUES) // cols)
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 def keep_mask(scores: torch.Tensor, sparsity: float, pattern: str, per_row: bool) -> torch.Tensor:
@@ -167,15 +172,14 @@ def select_kept(score_rows, rows: int, cols: int, sparsity: float, pattern: str,
     ``kthvalue``; the whole matrix's is found by a radix select over the scores' bits (two passes, 2 × 65536 counts),
     and the entries equal to it are pruned in index order across the blocks. Nothing is read on the host."""
     kept = torch.empty((rows, cols), dtype=torch.bool, device=device)
-    step = max(1, CHUNK_VALUES // cols)
+    blocks = row_blocks(rows, cols)
     nm = PATTERNS[pattern]
     whole = nm is None and not per_row
     n_prune = round(sparsity * (rows * cols if whole else cols))
     if whole and n_prune:
-        threshold, need = _kth_smallest(score_rows, rows, step, n_prune, device)
+        threshold, need = _kth_smallest(score_rows, blocks, n_prune, device)
         carry = torch.zeros((), dtype=torch.int64, device=device)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+    for start, stop in blocks:
         if nm is not None:
             n, m = nm
             groups = score_rows(start, stop).reshape(stop - start, cols // m, m)
@@ -204,27 +208,27 @@ def _keep_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ~(below | (equal & (equal.cumsum(dim=1) <= need)))
 
 
-def _kth_smallest(score_rows, rows: int, step: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _kth_smallest(score_rows, blocks: list[tuple[int, int]], k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The k-th smallest of the non-negative scores (as float32, whose bits order like their values), exactly, and
     how many of the k smallest equal it: the top 16 bits' histogram finds its bin, the low 16 bits' histogram of
     that bin's values its value."""
     target = torch.full((1,), k, dtype=torch.int64, device=device)
-    cumulative = _bit_counts(score_rows, rows, step, device).cumsum_(0)
+    cumulative = _bit_counts(score_rows, blocks, device).cumsum_(0)
     top = torch.searchsorted(cumulative, target)  # the first bin whose cumulative count reaches k
     below = torch.where(top > 0, cumulative[(top - 1).clamp_min(0)], 0)
     del cumulative  # one set of 65536 counts (512 KiB) at a time
-    cumulative = _bit_counts(score_rows, rows, step, device, within=top).cumsum_(0)
+    cumulative = _bit_counts(score_rows, blocks, device, within=top).cumsum_(0)
     bottom = torch.searchsorted(cumulative, target - below)
     below = below + torch.where(bottom > 0, cumulative[(bottom - 1).clamp_min(0)], 0)
     threshold = (top * 65536 + bottom).to(torch.int32).view(torch.float32)
     return threshold, k - below
 
 
-def _bit_counts(score_rows, rows: int, step: int, device, within: torch.Tensor | None = None) -> torch.Tensor:
+def _bit_counts(score_rows, blocks: list[tuple[int, int]], device, within: torch.Tensor | None = None) -> torch.Tensor:
     """65536 counts of the scores' top 16 bits, or, ``within`` a top-bits bin, of their low 16 bits."""
     counts = torch.zeros(65536, dtype=torch.int64, device=device)
-    for start in range(0, rows, step):
-        bits = score_rows(start, min(rows, start + step)).to(torch.float32).contiguous().view(torch.int32).reshape(-1)
+    for start, stop in blocks:
+        bits = score_rows(start, stop).to(torch.float32).contiguous().view(torch.int32).reshape(-1)
         if within is None:
             counts.scatter_add_(0, (bits >> 16).long(), torch.ones_like(bits, dtype=torch.int64))
         else:
@@ -291,10 +295,9 @@ def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern
 
 @torch.no_grad()
 def count_zeros(layer: torch.nn.Module) -> int:
-    """Zeros present in the layer's weight, counted a block of rows at a time."""
-    rows, _, weight_rows = _rows_in_out(layer)
-    step = max(1, CHUNK_VALUES // layer.weight.shape[-1])
-    return sum(int((weight_rows(a, min(rows, a + step)) == 0).sum()) for a in range(0, rows, step))
+    """Zeros present in the layer's weight, counted a block of rows at a time (read on the host once)."""
+    rows, cols, weight_rows = _rows_in_out(layer)
+    return int(sum((weight_rows(start, stop) == 0).sum() for start, stop in row_blocks(rows, cols)))
 
 
 def sparsity_report(model: torch.nn.Module, masks) -> PruneReport:

@@ -54,7 +54,7 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 
 def _score_attention(module, query, key, value, attention_mask, **kwargs):
     """An attention function that records, per key token, Σ over the queries that may attend it (causal, as the
-    model masks, not padding) of the positive Q·K, summed over heads; it returns zeros."""
+    model masks, not padding) of the positive Q·K, summed over heads, then raises :class:`_Scored`."""
     batch, heads, length, head_dim = query.shape
     dtype = math_dtype(query.dtype)  # float32, or float64 for a float64 model
     key = key.to(dtype)
