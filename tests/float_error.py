@@ -83,6 +83,16 @@ def assert_same_run64(a, b, what: str = "") -> None:
     assert_within(a, b, RUN64_WEIGHT_ATOL, what)
 
 
+def assert_same_grads64(grads: dict, others: dict, what: str = "") -> None:
+    """Float64 gradients of one loss computed in two arrangements (name → tensor, the same names): each element of
+    ``others`` within SUM64 of the largest entry of ``grads``, the scale of the sums every gradient is made of (a
+    gradient that is ~0, like a key bias's, is off by what its terms' sizes allow, not by its own size)."""
+    assert grads.keys() == others.keys(), (sorted(grads), sorted(others))
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for name, grad in grads.items():
+        assert_within(others[name], grad, SUM64 * scale, f"{what} {name}".strip())
+
+
 def matmul_pair_bound(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """How far two float32 computations of ``a @ b`` (in any blocking or order) may be apart, element by element: each
     is a sum of k products, off by at most k·u·(|a| @ |b|) (the products round too), so together by twice that."""

@@ -33,11 +33,10 @@ def run(r, theta, gs, lr, name="layers.0.weight"):
 
 def lion_formula(theta, gs, lr, beta1, beta2, wd):
     """Chen et al. 2023, exactly, in float64: c = β1·m + (1−β1)·g; θ ← θ − lr·(sign(c) + wd·θ); m ← β2·m + (1−β2)·g.
-    Returns θ (float32, for the peer comparisons) and the float32 error bound of lowmem's ``lion`` rule against it,
-    element by element (tests/float_error.py): β1·m and (1−β1)·g round and add (ec ≤ β1·em + 3u·(β1|m| + (1−β1)|g|));
-    where |c| ≤ ec the sign may come out otherwise (a difference of 2·lr that step); the decay factor and its product
-    round (2u·|θ|), lr is rounded (u·lr), the sum rounds (u·|θ'|); the momentum's error em is carried by its envelope
-    (it may cancel)."""
+    Returns θ and the float32 error bound of lowmem's ``lion`` rule against it, element by element
+    (tests/float_error.py): β1·m and (1−β1)·g round and add (ec ≤ β1·em + 3u·(β1|m| + (1−β1)|g|)); where |c| ≤ ec the
+    sign may come out otherwise (a difference of 2·lr that step); the decay factor and its product round (2u·|θ|), lr
+    is rounded (u·lr), the sum rounds (u·|θ'|); the momentum's error em is carried by its envelope (it may cancel)."""
     u = U32
     theta, m = theta.double().clone(), torch.zeros_like(theta, dtype=torch.float64)
     e_theta, e_m = torch.zeros_like(theta), torch.zeros_like(theta)
@@ -51,8 +50,19 @@ def lion_formula(theta, gs, lr, beta1, beta2, wd):
                    + torch.where(c.abs() <= e_c, 2 * lr, 0.0))
         e_m = beta2 * e_m + 3 * u * (beta2 * m.abs() + (1 - beta2) * g.abs())
         m = beta2 * m + (1 - beta2) * g
-    lion_formula.bound = e_theta
-    return theta
+    return theta, e_theta
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_lion_equals_the_formula_within_its_float_error(wd):
+    theta = torch.randn(40, 70, generator=torch.Generator().manual_seed(3))
+    gs = grads(theta.shape, 10)
+    ours = theta.clone()
+    run(rule("lion", weight_decay=wd), ours, gs, lr=1e-2)
+    exact, bound = lion_formula(theta, gs, 1e-2, 0.9, 0.99, wd)
+    assert_within(ours, exact, bound, "weight")
+    # not vacuous: a step moves a weight by lr = 10⁻²; where no sign may flip the bound is float32 rounding
+    assert float(bound.median()) < 1e-3 * 1e-2
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.1])
@@ -175,7 +185,7 @@ def test_lion8bit_close_to_bitsandbytes_lion8bit():
     for g in gs:
         p.grad = g.clone()
         optimizer.step()
-    exact = lion_formula(theta, gs, 1e-3, 0.9, 0.99, 0.0).float()
+    exact = lion_formula(theta, gs, 1e-3, 0.9, 0.99, 0.0)[0].float()
     # sign updates: each weight moves by ±lr per step; disagreements come from momenta near zero
     ours_err = (ours - exact).abs().mean()
     bnb_err = (p.detach() - exact).abs().mean()
