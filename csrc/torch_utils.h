@@ -117,6 +117,75 @@ inline void check_lion8bit_args(const at::Tensor& param, const at::Tensor& grad,
   check_code(code, param, op);
 }
 
+// The int8 weight as the fused update sees it: n values in rows × cols (cols: the gradient's last dimension).
+struct Int8Shape {
+  int64_t rows, cols;
+};
+
+// Everything int8_update_ needs of its tensors besides the scalars (lowmem/ops/int8_update.py).
+inline Int8Shape check_int8_update_args(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& outlier_index,
+                                        const at::Tensor& outlier_value, const at::Tensor& grad, const at::Tensor& mask,
+                                        const at::Tensor& state, const at::Tensor& state_absmax,
+                                        const at::Tensor& state_code, const at::Tensor& coef, int64_t rule,
+                                        int64_t blocksize) {
+  const char* op = "int8_update_";
+  const int64_t n = codes.numel();
+  TORCH_CHECK(rule >= 0 && rule <= 4, "lowmem: ", op, ": unknown rule ", rule);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "lowmem: ", op, ": codes must be contiguous uint8");
+  check_blocks(n, absmax, blocksize, codes, op);
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "lowmem: ", op,
+              ": absmax must be contiguous float32");
+  TORCH_CHECK(outlier_index.scalar_type() == at::kInt && outlier_value.scalar_type() == at::kFloat &&
+                  outlier_index.is_contiguous() && outlier_value.is_contiguous() &&
+                  outlier_index.numel() == outlier_value.numel() && outlier_index.numel() <= n &&
+                  outlier_index.device() == codes.device() && outlier_value.device() == codes.device(),
+              "lowmem: ", op, ": outliers must be as many contiguous int32 positions as float32 values, on the codes' device");
+  TORCH_CHECK(n < (int64_t{1} << 31), "lowmem: ", op, ": ", n, " values exceed int32 outlier positions");
+  TORCH_CHECK(grad.numel() == n && grad.device() == codes.device(), "lowmem: ", op, ": grad has ", grad.numel(),
+              " elements on ", grad.device(), ", the weight ", n, " on ", codes.device());
+  TORCH_CHECK(mask.numel() == 0 || (mask.numel() == n && mask.scalar_type() == at::kBool && mask.is_contiguous() &&
+                                    mask.device() == codes.device()),
+              "lowmem: ", op, ": mask must be empty or a contiguous bool tensor of the weight's size and device");
+  const int64_t cols = grad.dim() >= 2 ? grad.size(-1) : std::max<int64_t>(n, 1);
+  const int64_t rows = n / std::max<int64_t>(cols, 1);
+  if (rule == 1 || rule == 2) {  // factored (optional first moment), lion: float32 state of the weight's size
+    TORCH_CHECK((rule == 1 && state.numel() == 0) || (state.numel() == n && state.scalar_type() == at::kFloat &&
+                                                      state.is_contiguous() && state.device() == codes.device()),
+                "lowmem: ", op, ": state must be a contiguous float32 tensor of the weight's size and device");
+  }
+  if (rule == 1) {
+    TORCH_CHECK(grad.dim() == 2 && coef.numel() == rows + cols + 2 && coef.scalar_type() == at::kFloat &&
+                    coef.is_contiguous() && coef.device() == codes.device(),
+                "lowmem: ", op, ": the factored rule needs a 2-D gradient and rows + cols + 2 float32 coefficients");
+  }
+  if (rule == 3) {
+    TORCH_CHECK(state.numel() == n && state.scalar_type() == at::kByte && state.is_contiguous() &&
+                    state.device() == codes.device(), "lowmem: ", op, ": lion8bit's momentum codes must match the weight");
+    TORCH_CHECK(state_absmax.numel() == absmax.numel() && state_absmax.scalar_type() == at::kFloat &&
+                    state_absmax.is_contiguous() && state_absmax.device() == codes.device(),
+                "lowmem: ", op, ": lion8bit's momentum blocks must be the weight's (", absmax.numel(), " float32 absmax)");
+    check_code(state_code, codes, op);
+  }
+  return {rows, cols};
+}
+
+inline void check_int8_prepare_args(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& outlier_value,
+                                    const at::Tensor& grad, const at::Tensor& row, const at::Tensor& col,
+                                    int64_t blocksize) {
+  const char* op = "int8_factored_prepare";
+  TORCH_CHECK(grad.dim() == 2 && grad.numel() == codes.numel() && grad.device() == codes.device(), "lowmem: ", op,
+              ": grad must be a 2-D matrix of the weight's size and device");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "lowmem: ", op, ": codes must be contiguous uint8");
+  check_blocks(codes.numel(), absmax, blocksize, codes, op);
+  TORCH_CHECK(outlier_value.scalar_type() == at::kFloat && outlier_value.is_contiguous() &&
+                  outlier_value.device() == codes.device(), "lowmem: ", op, ": outlier values must be contiguous float32");
+  TORCH_CHECK(row.scalar_type() == at::kFloat && col.scalar_type() == at::kFloat && row.is_contiguous() &&
+                  col.is_contiguous() && row.numel() == grad.size(0) && col.numel() == grad.size(1) &&
+                  row.device() == codes.device() && col.device() == codes.device(),
+              "lowmem: ", op, ": row/col statistics must be contiguous float32 of ", grad.size(0), "/", grad.size(1),
+              " values on the weight's device");
+}
+
 // The layout of a token-block gather or scatter (lowmem/ops/blocks.py): x is [x_batch, length, ...] with x_batch
 // 1 (broadcast) or batch, blocks [batch, kept] int64; each kept block is block_size rows, then the tail.
 struct TokenBlocks {

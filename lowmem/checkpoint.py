@@ -36,8 +36,9 @@ from lowmem.hf_folder import SHARD_BYTES, write_hf_folder
 from lowmem.int8_weights import int8_state_dict, int8_weights, load_int8_state_dict
 from lowmem.masks import MASKS_FILE, masks_state_dict
 
-# 2: adds weights_int8.safetensors; 3: its rounding generators by device. Versions 1 and 2 still load.
-FORMAT_VERSION = 3
+# 2: adds weights_int8.safetensors; 3: its rounding generators by device; 4: no generators (the rounding noise is
+# counter-based, resumed from each weight's update count). Versions 1 to 3 still load.
+FORMAT_VERSION = 4
 STATE_FILE = "trainer_state.json"
 INT8_FILE = "weights_int8.safetensors"
 TOKENS_FILE = "tokens.safetensors"
@@ -243,10 +244,7 @@ def load_int8_weights(checkpoint: Path, model) -> bool:
     if not path.exists():
         return False
     try:
-        absent = load_int8_state_dict(model, load_file(path))
+        load_int8_state_dict(model, load_file(path))
     except ValueError as err:
         raise UserError(f"{path}: {err} (resume with the model.int8 settings it was written with)") from None
-    if absent:
-        log.warning("%s: int8 rounding generators of %s are not restored (no such device here); their rounding "
-                    "restarts from the seed", path, ", ".join(absent))
     return True

@@ -9,16 +9,19 @@ in the layer's own layout:
                  block's scale nor lose precision themselves.
 :class:`Int8Linear` dequantizes the weight just in time, in forward and again in backward, so only the layer
 at work has a float weight (it saves its input, never the weight). Its weight gradient is handed to the
-trainer's strategy as a parameter's would be (``.grad`` plus post-accumulate hooks), and the update runs
-dequantize → the rule's step on that one float32 tensor → requantize:
+trainer's strategy as a parameter's would be (``.grad`` plus post-accumulate hooks), and the update is one fused
+op (``lowmem.ops.int8_update``): dequantize → the rule's step → requantize, a block of values at a time, with no
+float copy of the matrix, for sgd, adafactor/adalomo, lion and lion8bit (other rules step a float32 copy, which
+the op then requantizes):
 
 * requantization rounds stochastically (``floor(x + u)``, u ~ U[0, 1)): unbiased, so an update far smaller
   than one code step still moves the weight on average, where rounding to nearest would drop it every time;
 * a block's scale only grows between refreshes (by two codes of headroom when a value outgrows it), so the
   grid stays put and weights that did not move are not re-rounded;
 * every ``refresh_every`` updates the outlier positions and all block scales are chosen afresh.
-Each weight has its own random generator, seeded from the run's seed and its name, so the rounding does not
-depend on the order the strategy updates weights in, and its state checkpoints with the codes.
+The noise u of element i at the weight's t-th update is Philox4x32-10 of (i, t) under the weight's seed (made
+from the run's seed and its name): it does not depend on the order the strategy updates weights in, on threads or
+devices, and a checkpoint resumes it from the update count alone.
 """
 
 from __future__ import annotations
@@ -30,25 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.hooks import RemovableHandle
 
-from lowmem.ops.quant import dequantize_blockwise, quantize_blockwise
-from lowmem.tensor_cache import tensor_cache
+from lowmem.ops.int8_update import (ASSIGN, FACTORED, LION, LION8BIT, SGD, int8_factored_prepare, int8_update_,
+                                    linear_map)
+from lowmem.ops.int8_update import MAX_CODE, ZERO_CODE  # noqa: F401  (the code layout, as lowmem.prune reads it)
+from lowmem.ops.quant import dequantize_blockwise
 
 WEIGHT_BLOCKSIZE = 256
-ZERO_CODE = 128
-MAX_CODE = 127  # codes span ZERO_CODE ± MAX_CODE; code 0 is never written
-HEADROOM = 1 + 2 / MAX_CODE  # a scale that must grow grows two codes beyond the value that outgrew it
-RNG_KEY = "rounding_rng"
-
-
-@tensor_cache()
-def _linear_map_on(device: str) -> torch.Tensor:
-    return (torch.arange(256, dtype=torch.float32, device=device) - ZERO_CODE) / MAX_CODE
-
-
-def linear_map(device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256-entry symmetric linear code map: entry i is (i − 128) / 127, so 128 is 0 and 255 is 1 (one shared
-    copy per device: never write to it)."""
-    return _linear_map_on(str(torch.device(device)))
+RNG_KEY = "rounding_rng"  # format 2 and 3 checkpoints' generator states: read past, the noise is counter-based now
 
 
 class Int8Weight(torch.nn.Module):
@@ -71,19 +62,17 @@ class Int8Weight(torch.nn.Module):
         self.requires_grad = True
         self.grad: torch.Tensor | None = None
         self._grad_hooks: OrderedDict[int, object] = OrderedDict()  # weak-referenceable, for RemovableHandle
-        # By device: the weight is updated where it is computed, and a checkpoint taken while a frozen weight sits
-        # in host memory must save the generator it was updated with, not a fresh one for the host.
-        self._generators: dict[str, torch.Generator] = {}
-        self.host_updates = 0  # mirrors the ``updates`` buffer, so deciding a refresh reads nothing on the device
+        self.host_updates = 0  # mirrors the ``updates`` buffer (the noise's counter), so no step reads the device
         n_blocks = -(-weight.numel() // blocksize)
         device = weight.device
-        self.register_buffer("codes", torch.empty(weight.numel(), dtype=torch.uint8, device=device))
-        self.register_buffer("absmax", torch.empty(n_blocks, dtype=torch.float32, device=device))
-        self.register_buffer("outlier_index", torch.empty(self.n_outliers, dtype=torch.int32, device=device))
-        self.register_buffer("outlier_value", torch.empty(self.n_outliers, dtype=torch.float32, device=device))
+        self.register_buffer("codes", torch.full((weight.numel(),), ZERO_CODE, dtype=torch.uint8, device=device))
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.float32, device=device))
+        self.register_buffer("outlier_index", torch.zeros(self.n_outliers, dtype=torch.int32, device=device))
+        self.register_buffer("outlier_value", torch.zeros(self.n_outliers, dtype=torch.float32, device=device))
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64, device=device))
-        with torch.no_grad():
-            self._store(weight.detach().reshape(-1).float().clone(), rescale=True, stochastic=False)
+        with torch.no_grad():  # the outliers and every scale chosen afresh, rounded to nearest
+            int8_update_(self.codes, self.absmax, self.outlier_index, self.outlier_value, weight.detach(),
+                         rule=ASSIGN, refresh=True, stochastic=False, blocksize=blocksize)
 
     # -- what the strategies see --------------------------------------------------------------------
 
@@ -149,88 +138,51 @@ class Int8Weight(torch.nn.Module):
     @torch.no_grad()
     def update_with(self, rule, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
                     grad_scale: float | torch.Tensor = 1.0, mask: torch.Tensor | None = None) -> None:
-        """One step of ``rule`` on a float32 copy of this weight, requantized into the same storage; ``mask`` (a
+        """One step of ``rule`` on this weight, requantized into the same storage by one fused op; ``mask`` (a
         sparsity mask) zeroes the pruned entries before requantizing (code 128 is exactly zero)."""
-        work = self.dequantize(torch.float32)
-        rule.update(work, grad, state, lr, grad_scale=grad_scale)
-        if mask is not None:
-            work.mul_(mask)
         self.updates += 1
         self.host_updates += 1
         refresh = self.refresh_every > 0 and self.host_updates % self.refresh_every == 0
-        self._store(work.view(-1), rescale=refresh, stochastic=self.stochastic)
+        kwargs = self._rule_kwargs(rule, grad, state, lr, grad_scale)
+        if kwargs["rule"] == ASSIGN:  # a rule without an int8 kernel: its step on a float32 copy
+            work = self.dequantize(torch.float32)
+            rule.update(work, grad, state, lr, grad_scale=grad_scale)
+            grad = work
+        int8_update_(self.codes, self.absmax, self.outlier_index, self.outlier_value, grad,
+                     mask=None if mask is None else mask.reshape(-1), seed=self.seed, step=self.host_updates,
+                     refresh=refresh, stochastic=self.stochastic, blocksize=self.blocksize, **kwargs)
 
-    def _store(self, flat: torch.Tensor, rescale: bool, stochastic: bool) -> None:
-        """Quantize the float32 ``flat`` (consumed as scratch) into the buffers.
+    def _rule_kwargs(self, rule, grad, state, lr, grad_scale) -> dict:
+        """``int8_update_``'s rule arguments for ``rule`` (see ``lowmem.rules``), running its reductions first."""
+        from lowmem.rules.factored import Factored
+        from lowmem.rules.lion import Lion
+        from lowmem.rules.sgd import SGD as SGDRule
 
-        ``rescale`` picks the outliers and every block scale afresh; otherwise the outlier positions stay
-        and a block's scale only grows.
-        """
-        if self.n_outliers:
-            if rescale:
-                index = flat.abs().topk(self.n_outliers, sorted=False).indices.sort().values
-                self.outlier_index.copy_(index)
-            index = self.outlier_index.long()
-            self.outlier_value.copy_(flat[index])
-            flat.index_fill_(0, index, 0.0)  # a Python scalar assigned by index is uploaded per call: a sync
-        if rescale and not stochastic:
-            codes, absmax = quantize_blockwise(flat, linear_map(self.device), self.blocksize, preserve_sign=False)
-            self.codes.copy_(codes)
-            self.absmax.copy_(absmax)
-            return
-        blocks = _padded_blocks(flat, self.blocksize)
-        block_max = blocks.abs().amax(dim=1)
-        if rescale:
-            self.absmax.copy_(block_max)
-        else:
-            torch.where(block_max > self.absmax, block_max * HEADROOM, self.absmax, out=self.absmax)
-        scale = torch.where(self.absmax > 0, MAX_CODE / self.absmax, torch.zeros_like(self.absmax))
-        scaled = blocks.mul_(scale[:, None])
-        if stochastic:
-            noise = torch.rand(scaled.shape, generator=self.generator(), device=scaled.device)
-            scaled.add_(noise).floor_()
-        else:
-            scaled.round_()
-        scaled.clamp_(-MAX_CODE, MAX_CODE).add_(ZERO_CODE)
-        self.codes.copy_(scaled.view(-1)[: self.codes.numel()])
+        common = {"grad_scale": grad_scale, "lr": lr, "weight_decay": rule.weight_decay}
+        if isinstance(rule, SGDRule):
+            return {"rule": SGD, **common}
+        if isinstance(rule, Factored) and grad.dim() == 2:
+            state["step"] += 1
+            coef = int8_factored_prepare(
+                self.codes, self.absmax, self.outlier_value, grad, state["exp_avg_sq_row"], state["exp_avg_sq_col"],
+                step=state["step"], grad_scale=grad_scale, lr=lr, relative_step=rule.relative_step,
+                decay_rate=rule.decay_rate, eps1=rule.eps1, clip_threshold=rule.clip_threshold, eps2=rule.eps2,
+                scale_parameter=rule.scale_parameter, blocksize=self.blocksize)
+            return {"rule": FACTORED, "coef": coef, "state": state.get("exp_avg"), "beta1": rule.beta1 or 0.0, **common}
+        if isinstance(rule, Lion) and "exp_avg" in state:
+            return {"rule": LION, "state": state["exp_avg"], "beta1": rule.beta1, "beta2": rule.beta2, **common}
+        if isinstance(rule, Lion) and rule.blocksize == self.blocksize:
+            code = rule._code_on(self.device) if rule.code is not None else None
+            from lowmem.ops.quant import dynamic_map
 
-    def generator(self) -> torch.Generator:
-        """This weight's rounding generator on the weight's device (made on first use there)."""
-        return self._generator_on(str(self.device))
-
-    def _generator_on(self, device: str) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-            self._generators[device].manual_seed(self.seed)
-        return self._generators[device]
-
-    def generator_states(self) -> dict[str, torch.Tensor]:
-        """The state of every rounding generator this weight has used, by device (``cpu``, ``cuda:0``)."""
-        return {device: g.get_state() for device, g in self._generators.items()}
-
-    def load_generator_states(self, states: dict[str, torch.Tensor]) -> list[str]:
-        """Restore :meth:`generator_states`; returns the devices this machine lacks (their streams restart)."""
-        self._generators = {}
-        missing = []
-        for device, state in states.items():
-            if not _device_exists(device):
-                missing.append(device)
-                continue
-            self._generator_on(device).set_state(state)
-        return missing
+            return {"rule": LION8BIT, "state": state["exp_avg_codes"], "state_absmax": state["exp_avg_absmax"],
+                    "state_code": code if code is not None else dynamic_map(self.device), "beta1": rule.beta1,
+                    "beta2": rule.beta2, **common}
+        return {"rule": ASSIGN}
 
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.shape)}, outliers={self.n_outliers}, blocksize={self.blocksize}, "
                 f"refresh_every={self.refresh_every}, stochastic={self.stochastic}")
-
-
-def _padded_blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    n_blocks = -(-flat.numel() // blocksize)
-    if n_blocks * blocksize == flat.numel():
-        return flat.view(n_blocks, blocksize)
-    padded = flat.new_zeros(n_blocks * blocksize)
-    padded[: flat.numel()] = flat
-    return padded.view(n_blocks, blocksize)
 
 
 class _Int8LinearFunction(torch.autograd.Function):
@@ -376,29 +328,20 @@ def dequantized_state_dict(model: torch.nn.Module, device: str = "cpu") -> dict[
 
 
 def int8_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Everything needed to resume int8 weights exactly: codes, scales, outliers, update counts and the
-    state of each rounding generator by device (``NAME.rounding_rng.cuda:0``) (flat name → CPU tensor,
-    safetensors-ready)."""
-    flat = {}
-    for name, weight in int8_weights(model).items():
-        for key, buffer in weight.named_buffers():
-            flat[f"{name}.{key}"] = buffer.detach().cpu()
-        for device, state in weight.generator_states().items():
-            flat[f"{name}.{RNG_KEY}.{device}"] = state.cpu()
-    return flat
+    """Everything needed to resume int8 weights exactly: codes, scales, outliers and update counts (the rounding
+    noise's counter; its key is the weight's seed) (flat name → CPU tensor, safetensors-ready)."""
+    return {f"{name}.{key}": buffer.detach().cpu()
+            for name, weight in int8_weights(model).items() for key, buffer in weight.named_buffers()}
 
 
-def load_int8_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor]) -> list[str]:
-    """Inverse of :func:`int8_state_dict`; returns the generator devices this machine lacks.
-
-    A checkpoint of format version 2 holds one generator per weight under ``NAME.rounding_rng``; lowmem
-    wrote those on CPU only, so it is restored as the CPU generator.
-    """
+def load_int8_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`int8_state_dict`. Checkpoints of format 2 and 3 also hold each weight's rounding generator
+    state (``NAME.rounding_rng[.DEVICE]``): the noise is counter-based now, so those are read past and rounding
+    continues from the saved update count."""
     weights = int8_weights(model)
     missing = [f"{n}.codes" for n in weights if f"{n}.codes" not in flat]
     if missing:
         raise ValueError(f"int8 weight state lacks {missing[0]} (and {len(missing) - 1} more)")
-    absent_devices: set[str] = set()
     for name, weight in weights.items():
         for key, buffer in weight.named_buffers():
             saved = flat[f"{name}.{key}"]
@@ -406,18 +349,3 @@ def load_int8_state_dict(model: torch.nn.Module, flat: dict[str, torch.Tensor]) 
                 raise ValueError(f"{name}.{key} has shape {tuple(saved.shape)}, the model expects {tuple(buffer.shape)}")
             buffer.copy_(saved)
         weight.host_updates = int(flat[f"{name}.updates"])
-        prefix = f"{name}.{RNG_KEY}."
-        states = {key[len(prefix):]: t for key, t in flat.items() if key.startswith(prefix)}
-        if f"{name}.{RNG_KEY}" in flat:  # format version 2
-            states["cpu"] = flat[f"{name}.{RNG_KEY}"]
-        absent_devices.update(weight.load_generator_states(states))
-    return sorted(absent_devices)
-
-
-def _device_exists(device: str) -> bool:
-    d = torch.device(device)
-    if d.type == "cpu":
-        return True
-    if d.type == "cuda":
-        return torch.cuda.is_available() and (d.index or 0) < torch.cuda.device_count()
-    return False

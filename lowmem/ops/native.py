@@ -40,6 +40,7 @@ def ensure_loaded() -> NativeStatus:
     with _lock:
         if _status is None:
             import lowmem.ops.blocks  # noqa: F401  (the op schemas must exist before kernels register)
+            import lowmem.ops.int8_update  # noqa: F401
             import lowmem.ops.quant  # noqa: F401
             import lowmem.ops.update  # noqa: F401
 
