@@ -84,7 +84,8 @@ LOWMEM_HD float int8_lion_value(float w, float g, float m, const Int8Scalars& s,
 LOWMEM_HD uint8_t int8_code_of(float v, float scale, float u, bool stochastic) {
   float q = v * scale;
   q = stochastic ? floorf(q + u) : rintf(q);
-  q = fminf(fmaxf(q, -kInt8MaxCode), kInt8MaxCode);
+  q = q < -kInt8MaxCode ? -kInt8MaxCode : q;  // comparisons, not fminf/fmaxf: those are libm calls on the host
+  q = q > kInt8MaxCode ? kInt8MaxCode : q;
   return static_cast<uint8_t>(static_cast<int>(q) + kInt8ZeroCode);
 }
 

@@ -153,7 +153,7 @@ def test_training_refuses_a_run_over_its_budget_before_loading(tmp_path, micro_m
     assert result.final_dir.exists()
 
 
-@pytest.mark.parametrize("name,billions", [("llama-3.2-1b", 1.236), ("llama-2-7b", 6.738), ("llama-3.1-8b", 8.030), ("qwen2.5-7b", 7.616),
+@pytest.mark.parametrize("name,billions", [("llama-3.2-1b", 1.236), ("llama-2-7b", 6.738), ("llama-3.1-8b", 8.030), ("qwen2.5-7b", 7.616), ("qwen2.5-14b", 14.770),
                                            ("mistral-7b", 7.248), ("llama-2-13b", 13.016), ("llama-3.1-70b", 70.554)])
 def test_shipped_model_configs_have_the_published_sizes(name, billions):
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "../int8_update_common.h"
@@ -60,7 +61,7 @@ template <typename g_t>
 class BlockUpdater {
  public:
   BlockUpdater(const Int8Buffers& b, const g_t* grad, const Int8Scalars& s) : b_(b), grad_(grad), s_(s) {
-    for (int i = 0; i < 256; ++i) lmap_[i] = int8_linear_value(i);
+    if (s.rule == kInt8Lion8bit) lut_ = std::make_unique<CodeLut>(b.state_code);  // once per step, not per block
   }
 
   // θ' of block `blk` into v (blocksize floats) and its old-outlier range [olo, ohi); writes the rule's state when
@@ -75,7 +76,9 @@ class BlockUpdater {
       for (int64_t k = 0; k < len; ++k) v[k] = static_cast<float>(grad_[lo + k]);
     } else {
       const float scale = b_.absmax[blk];
-      for (int64_t k = 0; k < len; ++k) v[k] = lmap_[b_.codes[lo + k]] * scale;
+      const uint8_t* codes = b_.codes + lo;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) v[k] = int8_linear_value(codes[k]) * scale;
       for (int64_t j = olo; j < ohi; ++j) v[b_.outlier_index[j] - lo] = b_.outlier_value[j];
       const float gs = b_.grad_scale;
       switch (s_.rule) {
@@ -83,23 +86,42 @@ class BlockUpdater {
 #pragma omp simd
           for (int64_t k = 0; k < len; ++k) v[k] = int8_sgd_value(v[k], static_cast<float>(grad_[lo + k]) * gs, s_);
           break;
-        case kInt8Factored: {
+        case kInt8Factored: {  // by runs of one row, so no element divides its index by the row length
           const float* c = b_.coef + b_.rows;
           const float divisor = b_.coef[b_.rows + s_.cols], alpha = b_.coef[b_.rows + s_.cols + 1];
-          for (int64_t k = 0; k < len; ++k) {
-            const int64_t i = lo + k, row = i / s_.cols, col = i - row * s_.cols;
-            v[k] = int8_factored_value(v[k], static_cast<float>(grad_[i]) * gs, b_.coef[row], c[col], divisor, alpha,
-                                       b_.state != nullptr ? b_.state + i : nullptr, s_, write_state);
+          for (int64_t k = 0; k < len;) {
+            const int64_t row = (lo + k) / s_.cols, col0 = lo + k - row * s_.cols;
+            const int64_t run = std::min(len - k, s_.cols - col0);
+            const float r = b_.coef[row];
+            const float* cc = c + col0;
+            const g_t* gg = grad_ + lo + k;
+            float* vv = v + k;
+            if (b_.state == nullptr) {
+#pragma omp simd
+              for (int64_t j = 0; j < run; ++j)
+                vv[j] = int8_factored_value(vv[j], static_cast<float>(gg[j]) * gs, r, cc[j], divisor, alpha, nullptr, s_,
+                                            false);
+            } else {
+              float* m = b_.state + lo + k;
+              for (int64_t j = 0; j < run; ++j)
+                vv[j] = int8_factored_value(vv[j], static_cast<float>(gg[j]) * gs, r, cc[j], divisor, alpha, m + j, s_,
+                                            write_state);
+            }
+            k += run;
           }
           break;
         }
-        case kInt8Lion:
-          for (int64_t k = 0; k < len; ++k) {
-            float m;
-            v[k] = int8_lion_value(v[k], static_cast<float>(grad_[lo + k]) * gs, b_.state[lo + k], s_, m);
-            if (write_state) b_.state[lo + k] = m;
+        case kInt8Lion: {
+          float* m = b_.state + lo;
+          if (write_state) {
+#pragma omp simd
+            for (int64_t k = 0; k < len; ++k) v[k] = int8_lion_value(v[k], static_cast<float>(grad_[lo + k]) * gs, m[k], s_, m[k]);
+          } else {
+#pragma omp simd
+            for (int64_t k = 0; k < len; ++k) v[k] = int8_lion_value(v[k], static_cast<float>(grad_[lo + k]) * gs, m[k], s_, m_new[k]);
           }
           break;
+        }
         case kInt8Lion8bit: {
           const float m_scale = b_.state_absmax[blk];
           float amax = 0.f;
@@ -111,54 +133,56 @@ class BlockUpdater {
           if (write_state) {  // requantized to the nearest code keeping the sign, as quantize_blockwise does
             b_.state_absmax[blk] = amax;
             const float divisor = amax > 0.f ? amax : 1.f;
-            const CodeLut& lut = lut_for(b_.state_code);
-            for (int64_t k = 0; k < len; ++k) b_.state_codes[lo + k] = lut.nearest(m_new[k] / divisor, true);
+            for (int64_t k = 0; k < len; ++k) b_.state_codes[lo + k] = lut_->nearest(m_new[k] / divisor, true);
           }
           break;
         }
       }
     }
     if (b_.mask != nullptr) {
-      for (int64_t k = 0; k < len; ++k) v[k] = b_.mask[lo + k] ? v[k] : 0.f;
+      const bool* mask = b_.mask + lo;
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) v[k] = mask[k] ? v[k] : 0.f;
     }
   }
 
-  // The stochastic codes and new scale of a block whose outliers are already zeroed in v.
-  void store(int64_t blk, float* v) const {
+  // The stochastic codes and new scale of a block whose outliers are already zeroed in v; noise: scratch for
+  // blocksize + 8 floats.
+  void store(int64_t blk, const float* v, float* noise) const {
     const int64_t bs = s_.blocksize, lo = blk * bs, len = std::min(lo + bs, b_.n) - lo;
     float block_max = 0.f;
+#pragma omp simd reduction(max : block_max)
     for (int64_t k = 0; k < len; ++k) block_max = std::max(block_max, std::fabs(v[k]));
     const float absmax = int8_new_absmax(b_.absmax[blk], block_max, s_.refresh);
     b_.absmax[blk] = absmax;
     const float scale = int8_scale_of(absmax);
+    uint8_t* codes = b_.codes + lo;
     if (!s_.stochastic) {
-      for (int64_t k = 0; k < len; ++k) b_.codes[lo + k] = int8_code_of(v[k], scale, 0.f, false);
+#pragma omp simd
+      for (int64_t k = 0; k < len; ++k) codes[k] = int8_code_of(v[k], scale, 0.f, false);
       return;
     }
-    const uint64_t first_group = static_cast<uint64_t>(lo) >> 2, last_group = static_cast<uint64_t>(lo + len - 1) >> 2;
-    for (uint64_t group = first_group; group <= last_group; ++group) {
-      float u[4];
-      rounding_noise4(group, s_.seed, s_.step, u);
-      for (int lane = 0; lane < 4; ++lane) {
-        const int64_t i = static_cast<int64_t>(group * 4 + lane);
-        if (i >= lo && i < lo + len) b_.codes[i] = int8_code_of(v[i - lo], scale, u[lane], true);
-      }
-    }
+    const uint64_t first_group = static_cast<uint64_t>(lo) >> 2;
+    const int64_t n_groups = static_cast<int64_t>(((static_cast<uint64_t>(lo + len - 1)) >> 2) - first_group + 1);
+    rounding_noise_groups(first_group, n_groups, s_.seed, s_.step, noise);
+    const float* u = noise + (lo - static_cast<int64_t>(first_group * 4));
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) codes[k] = int8_code_of(v[k], scale, u[k], true);
   }
 
  private:
   const Int8Buffers& b_;
   const g_t* grad_;
   const Int8Scalars& s_;
-  float lmap_[256];
+  std::unique_ptr<CodeLut> lut_;
 };
 
-// Runs body(blk, v, m_new) over every block in parallel, with one block of scratch per worker.
+// Runs body(blk, v, m_new, noise) over every block in parallel, with one block of scratch per worker.
 template <typename Body>
 void for_blocks(int64_t n_blocks, int64_t blocksize, Body body) {
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> v(blocksize), m_new(blocksize);
-    for (int64_t blk = begin; blk < end; ++blk) body(blk, v.data(), m_new.data());
+    std::vector<float> v(blocksize), m_new(blocksize), noise(blocksize + 8);
+    for (int64_t blk = begin; blk < end; ++blk) body(blk, v.data(), m_new.data(), noise.data());
   });
 }
 
@@ -178,7 +202,7 @@ void int8_update_impl(const Int8Buffers& b, const g_t* grad, const Int8Scalars& 
   const int64_t bs = s.blocksize, n_blocks = (b.n + bs - 1) / bs;
   BlockUpdater<g_t> up(b, grad, s);
   if (!s.refresh || b.n_outliers == 0) {
-    for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new) {
+    for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new, float* noise) {
       int64_t olo, ohi;
       up.values(blk, v, olo, ohi, true, m_new);
       const int64_t lo = blk * bs;
@@ -186,7 +210,7 @@ void int8_update_impl(const Int8Buffers& b, const g_t* grad, const Int8Scalars& 
         b.outlier_value[j] = v[b.outlier_index[j] - lo];
         v[b.outlier_index[j] - lo] = 0.f;
       }
-      up.store(blk, v);
+      up.store(blk, v, noise);
     });
     return;
   }
@@ -196,7 +220,7 @@ void int8_update_impl(const Int8Buffers& b, const g_t* grad, const Int8Scalars& 
   int64_t rank = b.n_outliers;
   for (const Pass pass : {Pass::kHistHigh, Pass::kHistLow}) {
     std::vector<int64_t> hist(static_cast<size_t>(n_threads) * 65536, 0);
-    for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new) {
+    for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new, float* noise) {
       int64_t olo, ohi;
       up.values(blk, v, olo, ohi, false, m_new);
       int64_t* mine = hist.data() + static_cast<size_t>(at::get_thread_num()) * 65536;
@@ -216,7 +240,7 @@ void int8_update_impl(const Int8Buffers& b, const g_t* grad, const Int8Scalars& 
   }
   sel.above_in_block.assign(n_blocks, 0);
   sel.ties_in_block.assign(n_blocks, 0);
-  for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new) {
+  for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new, float* noise) {
     int64_t olo, ohi, above = 0, ties = 0;
     up.values(blk, v, olo, ohi, false, m_new);
     const int64_t len = std::min(blk * bs + bs, b.n) - blk * bs;
@@ -240,7 +264,7 @@ void int8_update_impl(const Int8Buffers& b, const g_t* grad, const Int8Scalars& 
   }
   sel.new_index.assign(b.n_outliers, 0);
   sel.new_value.assign(b.n_outliers, 0.f);
-  for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new) {
+  for_blocks(n_blocks, bs, [&](int64_t blk, float* v, float* m_new, float* noise) {
     int64_t olo, ohi;
     up.values(blk, v, olo, ohi, true, m_new);
     const int64_t lo = blk * bs, len = std::min(lo + bs, b.n) - lo;
@@ -255,7 +279,7 @@ void int8_update_impl(const Int8Buffers& b, const g_t* grad, const Int8Scalars& 
         v[k] = 0.f;
       }
     }
-    up.store(blk, v);
+    up.store(blk, v, noise);
   });
   std::memcpy(b.outlier_index, sel.new_index.data(), sizeof(int32_t) * b.n_outliers);
   std::memcpy(b.outlier_value, sel.new_value.data(), sizeof(float) * b.n_outliers);

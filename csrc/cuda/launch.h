@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include "../int8_update_common.h"
+
 namespace lowmem {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -67,6 +69,61 @@ struct LionScalars {
 int lion8bit_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, uint8_t* codes,
                                 float* absmax, const float* code, int64_t n, int64_t blocksize, LionScalars scalars,
                                 const float* grad_scale, cudaStream_t stream);
+
+// The fused int8-weight update (lowmem/ops/int8_update.py). An int8 weight's buffers and the rule's state (null where
+// the rule has none): codes, absmax per block, sorted outlier positions and values; lion8bit's momentum codes and
+// absmax use the weight's blocks.
+struct Int8DeviceBuffers {
+  uint8_t* codes;
+  float* absmax;
+  int32_t* outlier_index;
+  float* outlier_value;
+  int64_t n, n_outliers;
+  const bool* mask;
+  float* state;
+  uint8_t* state_codes;
+  float* state_absmax;
+  const float* state_code;
+  const float* coef;
+  int64_t rows;
+};
+
+// Device scratch for a refresh, allocated by the caller (unused otherwise): hist 65536 counters, selection 4, counts
+// and offsets 2 × n_blocks each, new_index / new_value n_outliers each.
+struct Int8RefreshWorkspace {
+  unsigned long long* hist;
+  long long* selection;
+  long long* counts;
+  long long* offsets;
+  int32_t* new_index;
+  float* new_value;
+};
+
+// One step (blocksize ≤ 4096); grad_scale: device pointer to one float.
+int int8_update_cuda_launch(DType grad_dtype, const void* grad, Int8DeviceBuffers buffers, Int8Scalars scalars,
+                            const float* grad_scale, Int8RefreshWorkspace workspace, cudaStream_t stream);
+
+// Row slices of the column sums of int8_factored_prepare: deterministic, parallel over rows as well as columns.
+inline int64_t int8_prepare_col_chunks(int64_t rows) {
+  const int64_t chunks = (rows + 63) / 64;
+  return chunks < 1 ? 1 : (chunks > 64 ? 64 : chunks);
+}
+
+// Device scratch of int8_factored_prepare: row_partial rows doubles, col_partial int8_prepare_col_chunks(rows) × cols,
+// block_sq one per weight block.
+struct Int8PrepareWorkspace {
+  double* row_partial;
+  double* col_partial;
+  double* block_sq;
+};
+
+// The factored rules' coefficients [r (rows), c (cols), clip divisor, α] into out; updates row and col. step and
+// grad_scale: device pointers to one float each.
+int int8_factored_prepare_cuda_launch(DType grad_dtype, const void* grad, const uint8_t* codes, const float* absmax,
+                                      const float* outlier_value, int64_t n_outliers, float* row, float* col,
+                                      int64_t rows, int64_t cols, int64_t blocksize, FactoredScalars scalars,
+                                      const float* step, const float* grad_scale, Int8PrepareWorkspace workspace,
+                                      float* out, cudaStream_t stream);
 
 // Token blocks (lowmem/ops/blocks.py). Segment copies of whole blocks, any dtype (moved as bytes): gather copies each
 // sequence's kept blocks (indices in blocks, batch × kept, on the device) and its tail from the full tensor

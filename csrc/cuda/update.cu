@@ -9,27 +9,13 @@
 #include "../update_common.h"
 #include "dtype.cuh"
 #include "launch.h"
+#include "col_sums.cuh"
+#include "reduce.cuh"
 
 namespace lowmem {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kColTile = 32;  // columns per block of the column-sum kernel (one warp wide)
-constexpr int kColRows = 8;   // rows read at once by a block of the column-sum kernel
-
-// Sum of v over the block (double), valid in thread 0.
-__device__ double block_sum(double v) {
-  __shared__ double partial[kThreads];
-  partial[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-    __syncthreads();
-  }
-  const double total = partial[0];
-  __syncthreads();
-  return total;
-}
 
 template <typename T, typename G>
 __global__ void sgd_kernel(T* __restrict__ param, const G* __restrict__ grad, int64_t n, float decay, float neg_lr,
@@ -61,42 +47,12 @@ __global__ void row_stats_kernel(const T* __restrict__ param, const G* __restric
     const double w = to_float(param[br * cols + j]);
     psq += w * w;
   }
-  const double total = block_sum(sq);
-  const double total_p = block_sum(psq);
+  const double total = block_total(sq);
+  const double total_p = block_total(psq);
   if (threadIdx.x == 0) {
     const float beta2t = step_scalars(step, a).beta2t;
     row[br] = row[br] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols);
     row_param_sq[br] = total_p;
-  }
-}
-
-// Column sums of (s·g)² + eps1, parallel over rows too: block (b · col_tiles + tile, chunk) sums a slice of rows
-// for kColTile consecutive columns (a warp reads consecutive columns of one row: coalesced) into
-// col_partial[chunk][b][j]. The batch is folded into x, whose limit is 2³¹ − 1 (y and z stop at 65535).
-template <typename G>
-__global__ void col_partial_kernel(const G* __restrict__ grad, double* __restrict__ col_partial, int64_t batch,
-                                   int64_t rows, int64_t cols, int64_t col_tiles, int64_t rows_per_chunk, float eps1,
-                                   const float* __restrict__ grad_scale_p) {
-  __shared__ double acc[kColRows][kColTile + 1];
-  const int64_t b = blockIdx.x / col_tiles, tile = blockIdx.x % col_tiles;
-  const int64_t j = tile * kColTile + threadIdx.x;
-  const int64_t chunk = blockIdx.y;
-  const int64_t lo = chunk * rows_per_chunk;
-  const int64_t hi = lo + rows_per_chunk < rows ? lo + rows_per_chunk : rows;
-  const float grad_scale = *grad_scale_p;
-  double sum = 0.0;
-  if (j < cols) {
-    for (int64_t i = lo + threadIdx.y; i < hi; i += kColRows) {
-      const float g = to_float(grad[(b * rows + i) * cols + j]) * grad_scale;
-      sum += static_cast<double>(g * g + eps1);
-    }
-  }
-  acc[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && j < cols) {
-    double total = 0.0;
-    for (int y = 0; y < kColRows; ++y) total += acc[y][threadIdx.x];
-    col_partial[(chunk * batch + b) * cols + j] = total;
   }
 }
 
@@ -119,12 +75,12 @@ __global__ void row_factor_kernel(const float* __restrict__ row, float* __restri
   const int64_t b = blockIdx.x;
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) s += row[b * rows + i];
-  const float mean = static_cast<float>(block_sum(s) / rows);
+  const float mean = static_cast<float>(block_total(s) / rows);
   for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) r_factor[b * rows + i] = rsqrtf(row[b * rows + i] / mean);
   if (b == 0) {
     double p = 0.0;
     for (int64_t i = threadIdx.x; i < n_rows_total; i += blockDim.x) p += row_param_sq[i];
-    const double total = block_sum(p);
+    const double total = block_total(p);
     if (threadIdx.x == 0) scalars[0] = total;
   }
 }
@@ -143,7 +99,7 @@ __global__ void vector_stats_kernel(const T* __restrict__ param, const G* __rest
     const double w = to_float(param[i]);
     psq += w * w;
   }
-  const double total = block_sum(psq);
+  const double total = block_total(psq);
   if (threadIdx.x == 0) atomicAdd(&scalars[0], total);
 }
 
@@ -167,7 +123,7 @@ __global__ void update_sq_kernel(const G* __restrict__ grad, const float* __rest
     const double u = update_at(grad, r_factor, col, v, i, rows, cols, factored, grad_scale);
     s += u * u;
   }
-  const double total = block_sum(s);
+  const double total = block_total(s);
   if (threadIdx.x == 0) atomicAdd(&scalars[1], total);
 }
 

@@ -7,24 +7,11 @@
 #include <torch/library.h>
 
 #include "../torch_utils.h"
+#include "binding_utils.h"
 #include "launch.h"
 
 namespace lowmem {
 namespace {
-
-DType dtype_of(const at::Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "lowmem: ", op, ": CUDA kernels support float32, float16 and bfloat16, got ",
-                         t.scalar_type());
-  }
-}
-
-void check(int err, const char* what) {
-  TORCH_CHECK(err == 0, "lowmem: ", what, " failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 void sgd_update_cuda(at::Tensor param, const at::Tensor& grad_in, double lr, double weight_decay,
                      const at::Tensor& grad_scale) {
@@ -33,7 +20,7 @@ void sgd_update_cuda(at::Tensor param, const at::Tensor& grad_in, double lr, dou
   const c10::cuda::CUDAGuard guard(param.device());
   const at::Tensor grad = float_or_same(grad_in, param);
   on_contiguous(param, [&](at::Tensor& p) {
-    check(sgd_update_cuda_launch(dtype_of(p, "sgd_update_"), dtype_of(grad, "sgd_update_"), p.data_ptr(),
+    check_launch(sgd_update_cuda_launch(dtype_of(p, "sgd_update_"), dtype_of(grad, "sgd_update_"), p.data_ptr(),
                                  grad.data_ptr(), p.numel(), static_cast<float>(lr), static_cast<float>(weight_decay),
                                  scale, c10::cuda::getCurrentCUDAStream()),
           "sgd_update_");
@@ -66,7 +53,7 @@ void factored_update_cuda(at::Tensor param, const at::Tensor& grad_in, at::Tenso
                              col_partial.data_ptr<double>(), scalars.data_ptr<double>()};
   float* m = exp_avg.numel() > 0 ? exp_avg.data_ptr<float>() : nullptr;
   on_contiguous(param, [&](at::Tensor& p) {
-    check(factored_update_cuda_launch(dtype_of(p, op), dtype_of(grad, op), p.data_ptr(), grad.data_ptr(),
+    check_launch(factored_update_cuda_launch(dtype_of(p, op), dtype_of(grad, op), p.data_ptr(), grad.data_ptr(),
                                       row.data_ptr<float>(), shape.factored ? col.data_ptr<float>() : nullptr, m,
                                       shape.batch, shape.rows, shape.cols, shape.factored, s, step_p, scale_p, ws,
                                       c10::cuda::getCurrentCUDAStream()),

@@ -103,12 +103,11 @@ def rounding_noise(n: int, seed: int, step: int, device: torch.device | str = "c
     """The stochastic-rounding noise u ∈ [0, 1) of elements ``start`` … ``start + n − 1`` at update ``step``
     (float32, multiples of 2⁻²⁴): element i takes word i mod 4 of Philox4x32-10 at counter
     (⌊i/4⌋ low, ⌊i/4⌋ high, step low, step high) under key (seed low, seed high)."""
-    index = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    group = index >> 2
+    first, last = start >> 2, (start + n - 1) >> 2
+    group = torch.arange(first, last + 1, dtype=torch.int64, device=device)
     words = philox4x32_10([group & _MASK, group >> 32, torch.full_like(group, step & _MASK),
                            torch.full_like(group, (step >> 32) & _MASK)], (seed & _MASK, (seed >> 32) & _MASK))
-    lane = (index & 3).unsqueeze(0)
-    bits = torch.stack(words).gather(0, lane).squeeze(0)
+    bits = torch.stack(words, dim=1).reshape(-1)[start - 4 * first: start - 4 * first + n]  # group by group
     return (bits >> 8).to(torch.float32) * 2.0**-24
 
 

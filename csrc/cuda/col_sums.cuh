@@ -1,0 +1,43 @@
+// The column-sum kernel of the factored rules' statistics, shared by update.cu and int8_update.cu.
+#pragma once
+
+#include <cstdint>
+
+#include "dtype.cuh"
+
+namespace lowmem {
+
+constexpr int kColTile = 32;  // columns per block of the column-sum kernel (one warp wide)
+constexpr int kColRows = 8;   // rows read at once by a block of the column-sum kernel
+
+// Column sums of (s·g)² + eps1, parallel over rows too: block (b · col_tiles + tile, chunk) sums a slice of rows
+// for kColTile consecutive columns (a warp reads consecutive columns of one row: coalesced) into
+// col_partial[chunk][b][j]. The batch is folded into x, whose limit is 2³¹ − 1 (y and z stop at 65535).
+template <typename G>
+__global__ void col_partial_kernel(const G* __restrict__ grad, double* __restrict__ col_partial, int64_t batch,
+                                   int64_t rows, int64_t cols, int64_t col_tiles, int64_t rows_per_chunk, float eps1,
+                                   const float* __restrict__ grad_scale_p) {
+  __shared__ double acc[kColRows][kColTile + 1];
+  const int64_t b = blockIdx.x / col_tiles, tile = blockIdx.x % col_tiles;
+  const int64_t j = tile * kColTile + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t lo = chunk * rows_per_chunk;
+  const int64_t hi = lo + rows_per_chunk < rows ? lo + rows_per_chunk : rows;
+  const float grad_scale = *grad_scale_p;
+  double sum = 0.0;
+  if (j < cols) {
+    for (int64_t i = lo + threadIdx.y; i < hi; i += kColRows) {
+      const float g = to_float(grad[(b * rows + i) * cols + j]) * grad_scale;
+      sum += static_cast<double>(g * g + eps1);
+    }
+  }
+  acc[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < cols) {
+    double total = 0.0;
+    for (int y = 0; y < kColRows; ++y) total += acc[y][threadIdx.x];
+    col_partial[(chunk * batch + b) * cols + j] = total;
+  }
+}
+
+}  // namespace lowmem
