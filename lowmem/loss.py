@@ -78,8 +78,57 @@ def _after_head(config):
     return apply
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, after_head) -> torch.Tensor:
-    logits = after_head(head(hidden))
+class _HeadGradient:
+    """The output head's weight gradient summed over the loss chunks in one buffer: each chunk's backward adds its
+    product into it in place (``addmm_``), and the chunk whose backward runs last hands the sum to autograd. Autograd's
+    own sum of a weight used by n chunks holds each chunk's full gradient before adding it (at Llama-3's 128k
+    vocabulary, 1 GiB apiece in bf16); this holds one."""
+
+    def __init__(self, chunks: int):
+        self.remaining = chunks
+        self.total: torch.Tensor | None = None
+
+
+class _ChunkHead(torch.autograd.Function):
+    """logits = hidden·Wᵀ (+ b) for one chunk, its weight gradient accumulated in a shared :class:`_HeadGradient`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, summed: _HeadGradient):
+        ctx.save_for_backward(hidden, weight)
+        ctx.summed, ctx.has_bias = summed, bias is not None
+        return F.linear(hidden, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        hidden, weight = ctx.saved_tensors
+        summed: _HeadGradient = ctx.summed
+        grad_hidden = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            if summed.total is None:
+                summed.total = grad_logits.T @ hidden
+            else:
+                summed.total.addmm_(grad_logits.T, hidden)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_logits.sum(0)  # a bias is a vocabulary-sized vector: autograd's sum is cheap
+        summed.remaining -= 1
+        if summed.remaining == 0 and summed.total is not None:
+            grad_weight, summed.total = summed.total, None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _linear_head(head: torch.nn.Module) -> bool:
+    """A plain linear head (its weight a parameter of it, no hooks or adapters around its forward)."""
+    return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
+            and isinstance(head.weight, torch.nn.Parameter))
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, after_head,
+                summed: _HeadGradient | None = None) -> torch.Tensor:
+    if summed is not None:
+        logits = after_head(_ChunkHead.apply(hidden, head.weight, head.bias, summed))
+    else:
+        logits = after_head(head(hidden))
     logits = logits.to(math_dtype(logits.dtype))
     return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
 
@@ -90,12 +139,15 @@ def _chunked_loss_sum(model, batch, targets: torch.Tensor, chunk_tokens: int) ->
     hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     head, after_head = model.get_output_embeddings(), _after_head(model.config)
+    grad = torch.is_grad_enabled()
+    n_chunks = -(-hidden.shape[0] // chunk_tokens)
+    summed = _HeadGradient(n_chunks) if grad and n_chunks > 1 and _linear_head(head) and head.weight.requires_grad else None
     total = None
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens
-        args = (hidden[start:end], flat_targets[start:end], head, after_head)
+        args = (hidden[start:end], flat_targets[start:end], head, after_head, summed)
         # recomputed in backward, so no chunk's logits are kept for it; without grad there is no backward
-        part = checkpoint(_chunk_loss, *args, use_reentrant=False) if torch.is_grad_enabled() else _chunk_loss(*args)
+        part = checkpoint(_chunk_loss, *args, use_reentrant=False) if grad else _chunk_loss(*args)
         total = part if total is None else total + part
     return total
 
