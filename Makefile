@@ -75,11 +75,13 @@ gpu-check:
 	$(GPU_PY) -c "import torch; from lowmem.ops.native import ensure_loaded; s = ensure_loaded(); assert torch.cuda.is_available() and s.with_cuda, s; print(torch.cuda.get_device_name(0), 'torch', torch.__version__, s.source)"
 	$(GPU_PY) -m pytest -q -p no:cacheprovider -m cuda tests
 	$(GPU_PY) benchmarks/bench_gpu.py
+	$(GPU_PY) benchmarks/bench_gpu.py --cap 16 --only "recipe llama3-8b-adalomo-int8-16gb,lowmem fused+adalomo int8w"
+	$(GPU_PY) benchmarks/bench_gpu.py --cap 24 --only "recipe qwen2.5-14b-adalomo-int8-24gb"
 
 # On a quiet machine: a benchmark beside another process on 2 cores runs ~10x slower.
 bench: install
 	$(PY) -m pip install -q --no-deps lomo-optim lion-pytorch
-	cd benchmarks && ../$(PY) bench_quant.py && ../$(PY) bench_update_ops.py && ../$(PY) bench_strategies.py
+	cd benchmarks && ../$(PY) bench_quant.py && ../$(PY) bench_update_ops.py && ../$(PY) bench_int8_update.py && ../$(PY) bench_strategies.py
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info lowmem/_C*.so outputs

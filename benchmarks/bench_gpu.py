@@ -4,6 +4,7 @@
     python benchmarks/bench_gpu.py --device cpu          # the same providers on tiny stand-in configs (CI runs this)
     options: --steps 4 --tokens 2048 --only NAME,NAME --out results.csv --[no-]isolate (a process per provider;
              default on a GPU) --cap-to-plan (each lowmem row capped at its plan: does the plan suffice?)
+             --cap GiB (every row on a card of that size: the allocator capped at GiB minus the CUDA context)
 
 Each provider trains a fresh model built from ``benchmarks/configs/*.json`` (architecture values only, random
 weights) in bfloat16 with gradient checkpointing, batch 1 × ``--tokens`` random tokens, for ``--steps`` steps:
@@ -44,7 +45,8 @@ from common import RESULTS, append_rows, base_row, rss_bytes  # noqa: E402
 
 CONFIGS = {"cuda": ["llama-3.2-1b", "llama-3-8b"], "cpu": ["tiny-llama-tied", "tiny-llama"]}
 # Each shipped 24 GB recipe runs on its model's shape (on CPU: the untied tiny stand-in).
-RECIPES = {"llama3-8b-adalomo-24gb": "llama-3-8b", "llama2-7b-lomo-24gb": "llama-2-7b", "llama2-7b-qft-24gb": "llama-2-7b"}
+RECIPES = {"llama3-8b-adalomo-24gb": "llama-3-8b", "llama2-7b-lomo-24gb": "llama-2-7b", "llama2-7b-qft-24gb": "llama-2-7b",
+           "llama3-8b-adalomo-int8-16gb": "llama-3-8b", "qwen2.5-14b-adalomo-int8-24gb": "qwen2.5-14b"}
 PROVIDERS = {
     "torch AdamW (fused)": dict(peer="adamw"),
     "torch AdamW in backward": dict(peer="adamw-in-backward"),
@@ -52,6 +54,8 @@ PROVIDERS = {
     "lomo-optim AdaLomo": dict(peer="lomo-adalomo"),
     "lowmem fused+adalomo": dict(overrides=["update.strategy=fused", "update.rule=adalomo", "update.lr=5e-4",
                                             "update.clip_grad_norm=null"]),
+    "lowmem fused+adalomo int8w": dict(overrides=["update.strategy=fused", "update.rule=adalomo", "update.lr=5e-4",
+                                                  "model.weight_format=int8", "update.clip_grad_norm=null"]),
     "lowmem fused+lion8bit int8w": dict(overrides=["update.strategy=fused", "update.rule=lion8bit", "update.lr=1e-5",
                                                    "model.weight_format=int8", "update.clip_grad_norm=null"]),
     "lowmem hift+adamw offload": dict(overrides=["update.strategy=hift", "update.rule=adamw", "update.lr=1e-5",
@@ -193,8 +197,18 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
         Path("/proc/self/clear_refs").write_text("5")
     n_steps = args.steps
     recipe = load_recipe(spec)
+    if recipe is not None and recipe.tokens.eliminate and device.type == "cpu":
+        # the CPU stand-in has 2 layers, fewer than the recipe's model: keep one sparse layer (the last is dense)
+        layers = json.loads((HERE / "configs" / f"{config_name}.json").read_text())["num_hidden_layers"]
+        recipe.tokens.dense_layers = min(recipe.tokens.dense_layers, layers - 2)
     planned = plan_for(recipe, config_name, args, device) if recipe else None
-    if planned is not None and args.cap_to_plan:
+    if device.type == "cuda" and args.cap:
+        # a card of args.cap GiB: its context lives outside the allocator, as on that card
+        from lowmem.plan import CUDA_CONTEXT_BYTES
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction((args.cap * 2**30 - CUDA_CONTEXT_BYTES) / total, device)
+    elif planned is not None and args.cap_to_plan:
         # the allocator may hold what the plan says minus the context (which lives outside it): a run that cannot
         # is an out-of-memory row, so the planner's modeled terms are checked, not only compared
         from lowmem.plan import CUDA_CONTEXT_BYTES
@@ -280,7 +294,8 @@ def cases(device: torch.device, only: set[str] | None) -> list[tuple[str, dict, 
 def csv_row(r: dict, args, device: torch.device) -> dict:
     """The results.csv row of one provider's result."""
     base = {**base_row("train_gpu" if device.type == "cuda" else "train_gpu_cpu_mode"),
-            "case": f"{r['config']} bf16 1x{args.tokens} ckpt" + (" capped to plan" if args.cap_to_plan else ""),
+            "case": f"{r['config']} bf16 1x{args.tokens} ckpt" + (" capped to plan" if args.cap_to_plan else "")
+            + (f" capped at {args.cap:g} GiB" if args.cap else ""),
             "provider": r["provider"]}
     if "error" in r:
         return {**base, "note": r["error"]}
@@ -308,12 +323,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="on a GPU, run each lowmem row with the caching allocator capped at what `lowmem plan` "
                              "predicts for it (torch.cuda.set_per_process_memory_fraction): a row that does not "
                              "fit says out of memory")
+    parser.add_argument("--cap", type=float, default=None,
+                        help="on a GPU, run every row as on a card of this many GiB: the caching allocator capped at "
+                             "it minus the CUDA context (torch.cuda.set_per_process_memory_fraction)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.isolate is None:
         args.isolate = device.type == "cuda"
     if args.cap_to_plan and device.type != "cuda":
         parser.error("--cap-to-plan caps the CUDA caching allocator: it needs --device cuda")
+    if args.cap and (device.type != "cuda" or args.cap_to_plan or not args.isolate):
+        parser.error("--cap caps the CUDA caching allocator for the process: it needs --device cuda and --isolate, "
+                     "and not --cap-to-plan")
     if args.cap_to_plan and not args.isolate:
         parser.error("--cap-to-plan needs --isolate: the cap holds for the rest of the process")
     results = []
