@@ -74,23 +74,25 @@ def test_the_trace_leaves_no_fake_tensor_in_the_constant_caches(micro_model_path
     # a fake tensor cached then would make every later real forward fake
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from lowmem.int8_weights import _linear_map_on, quantize_model
+    from lowmem.int8_weights import quantize_model
+    from lowmem.ops.int8_update import _empty, _linear_map_on
     from lowmem.ops.quant import _dynamic_map_on
     from lowmem.ops.update import _constant
 
     model = load_model(micro_model_path, "float32")
     quantize_model(model)
-    for cache in (_linear_map_on, _dynamic_map_on, _constant):
+    for cache in (_linear_map_on, _dynamic_map_on, _constant, _empty):
         cache.cache_clear()
     discover_units(model)
     batch = batches(1, model.config.vocab_size)[0]
     assert not isinstance(loss_sum(model, batch), FakeTensor)
     from lowmem.int8_weights import linear_map
+    from lowmem.ops.int8_update import empty_on
     from lowmem.ops.quant import dynamic_map
     from lowmem.ops.update import device_scalar
 
     with FakeTensorMode():
-        made = [linear_map("cpu"), dynamic_map("cpu"), device_scalar(0.5, "cpu")]
+        made = [linear_map("cpu"), dynamic_map("cpu"), device_scalar(0.5, "cpu"), empty_on("cpu")]
     assert not any(isinstance(t, FakeTensor) for t in made)
     assert made[0] is linear_map("cpu") and made[2] is device_scalar(0.5, "cpu")
 
