@@ -273,3 +273,29 @@ def test_cuda_factored_prepare_within_summation_bounds_of_the_cpu():
                                                   row.cuda(), col.cuda(), step.cuda(), scale.cuda(), *PREPARE.values())
     # both sum in double: they differ by the final roundings to float32 and rsqrt's ulp
     assert ((cuda.cpu().double() - cpu.double()).abs() <= 8 * U32 * cpu.double().abs()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,blocksize,stochastic,grad_dtype,mask_share", [
+    ((37, 300), 100, True, torch.float16, 0.3),     # blocks that start off a multiple of 4, a half gradient
+    ((37, 300), 4096, True, torch.float32, 0.3),    # the kernel's largest block
+    ((512, 600), 256, True, torch.bfloat16, 0.3),   # 1200 blocks: more than one per thread of the offsets scan
+    ((37, 300), 256, False, torch.float32, 0.3),    # round to nearest
+    ((37, 300), 256, True, torch.float32, 0.99),    # more zeros than outliers: the ties at 0 split by index
+], ids=["bs100-fp16", "bs4096", "1200-blocks", "nearest", "ties-at-zero"])
+def test_cuda_equals_cpu_bit_for_bit_on_the_edges(shape, blocksize, stochastic, grad_dtype, mask_share):
+    g = torch.Generator().manual_seed(5)
+    grad = (torch.randn(shape, generator=g) * 0.05).to(grad_dtype)
+    mask = torch.rand(shape, generator=g) > mask_share
+    for rule in (iu.SGD, iu.LION, iu.FACTORED):
+        buffers = weight_buffers(shape, blocksize=blocksize)
+        inputs = rule_inputs(rule, shape, blocksize)
+        for refresh in (False, True):
+            scalars = {"lr": 1e-3, "weight_decay": 0.01, "step": 9, "refresh": refresh, "stochastic": stochastic,
+                       "blocksize": blocksize}
+            cpu = run(torch.ops.lowmem.int8_update_, buffers, grad, mask, rule, inputs, torch.tensor(0.37), **scalars)
+            on_cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+            cuda = run(torch.ops.lowmem.int8_update_, [b.cuda() for b in buffers], grad.cuda(), mask.cuda(), rule,
+                       on_cuda, torch.tensor(0.37, device="cuda"), **scalars)
+            for a, b in zip(cpu, cuda):
+                assert torch.equal(a, b.cpu()), (iu.RULE_NAMES[rule], refresh)

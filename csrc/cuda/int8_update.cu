@@ -76,7 +76,8 @@ __global__ void int8_update_kernel(Int8DeviceBuffers b, const G* __restrict__ gr
       switch (s.rule) {
         case kInt8Sgd: w = int8_sgd_value(w, g, s); break;
         case kInt8Factored: {
-          const int64_t row = i / s.cols, col = i - row * s.cols;
+          // 32-bit division: the binding refuses weights of 2³¹ values or more
+          const int64_t row = static_cast<uint32_t>(i) / static_cast<uint32_t>(s.cols), col = i - row * s.cols;
           w = int8_factored_value(w, g, b.coef[row], b.coef[b.rows + col], b.coef[b.rows + s.cols],
                                   b.coef[b.rows + s.cols + 1], b.state != nullptr ? b.state + i : nullptr, s,
                                   write_state);
@@ -161,10 +162,11 @@ __global__ void int8_update_kernel(Int8DeviceBuffers b, const G* __restrict__ gr
   for (int64_t k = tid; k < len; k += nt) {
     const int64_t i = lo + k;
     float u = 0.f;
-    if (s.stochastic) {
+    if (s.stochastic) {  // the word picked by selects, not a dynamically indexed (local-memory) array
       float words[4];
       rounding_noise4(static_cast<uint64_t>(i) >> 2, s.seed, s.step, words);
-      u = words[i & 3];
+      const int lane = static_cast<int>(i & 3);
+      u = lane == 0 ? words[0] : lane == 1 ? words[1] : lane == 2 ? words[2] : words[3];
     }
     b.codes[i] = int8_code_of(v[k], scale, u, s.stochastic);
   }
