@@ -39,7 +39,6 @@ from lowmem.ops.int8_update import MAX_CODE, ZERO_CODE  # noqa: F401  (the code 
 from lowmem.ops.quant import dequantize_blockwise
 
 WEIGHT_BLOCKSIZE = 256
-RNG_KEY = "rounding_rng"  # format 2 and 3 checkpoints' generator states: read past, the noise is counter-based now
 
 
 class Int8Weight(torch.nn.Module):

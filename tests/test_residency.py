@@ -308,8 +308,10 @@ def test_cuda_a_model_placed_from_host_memory_trains_like_one_loaded_on_the_devi
 
 
 @pytest.mark.cuda
-def test_cuda_int8_rounding_generators_resume_while_frozen_weights_sit_in_host_memory():
+def test_cuda_int8_rounding_resumes_from_the_update_count_while_frozen_weights_sit_in_host_memory():
+    from lowmem.config import UpdateConfig
     from lowmem.int8_weights import int8_state_dict, int8_weights, load_int8_state_dict, quantize_model
+    from lowmem.rules import make_rule
 
     def int8_cuda_model():
         model = cuda_model("micro-llama")
@@ -322,13 +324,17 @@ def test_cuda_int8_rounding_generators_resume_while_frozen_weights_sit_in_host_m
     layer0 = {n: w for n, w in int8_weights(model).items() if n.startswith("model.layers.0.")}
     assert layer0 and all(w.device.type == "cpu" for w in layer0.values())
     flat = int8_state_dict(model)
-    for name in layer0:  # the generator that rounded the update, not a fresh one for where the weight sits now
-        assert [k for k in flat if k.startswith(f"{name}.rounding_rng.")] == [f"{name}.rounding_rng.cuda:0"]
+    assert not [k for k in flat if "rounding_rng" in k]  # the noise is counter-based: the update count resumes it
     fresh = int8_cuda_model()
-    assert load_int8_state_dict(fresh, flat) == []
+    load_int8_state_dict(fresh, flat)
+    sgd = make_rule(UpdateConfig(rule="sgd"))
     for name, weight in layer0.items():
-        restored = fresh.get_submodule(name).generator()
-        assert torch.equal(restored.get_state(), weight.generator_states()["cuda:0"])
+        restored = fresh.get_submodule(name)
+        assert restored.device.type == "cuda" and restored.host_updates == weight.host_updates > 0
+        grad = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 1e-3
+        weight.update_with(sgd, grad, {}, 1.0)  # the original where it sits (host memory: the CPU kernel) ...
+        restored.update_with(sgd, grad.cuda(), {}, 1.0)  # ... and the restored one on the GPU: the same codes
+        assert torch.equal(restored.codes.cpu(), weight.codes) and torch.equal(restored.absmax.cpu(), weight.absmax)
 
 
 # ---------------------------------------------------------------------------- the order rules, on the CPU
