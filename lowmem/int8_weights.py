@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from lowmem.ops.int8_update import (ASSIGN, FACTORED, LION, LION8BIT, SGD, int8_factored_prepare, int8_update_,
                                     linear_map)
 from lowmem.ops.int8_update import MAX_CODE, ZERO_CODE  # noqa: F401  (the code layout, as lowmem.prune reads it)
-from lowmem.ops.quant import dequantize_blockwise
+from lowmem.ops.quant import dequantize_blockwise, dynamic_map
 
 WEIGHT_BLOCKSIZE = 256
 
@@ -171,12 +171,9 @@ class Int8Weight(torch.nn.Module):
         if isinstance(rule, Lion) and "exp_avg" in state:
             return {"rule": LION, "state": state["exp_avg"], "beta1": rule.beta1, "beta2": rule.beta2, **common}
         if isinstance(rule, Lion) and rule.blocksize == self.blocksize:
-            code = rule._code_on(self.device) if rule.code is not None else None
-            from lowmem.ops.quant import dynamic_map
-
+            code = rule._code_on(self.device) if rule.code is not None else dynamic_map(self.device)
             return {"rule": LION8BIT, "state": state["exp_avg_codes"], "state_absmax": state["exp_avg_absmax"],
-                    "state_code": code if code is not None else dynamic_map(self.device), "beta1": rule.beta1,
-                    "beta2": rule.beta2, **common}
+                    "state_code": code, "beta1": rule.beta1, "beta2": rule.beta2, **common}
         return {"rule": ASSIGN}
 
     def extra_repr(self) -> str:

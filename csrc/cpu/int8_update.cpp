@@ -26,6 +26,7 @@
 #include "../quant_common.h"
 #include "../torch_utils.h"
 #include "../update_common.h"
+#include "factored_stats.h"
 
 namespace lowmem {
 namespace {
@@ -317,34 +318,9 @@ void factored_prepare_impl(const uint8_t* codes, const float* absmax, const floa
                            float grad_scale, FactoredStep t, float eps1, double clip_threshold, double eps2,
                            bool scale_parameter, float* out) {
   const int64_t n = rows * cols;
-  const float keep = t.beta2t, take = static_cast<float>(1.0 - t.beta2t);
-  const int n_threads = at::get_num_threads();
-  std::vector<double> col_acc(static_cast<size_t>(n_threads) * cols, 0.0);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    double* mine = col_acc.data() + static_cast<size_t>(at::get_thread_num()) * cols;
-    for (int64_t i = begin; i < end; ++i) {
-      double sum = 0.0;
-      for (int64_t j = 0; j < cols; ++j) {
-        const float g = static_cast<float>(grad[i * cols + j]) * grad_scale;
-        const float sq = g * g + eps1;
-        sum += sq;
-        mine[j] += sq;
-      }
-      row[i] = row[i] * keep + take * static_cast<float>(sum / cols);
-    }
-  });
-  for (int64_t j = 0; j < cols; ++j) {
-    double sum = 0.0;
-    for (int th = 0; th < n_threads; ++th) sum += col_acc[static_cast<size_t>(th) * cols + j];
-    col[j] = col[j] * keep + take * static_cast<float>(sum / rows);
-  }
-  double row_sum = 0.0;
-  for (int64_t i = 0; i < rows; ++i) row_sum += row[i];
-  const float row_mean = static_cast<float>(row_sum / rows);
   float* r = out;
   float* c = out + rows;
-  for (int64_t i = 0; i < rows; ++i) r[i] = 1.f / std::sqrt(row[i] / row_mean);
-  for (int64_t j = 0; j < cols; ++j) c[j] = 1.f / std::sqrt(col[j]);
+  factored_statistics(grad, row, col, 1, rows, cols, grad_scale, eps1, t.beta2t, r, c);
   const double sum_u2 = at::parallel_reduce(0, rows, 1, 0.0, [&](int64_t begin, int64_t end, double acc) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < cols; ++j) {

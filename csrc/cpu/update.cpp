@@ -19,6 +19,7 @@
 
 #include "../torch_utils.h"
 #include "../update_common.h"
+#include "factored_stats.h"
 
 namespace lowmem {
 namespace {
@@ -69,38 +70,10 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
   // Row factor r (per batch row) and column factor c; for a vector, r is the full second moment.
   std::vector<float> r_factor, c_factor;
   if (factored) {
-    const int n_threads = at::get_num_threads();
-    std::vector<double> col_acc(static_cast<size_t>(n_threads) * batch * cols, 0.0);
-    at::parallel_for(0, batch * rows, 1, [&](int64_t begin, int64_t end) {
-      double* mine = col_acc.data() + static_cast<size_t>(at::get_thread_num()) * batch * cols;
-      for (int64_t br = begin; br < end; ++br) {
-        const int64_t b = br / rows;
-        const g_t* g_row = grad + br * cols;
-        double* acc = mine + b * cols;
-        double sum = 0.0;
-        for (int64_t j = 0; j < cols; ++j) {
-          const float g = static_cast<float>(g_row[j]) * a.grad_scale;
-          const float sq = g * g + a.eps1;
-          sum += sq;
-          acc[j] += sq;
-        }
-        row[br] = row[br] * keep + take * static_cast<float>(sum / cols);
-      }
-    });
-    for (int64_t k = 0; k < batch * cols; ++k) {
-      double sum = 0.0;
-      for (int t = 0; t < n_threads; ++t) sum += col_acc[static_cast<size_t>(t) * batch * cols + k];
-      col[k] = col[k] * keep + take * static_cast<float>(sum / rows);
-    }
     r_factor.resize(batch * rows);
     c_factor.resize(batch * cols);
-    for (int64_t b = 0; b < batch; ++b) {
-      double row_sum = 0.0;
-      for (int64_t i = 0; i < rows; ++i) row_sum += row[b * rows + i];
-      const float row_mean = static_cast<float>(row_sum / rows);
-      for (int64_t i = 0; i < rows; ++i) r_factor[b * rows + i] = 1.f / std::sqrt(row[b * rows + i] / row_mean);
-    }
-    for (int64_t k = 0; k < batch * cols; ++k) c_factor[k] = 1.f / std::sqrt(col[k]);
+    factored_statistics(grad, row, col, batch, rows, cols, a.grad_scale, a.eps1, keep, r_factor.data(),
+                        c_factor.data());
   } else {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {

@@ -10,7 +10,7 @@
 #include "../philox.h"
 #include "../quant_common.h"
 #include "../update_common.h"
-#include "col_sums.cuh"
+#include "factored_stats.cuh"
 #include "dtype.cuh"
 #include "launch.h"
 #include "reduce.cuh"
@@ -288,10 +288,6 @@ int launch_update(const Int8DeviceBuffers& b, const void* grad, const Int8Scalar
 
 // -- the factored rules' reductions ----------------------------------------------------------------------------
 
-__device__ __forceinline__ FactoredStep prepare_step(const float* step, const FactoredScalars& a) {
-  return factored_step(static_cast<double>(*step), a.lr, a.relative_step, a.decay_rate);
-}
-
 // One block per row: the row's mean of (s·g)² + eps1 into its statistic.
 template <typename G>
 __global__ void prepare_rows_kernel(const G* __restrict__ grad, float* __restrict__ row, int64_t cols, FactoredScalars a,
@@ -305,19 +301,9 @@ __global__ void prepare_rows_kernel(const G* __restrict__ grad, float* __restric
   }
   const double total = block_total(sq);
   if (threadIdx.x == 0) {
-    const float beta2t = prepare_step(step, a).beta2t;
+    const float beta2t = step_scalars(step, a).beta2t;
     row[i] = row[i] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols);
   }
-}
-
-__global__ void prepare_cols_kernel(const double* __restrict__ col_partial, float* __restrict__ col, int64_t rows,
-                                    int64_t cols, int64_t chunks, FactoredScalars a, const float* __restrict__ step) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= cols) return;
-  double sum = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) sum += col_partial[c * cols + j];
-  const float beta2t = prepare_step(step, a).beta2t;
-  col[j] = col[j] * beta2t + (1.f - beta2t) * static_cast<float>(sum / rows);
 }
 
 // One block: r_i = 1 / √(row_i / mean(row)) and c_j = 1 / √col_j into out.
@@ -374,7 +360,7 @@ __global__ void prepare_finish_kernel(const double* __restrict__ row_partial, co
   const double sum_u2 = block_total(u2), sum_sq = block_total(w2);
   if (threadIdx.x == 0) {
     const double n = static_cast<double>(rows) * cols;
-    const double rho = prepare_step(step, a).rho;
+    const double rho = step_scalars(step, a).rho;
     const double alpha = a.scale_parameter ? rho * fmax(static_cast<double>(a.eps2), sqrt(sum_sq / n)) : rho;
     out[rows + cols] = static_cast<float>(fmax(1.0, sqrt(sum_u2 / n) / a.clip_threshold));
     out[rows + cols + 1] = static_cast<float>(alpha);
@@ -393,8 +379,8 @@ int launch_prepare(const void* grad_v, const uint8_t* codes, const float* absmax
   const dim3 col_grid((cols + kColTile - 1) / kColTile, chunks), col_block(kColTile, kColRows);
   col_partial_kernel<G><<<col_grid, col_block, 0, stream>>>(grad, ws.col_partial, 1, rows, cols, col_grid.x,
                                                             rows_per_chunk, a.eps1, grad_scale);
-  prepare_cols_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ws.col_partial, col, rows, cols, chunks,
-                                                                                a, step);
+  col_finish_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ws.col_partial, col, 1, rows, cols,
+                                                                              chunks, a, step);
   prepare_factors_kernel<<<1, kThreads, 0, stream>>>(row, col, out, rows, cols);
   prepare_update_sq_kernel<G><<<rows, kThreads, 0, stream>>>(grad, out, ws.row_partial, rows, cols, grad_scale);
   prepare_weight_sq_kernel<<<n_blocks, kThreads, 0, stream>>>(codes, absmax, ws.block_sq, n, blocksize);

@@ -9,7 +9,7 @@
 #include "../update_common.h"
 #include "dtype.cuh"
 #include "launch.h"
-#include "col_sums.cuh"
+#include "factored_stats.cuh"
 #include "reduce.cuh"
 
 namespace lowmem {
@@ -27,10 +27,6 @@ __global__ void sgd_kernel(T* __restrict__ param, const G* __restrict__ grad, in
     if (decayed) w = w * decay;
     param[i] = from_float<T>(w + neg_lr * g);
   }
-}
-
-__device__ __forceinline__ FactoredStep step_scalars(const float* step, const FactoredScalars& a) {
-  return factored_step(static_cast<double>(*step), a.lr, a.relative_step, a.decay_rate);
 }
 
 // One block per (batch, row): the row's mean of (s·g)² + eps1 into the row state, and the row's Σθ².
@@ -54,18 +50,6 @@ __global__ void row_stats_kernel(const T* __restrict__ param, const G* __restric
     row[br] = row[br] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols);
     row_param_sq[br] = total_p;
   }
-}
-
-// One thread per (batch, column): add the slices in order and update the column state.
-__global__ void col_finish_kernel(const double* __restrict__ col_partial, float* __restrict__ col, int64_t batch,
-                                  int64_t rows, int64_t cols, int64_t chunks, FactoredScalars a,
-                                  const float* __restrict__ step) {
-  const int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (k >= batch * cols) return;
-  double sum = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) sum += col_partial[c * batch * cols + k];
-  const float beta2t = step_scalars(step, a).beta2t;
-  col[k] = col[k] * beta2t + (1.f - beta2t) * static_cast<float>(sum / rows);
 }
 
 // One block per batch: r_i = rsqrt(row_i / mean(row)); block 0 also sums Σθ² of all rows into scalars[0].

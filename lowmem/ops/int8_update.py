@@ -30,6 +30,7 @@ import struct
 import torch
 
 from lowmem.ops.quant import _lib, dequantize_blockwise_ref, quantize_blockwise_ref
+from lowmem.ops.update import factored_statistics_, factored_step_scalars
 from lowmem.tensor_cache import tensor_cache
 
 SGD, FACTORED, LION, LION8BIT, ASSIGN = 0, 1, 2, 3, 4
@@ -201,24 +202,17 @@ def int8_factored_prepare_ref(codes, absmax, outlier_value, grad, row, col, step
     ``lowmem.ops.update.factored_update_ref``), the weight's RMS read from codes and outliers (an outlier's own code
     is the zero code)."""
     g = grad.to(torch.float32) * grad_scale
-    t = step.double()
-    beta2t = (1.0 - t.pow(decay_rate)).float()
-    keep_new = 1.0 - beta2t
-    rho = t.rsqrt().clamp(max=lr).float() if relative_step else torch.full((), f32(lr), dtype=torch.float32, device=g.device)
+    beta2t, keep_new, rho = factored_step_scalars(step, lr, relative_step, decay_rate, torch.float32)
     if scale_parameter:
         w = dequantize_blockwise_ref(codes, absmax, linear_map(codes.device), blocksize, torch.float32)
         sum_sq = w.double().pow(2).sum() + outlier_value.double().pow(2).sum()
         alpha = rho * (sum_sq / codes.numel()).sqrt().float().clamp(min=eps2)
     else:
-        alpha = rho
-    sq = g * g + eps1
-    row.mul_(beta2t).add_(sq.mean(dim=-1) * keep_new)
-    col.mul_(beta2t).add_(sq.mean(dim=-2) * keep_new)
-    r_factor = (row / row.mean()).rsqrt()
-    c_factor = col.rsqrt()
-    u = g * (r_factor[:, None] * c_factor[None, :])
+        alpha = torch.full((), f32(rho), dtype=torch.float32, device=g.device) if isinstance(rho, float) else rho
+    r_factor, c_factor = factored_statistics_(g * g + eps1, row, col, beta2t, keep_new)
+    u = g * (r_factor * c_factor)
     denom = (u.double().pow(2).mean().sqrt() / clip_threshold).clamp(min=1.0).float()
-    return torch.cat([r_factor, c_factor, denom.view(1), alpha.view(1).float()])
+    return torch.cat([r_factor.view(-1), c_factor.view(-1), denom.view(1), alpha.view(1).float()])
 
 
 _lib.impl("int8_update_", int8_update_ref, "CompositeExplicitAutograd")

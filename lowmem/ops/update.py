@@ -82,6 +82,23 @@ def factored_shapes(shape: torch.Size) -> tuple[tuple[int, ...], tuple[int, ...]
     return tuple(shape), (0,)
 
 
+def factored_step_scalars(step: torch.Tensor, lr: float, relative_step: bool, decay_rate: float, dtype: torch.dtype):
+    """(β₂ₜ, 1 − β₂ₜ, ρ) of step t (a device tensor, already counted): β₂ₜ = 1 − t^decay_rate and ρ = min(lr, 1/√t) with
+    ``relative_step`` (device tensors of ``dtype``), else ρ = lr (a number)."""
+    t = step.double()
+    beta2t = (1.0 - t.pow(decay_rate)).to(dtype)
+    rho = t.rsqrt().clamp(max=lr).to(dtype) if relative_step else lr
+    return beta2t, 1.0 - beta2t, rho
+
+
+def factored_statistics_(sq: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, keep_new):
+    """Fold the row and column means of ``sq`` ((s·g)² + ε₁ of a matrix, or a stack of them) into ``row`` and ``col``;
+    returns the factors r = 1/√(row / mean(row)) as [..., rows, 1] and c = 1/√col as [..., 1, cols]."""
+    row.mul_(beta2t).add_(sq.mean(dim=-1) * keep_new)
+    col.mul_(beta2t).add_(sq.mean(dim=-2) * keep_new)
+    return (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1), col.unsqueeze(-2).rsqrt()
+
+
 def factored_update_ref(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -109,17 +126,11 @@ def factored_update_ref(
     dtype = math_dtype(param.dtype)
     work = param.to(dtype, copy=True)
     g = scaled_grad(grad, grad_scale, dtype)
-    t = step.double()
-    beta2t = (1.0 - t.pow(decay_rate)).to(dtype)
-    keep_new = 1.0 - beta2t
-    rho = t.rsqrt().clamp(max=lr).to(dtype) if relative_step else lr
+    beta2t, keep_new, rho = factored_step_scalars(step, lr, relative_step, decay_rate, dtype)
     alpha = rho * work.pow(2).mean().sqrt().clamp(min=eps2) if scale_parameter else rho
     sq = g * g + eps1
     if col.numel() > 0:
-        row.mul_(beta2t).add_(sq.mean(dim=-1) * keep_new)
-        col.mul_(beta2t).add_(sq.mean(dim=-2) * keep_new)
-        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
-        c_factor = col.unsqueeze(-2).rsqrt()
+        r_factor, c_factor = factored_statistics_(sq, row, col, beta2t, keep_new)
         update = g * (r_factor * c_factor)
     else:
         row.mul_(beta2t).add_(sq * keep_new)

@@ -1,11 +1,13 @@
-// The column-sum kernel of the factored rules' statistics, shared by update.cu and int8_update.cu.
+// The factored rules' step scalars and column statistics on CUDA, shared by update.cu and int8_update.cu.
 #pragma once
 
 #include <cstdint>
 
+#include "../update_common.h"
 #include "dtype.cuh"
 
 namespace lowmem {
+namespace {  // kernels defined in a header: each file that includes it gets its own
 
 constexpr int kColTile = 32;  // columns per block of the column-sum kernel (one warp wide)
 constexpr int kColRows = 8;   // rows read at once by a block of the column-sum kernel
@@ -40,4 +42,22 @@ __global__ void col_partial_kernel(const G* __restrict__ grad, double* __restric
   }
 }
 
+// β₂ₜ and ρ of the step count t on the device, as the CPU derives them.
+__device__ __forceinline__ FactoredStep step_scalars(const float* step, const FactoredScalars& a) {
+  return factored_step(static_cast<double>(*step), a.lr, a.relative_step, a.decay_rate);
+}
+
+// One thread per (batch, column): add the slices in order and update the column state.
+__global__ void col_finish_kernel(const double* __restrict__ col_partial, float* __restrict__ col, int64_t batch,
+                                  int64_t rows, int64_t cols, int64_t chunks, FactoredScalars a,
+                                  const float* __restrict__ step) {
+  const int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (k >= batch * cols) return;
+  double sum = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) sum += col_partial[c * batch * cols + k];
+  const float beta2t = step_scalars(step, a).beta2t;
+  col[k] = col[k] * beta2t + (1.f - beta2t) * static_cast<float>(sum / rows);
+}
+
+}  // namespace
 }  // namespace lowmem
