@@ -37,6 +37,9 @@ from lowmem.ops.int8_update import (ASSIGN, FACTORED, LION, LION8BIT, SGD, int8_
                                     linear_map)
 from lowmem.ops.int8_update import MAX_CODE, ZERO_CODE  # noqa: F401  (the code layout, as lowmem.prune reads it)
 from lowmem.ops.quant import dequantize_blockwise, dynamic_map
+from lowmem.rules.factored import Factored
+from lowmem.rules.lion import Lion
+from lowmem.rules.sgd import SGD as SGDRule
 
 WEIGHT_BLOCKSIZE = 256
 
@@ -153,10 +156,6 @@ class Int8Weight(torch.nn.Module):
 
     def _rule_kwargs(self, rule, grad, state, lr, grad_scale) -> dict:
         """``int8_update_``'s rule arguments for ``rule`` (see ``lowmem.rules``), running its reductions first."""
-        from lowmem.rules.factored import Factored
-        from lowmem.rules.lion import Lion
-        from lowmem.rules.sgd import SGD as SGDRule
-
         common = {"grad_scale": grad_scale, "lr": lr, "weight_decay": rule.weight_decay}
         if isinstance(rule, SGDRule):
             return {"rule": SGD, **common}
