@@ -31,7 +31,8 @@ demo: install
 # torch's scalar CPU kernels, which round and sum in another order than the vectorized ones (AVX2 here, AVX-512 on
 # an Intel Xeon): a tolerance picked from one machine's rounding fails there (tests/float_error.py).
 NUMERIC_TESTS := $(addprefix tests/,test_rules.py test_factored_rules.py test_lion.py test_update_ops.py \
-	test_fused.py test_chunked_loss.py test_tokens.py test_int8_weights.py test_int8_update_op.py test_blocks_op.py test_quant_op.py)
+	test_fused.py test_chunked_loss.py test_tokens.py test_int8_weights.py test_int8_update_op.py test_update_rows_op.py test_embedding_rows.py \
+	test_blocks_op.py test_quant_op.py)
 test: install
 	$(PY) -m pytest -q
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -p no:cacheprovider -k "not compiles" $(NUMERIC_TESTS)

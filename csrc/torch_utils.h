@@ -73,6 +73,22 @@ inline void check_grad(const at::Tensor& param, const at::Tensor& grad, const ch
               param.device());
 }
 
+// A row-sparse gradient of a matrix param (rows × cols): values (k × cols) and slot (rows int32: row i's gradient is
+// values[slot[i]], or zero where slot[i] < 0). Values past the slots' reach are not read; the CPU binding checks each
+// slot is below k (CUDA cannot without waiting for the device: lowmem/ops/update.py builds the slots).
+inline void check_rows_args(const at::Tensor& param, const at::Tensor& slot, const at::Tensor& values, const char* op) {
+  TORCH_CHECK(param.dim() == 2, "lowmem: ", op, ": a row-sparse gradient needs a matrix param, got ", param.dim(),
+              " dims");
+  TORCH_CHECK(slot.scalar_type() == at::kInt && slot.is_contiguous() && slot.dim() == 1 &&
+                  slot.numel() == param.size(0), "lowmem: ", op, ": slot must be contiguous int32 with one entry per "
+              "row (", param.size(0), "), got ", slot.sizes(), " ", slot.scalar_type());
+  TORCH_CHECK(values.dim() == 2 && values.size(1) == param.size(1), "lowmem: ", op, ": values must be k × ",
+              param.size(1), ", got ", values.sizes());
+  TORCH_CHECK(values.size(0) < (int64_t{1} << 31), "lowmem: ", op, ": more than 2^31 - 1 gradient rows");
+  TORCH_CHECK(slot.device() == param.device() && values.device() == param.device(), "lowmem: ", op,
+              ": slot and values must be on the param's device (", param.device(), ")");
+}
+
 // A factored step's view of the param: batch × rows × cols for a matrix (or stack of matrices), else a vector.
 struct FactoredShape {
   int64_t batch, rows, cols;
@@ -81,9 +97,9 @@ struct FactoredShape {
 
 // Everything factored_update_ needs of its tensors besides the scalars, with the param's shape as the kernels see it.
 inline FactoredShape check_factored_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& row,
-                                         const at::Tensor& col, const at::Tensor& exp_avg) {
-  const char* op = "factored_update_";
-  check_grad(param, grad, op);
+                                         const at::Tensor& col, const at::Tensor& exp_avg,
+                                         const char* op = "factored_update_") {
+  if (grad.defined()) check_grad(param, grad, op);  // undefined: a row-sparse gradient, checked by check_rows_args
   TORCH_CHECK(row.scalar_type() == at::kFloat && row.is_contiguous() && col.scalar_type() == at::kFloat &&
                   col.is_contiguous(), "lowmem: ", op, ": row/col state must be contiguous float32");
   TORCH_CHECK(row.device() == param.device() && col.device() == param.device(), "lowmem: ", op,

@@ -114,6 +114,9 @@ class HiftConfig:
 class MemoryConfig:
     offload_states: bool = False  # hift: rule state of inactive groups in (pinned) host memory
     offload_frozen_weights: bool = False  # hift: frozen units below the active group stream in for forward
+    # fused: the input embedding's update reads only the batch's rows (no vocabulary-sized gradient) where that is
+    # exact (sgd, adalomo, adafactor without beta1; untied); false: always the dense gradient
+    row_sparse_embeddings: bool = True
     # head + loss this many positions at a time, so the full logits never exist; null: 512 from a 32k vocabulary,
     # else off; 0: off
     loss_chunk_tokens: Optional[int] = None

@@ -193,6 +193,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
         log.info("resumed from %s at step %d", resume_from, start_step)
     if streamed:
         strategy.place(model)
+    log.info("embeddings: %s", getattr(strategy, "embedding_gradient",
+                                       f"dense gradient (row-sparse updates run under update.strategy=fused)"))
     # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
     chunk = chunked_loss_tokens(config, model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",

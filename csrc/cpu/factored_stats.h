@@ -8,14 +8,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "grad_rows.h"
+
 namespace lowmem {
 
-// For each of `batch` rows × cols matrices of grad: one pass for the means of (s·g)² + eps1 by row (summed in double)
+// For each of `batch` rows × cols matrices of grad (dense or row-sparse: GradRows): one pass for the means of (s·g)² + eps1 by row (summed in double)
 // and by column (per-worker double accumulators, added in worker order), folded into row and col with weight
 // `keep` (β₂ₜ) on the old value; then r_i = 1 / √(row_i / mean(row)) into r_factor (batch × rows) and
 // c_j = 1 / √col_j into c_factor (batch × cols).
 template <typename g_t>
-void factored_statistics(const g_t* grad, float* row, float* col, int64_t batch, int64_t rows, int64_t cols,
+void factored_statistics(const GradRows<g_t>& grad, float* row, float* col, int64_t batch, int64_t rows, int64_t cols,
                          float grad_scale, float eps1, float keep, float* r_factor, float* c_factor) {
   const float take = static_cast<float>(1.0 - keep);
   const int n_threads = at::get_num_threads();
@@ -24,7 +26,7 @@ void factored_statistics(const g_t* grad, float* row, float* col, int64_t batch,
     double* mine = col_acc.data() + static_cast<size_t>(at::get_thread_num()) * batch * cols;
     for (int64_t br = begin; br < end; ++br) {
       const int64_t b = br / rows;
-      const g_t* g_row = grad + br * cols;
+      const g_t* g_row = grad.row(br);
       double* acc = mine + b * cols;
       double sum = 0.0;
       for (int64_t j = 0; j < cols; ++j) {

@@ -320,7 +320,7 @@ void factored_prepare_impl(const uint8_t* codes, const float* absmax, const floa
   const int64_t n = rows * cols;
   float* r = out;
   float* c = out + rows;
-  factored_statistics(grad, row, col, 1, rows, cols, grad_scale, eps1, t.beta2t, r, c);
+  factored_statistics(GradRows<g_t>(grad, nullptr, cols), row, col, 1, rows, cols, grad_scale, eps1, t.beta2t, r, c);
   const double sum_u2 = at::parallel_reduce(0, rows, 1, 0.0, [&](int64_t begin, int64_t end, double acc) {
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = 0; j < cols; ++j) {

@@ -7,6 +7,9 @@
 // The factored update never allocates a gradient-sized temporary: pass 1 reads the gradient once for
 // the row and column statistics (column sums in per-thread accumulators) and the weight's RMS; pass 2
 // recomputes u = g·r_i·c_j for its RMS; pass 3 recomputes it again to apply.
+//
+// The *_rows_ variants take a row-sparse gradient (an embedding's: the batch's rows) through the same kernels
+// (grad_rows.h): a missing row reads as zeros, so the result is bit for bit that of the dense gradient.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +23,7 @@
 #include "../torch_utils.h"
 #include "../update_common.h"
 #include "factored_stats.h"
+#include "grad_rows.h"
 
 namespace lowmem {
 namespace {
@@ -27,17 +31,29 @@ namespace {
 constexpr int64_t kGrain = 4096;
 
 // Multiplying by grad_scale = 1 or decay = 1 is exact, so the loops stay branch-free (and vectorize)
-// while matching the reference, which skips those multiplications.
+// while matching the reference, which skips those multiplications. A row-sparse gradient walks rows (a zero row is
+// still decayed); the element arithmetic is the same, so it writes what the dense gradient would.
 template <typename p_t, typename g_t>
-void sgd_cpu_impl(p_t* param, const g_t* grad, int64_t n, float lr, float weight_decay, float grad_scale) {
+void sgd_cpu_impl(p_t* param, const GradRows<g_t>& grad, int64_t rows, int64_t cols, float lr, float weight_decay,
+                  float grad_scale) {
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
   const float neg_lr = -lr;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  auto apply = [&](p_t* p, const g_t* g_in, int64_t count) {
 #pragma omp simd
-    for (int64_t i = begin; i < end; ++i) {
-      const float g = static_cast<float>(grad[i]) * grad_scale;
-      param[i] = static_cast<p_t>(static_cast<float>(param[i]) * decay + neg_lr * g);
+    for (int64_t i = 0; i < count; ++i) {
+      const float g = static_cast<float>(g_in[i]) * grad_scale;
+      p[i] = static_cast<p_t>(static_cast<float>(p[i]) * decay + neg_lr * g);
     }
+  };
+  if (!grad.sparse()) {
+    const g_t* flat = grad.row(0);
+    at::parallel_for(0, rows * cols, kGrain, [&](int64_t begin, int64_t end) {
+      apply(param + begin, flat + begin, end - begin);
+    });
+    return;
+  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) apply(param + i * cols, grad.row(i), cols);
   });
 }
 
@@ -59,7 +75,7 @@ double sum_squares(const t* x, int64_t n) {
 }
 
 template <typename p_t, typename g_t>
-void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, float* exp_avg, int64_t batch,
+void factored_cpu_impl(p_t* param, const GradRows<g_t>& grad, float* row, float* col, float* exp_avg, int64_t batch,
                        int64_t rows, int64_t cols, bool factored, const FactoredArgs& a) {
   const int64_t n = batch * rows * cols;
   if (n == 0) return;
@@ -75,9 +91,10 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
     factored_statistics(grad, row, col, batch, rows, cols, a.grad_scale, a.eps1, keep, r_factor.data(),
                         c_factor.data());
   } else {
+    const g_t* flat = grad.row(0);  // a vector's gradient is dense
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const float g = static_cast<float>(grad[i]) * a.grad_scale;
+        const float g = static_cast<float>(flat[i]) * a.grad_scale;
         row[i] = row[i] * keep + take * (g * g + a.eps1);
       }
     });
@@ -94,19 +111,19 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
   };
   std::vector<double> row_u2(n_rows, 0.0);
   for_rows([&](int64_t br) {
-    const int64_t base = br * width;
+    const g_t* g_row = grad.row(br);
     double acc = 0.0;
     if (factored) {
       const float r = r_factor[br];
       const float* c = c_factor.data() + (br / rows) * cols;
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < width; ++j) {
-        const float u = (static_cast<float>(grad[base + j]) * a.grad_scale) * (r * c[j]);
+        const float u = (static_cast<float>(g_row[j]) * a.grad_scale) * (r * c[j]);
         acc += static_cast<double>(u) * u;
       }
     } else {
       for (int64_t j = 0; j < width; ++j) {
-        const float u = (1.f / std::sqrt(row[j])) * (static_cast<float>(grad[j]) * a.grad_scale);
+        const float u = (1.f / std::sqrt(row[j])) * (static_cast<float>(g_row[j]) * a.grad_scale);
         acc += static_cast<double>(u) * u;
       }
     }
@@ -120,10 +137,11 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
   const float beta1 = a.beta1, one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
   for_rows([&](int64_t br) {
     const int64_t base = br * width;
+    const g_t* g_row = grad.row(br);
     const float r = factored ? r_factor[br] : 0.f;
     const float* c = factored ? c_factor.data() + (br / rows) * cols : nullptr;
     for (int64_t j = 0; j < width; ++j) {
-      const float g = static_cast<float>(grad[base + j]) * a.grad_scale;
+      const float g = static_cast<float>(g_row[j]) * a.grad_scale;
       const float u = factored ? g * (r * c[j]) : (1.f / std::sqrt(row[base + j])) * g;
       float update = (u / denom) * alpha_f;
       if (exp_avg != nullptr) {
@@ -137,20 +155,70 @@ void factored_cpu_impl(p_t* param, const g_t* grad, float* row, float* col, floa
   });
 }
 
+// Runs fn(param, GradRows) for the param's dtype and the gradient's (the param's own, or float32).
+template <typename Fn>
+void dispatch_grad(at::Tensor& p, const at::Tensor& grad, const int32_t* slot, int64_t cols, Fn fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "lowmem_update_cpu", [&] {
+    if (grad.scalar_type() == p.scalar_type()) {
+      fn(p.data_ptr<scalar_t>(), GradRows<scalar_t>(grad.data_ptr<scalar_t>(), slot, cols));
+    } else {
+      fn(p.data_ptr<scalar_t>(), GradRows<float>(grad.data_ptr<float>(), slot, cols));
+    }
+  });
+}
+
+// The slots of a row-sparse gradient, each checked to point inside values.
+const int32_t* checked_slots(const at::Tensor& slot, const at::Tensor& values, const char* op) {
+  const int32_t* s = slot.data_ptr<int32_t>();
+  const int64_t k = values.size(0);
+  for (int64_t i = 0; i < slot.numel(); ++i) {
+    TORCH_CHECK(s[i] < k, "lowmem: ", op, ": slot[", i, "] = ", s[i], " but values has ", k, " rows");
+  }
+  return s;
+}
+
+void sgd_cpu(at::Tensor param, const at::Tensor& grad, const int32_t* slot, double lr, double weight_decay,
+             const at::Tensor& grad_scale_t, const char* op) {
+  const float grad_scale = host_scalar(grad_scale_t, param, op, "grad_scale");
+  const int64_t cols = slot != nullptr ? param.size(1) : 1;
+  on_contiguous(param, [&](at::Tensor& p) {
+    dispatch_grad(p, grad, slot, cols, [&](auto* p_ptr, const auto& g) {
+      sgd_cpu_impl(p_ptr, g, p.numel() / cols, cols, lr, weight_decay, grad_scale);
+    });
+  });
+}
+
 void sgd_update_cpu(at::Tensor param, const at::Tensor& grad_in, double lr, double weight_decay,
                     const at::Tensor& grad_scale_t) {
   check_grad(param, grad_in, "sgd_update_");
-  const float grad_scale = host_scalar(grad_scale_t, param, "sgd_update_", "grad_scale");
-  const at::Tensor grad = float_or_same(grad_in, param);
+  sgd_cpu(param, float_or_same(grad_in, param), nullptr, lr, weight_decay, grad_scale_t, "sgd_update_");
+}
+
+void sgd_update_rows_cpu(at::Tensor param, const at::Tensor& slot, const at::Tensor& values, double lr,
+                         double weight_decay, const at::Tensor& grad_scale_t) {
+  const char* op = "sgd_update_rows_";
+  check_rows_args(param, slot, values, op);
+  const at::Tensor v = float_or_same(values, param);
+  sgd_cpu(param, v, checked_slots(slot, v, op), lr, weight_decay, grad_scale_t, op);
+}
+
+void factored_cpu(at::Tensor param, const at::Tensor& grad, const int32_t* slot, at::Tensor row, at::Tensor col,
+                  at::Tensor exp_avg, const FactoredShape& shape, const at::Tensor& step_t,
+                  const at::Tensor& grad_scale_t, double lr, bool relative_step, double decay_rate, double eps1,
+                  double clip_threshold, double eps2, bool scale_parameter, double weight_decay, double beta1,
+                  const char* op) {
+  const bool momentum = exp_avg.numel() > 0;
+  const double step = host_scalar(step_t, param, op, "step");
+  const float grad_scale = host_scalar(grad_scale_t, param, op, "grad_scale");
+  const FactoredStep t = factored_step(step, lr, relative_step, decay_rate);
+  const FactoredArgs args{grad_scale, t.beta2t, static_cast<float>(eps1),
+                          static_cast<float>(clip_threshold), t.rho, static_cast<float>(eps2),
+                          static_cast<float>(weight_decay), static_cast<float>(beta1), scale_parameter};
+  float* m = momentum ? exp_avg.data_ptr<float>() : nullptr;
   on_contiguous(param, [&](at::Tensor& p) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sgd_update_cpu", [&] {
-      if (grad.scalar_type() == p.scalar_type()) {
-        sgd_cpu_impl<scalar_t, scalar_t>(p.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), p.numel(), lr,
-                                         weight_decay, grad_scale);
-      } else {
-        sgd_cpu_impl<scalar_t, float>(p.data_ptr<scalar_t>(), grad.data_ptr<float>(), p.numel(), lr, weight_decay,
-                                      grad_scale);
-      }
+    dispatch_grad(p, grad, slot, shape.cols, [&](auto* p_ptr, const auto& g) {
+      factored_cpu_impl(p_ptr, g, row.data_ptr<float>(), col.data_ptr<float>(), m, shape.batch, shape.rows,
+                        shape.cols, shape.factored, args);
     });
   });
 }
@@ -160,27 +228,23 @@ void factored_update_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor
                          bool relative_step, double decay_rate, double eps1, double clip_threshold, double eps2,
                          bool scale_parameter, double weight_decay, double beta1) {
   const FactoredShape shape = check_factored_args(param, grad_in, row, col, exp_avg);
-  const int64_t batch = shape.batch, rows = shape.rows, cols = shape.cols;
-  const bool factored = shape.factored, momentum = exp_avg.numel() > 0;
-  const double step = host_scalar(step_t, param, "factored_update_", "step");
-  const float grad_scale = host_scalar(grad_scale_t, param, "factored_update_", "grad_scale");
-  const FactoredStep t = factored_step(step, lr, relative_step, decay_rate);
-  const FactoredArgs args{grad_scale, t.beta2t, static_cast<float>(eps1),
-                          static_cast<float>(clip_threshold), t.rho, static_cast<float>(eps2),
-                          static_cast<float>(weight_decay), static_cast<float>(beta1), scale_parameter};
-  const at::Tensor grad = float_or_same(grad_in, param);
-  float* m = momentum ? exp_avg.data_ptr<float>() : nullptr;
-  on_contiguous(param, [&](at::Tensor& p) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "factored_update_cpu", [&] {
-      if (grad.scalar_type() == p.scalar_type()) {
-        factored_cpu_impl<scalar_t, scalar_t>(p.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), row.data_ptr<float>(),
-                                              col.data_ptr<float>(), m, batch, rows, cols, factored, args);
-      } else {
-        factored_cpu_impl<scalar_t, float>(p.data_ptr<scalar_t>(), grad.data_ptr<float>(), row.data_ptr<float>(),
-                                           col.data_ptr<float>(), m, batch, rows, cols, factored, args);
-      }
-    });
-  });
+  factored_cpu(param, float_or_same(grad_in, param), nullptr, row, col, exp_avg, shape, step_t, grad_scale_t, lr,
+               relative_step, decay_rate, eps1, clip_threshold, eps2, scale_parameter, weight_decay, beta1,
+               "factored_update_");
+}
+
+void factored_update_rows_cpu(at::Tensor param, const at::Tensor& slot, const at::Tensor& values, at::Tensor row,
+                              at::Tensor col, const at::Tensor& step_t, const at::Tensor& grad_scale_t, double lr,
+                              bool relative_step, double decay_rate, double eps1, double clip_threshold, double eps2,
+                              bool scale_parameter, double weight_decay) {
+  const char* op = "factored_update_rows_";
+  check_rows_args(param, slot, values, op);
+  const at::Tensor no_momentum = at::empty({0}, param.options().dtype(at::kFloat));
+  const FactoredShape shape = check_factored_args(param, at::Tensor(), row, col, no_momentum, op);
+  TORCH_CHECK(shape.factored, "lowmem: ", op, ": needs the factored (row and column) statistics of a matrix");
+  const at::Tensor v = float_or_same(values, param);
+  factored_cpu(param, v, checked_slots(slot, v, op), row, col, no_momentum, shape, step_t, grad_scale_t, lr, relative_step, decay_rate, eps1, clip_threshold, eps2,
+               scale_parameter, weight_decay, 0.0, op);
 }
 
 }  // namespace
@@ -188,6 +252,8 @@ void factored_update_cpu(at::Tensor param, const at::Tensor& grad_in, at::Tensor
 TORCH_LIBRARY_IMPL(lowmem, CPU, m) {
   m.impl("sgd_update_", &sgd_update_cpu);
   m.impl("factored_update_", &factored_update_cpu);
+  m.impl("sgd_update_rows_", &sgd_update_rows_cpu);
+  m.impl("factored_update_rows_", &factored_update_rows_cpu);
 }
 
 }  // namespace lowmem

@@ -9,6 +9,16 @@
 namespace lowmem {
 namespace {  // kernels defined in a header: each file that includes it gets its own
 
+// Gradient element (row br, column j) of a rows × cols gradient: dense (slot null), or row-sparse: row br is row
+// slot[br] of a compact values matrix, or zero where slot[br] < 0 (see csrc/cpu/grad_rows.h). Every factored and
+// sgd kernel reads the gradient through this, so a row-sparse gradient gets the dense gradient's arithmetic.
+template <typename G>
+__device__ __forceinline__ float grad_at(const G* grad, const int32_t* slot, int64_t br, int64_t j, int64_t cols) {
+  if (slot == nullptr) return to_float(grad[br * cols + j]);
+  const int32_t s = slot[br];
+  return s < 0 ? 0.f : to_float(grad[static_cast<int64_t>(s) * cols + j]);
+}
+
 constexpr int kColTile = 32;  // columns per block of the column-sum kernel (one warp wide)
 constexpr int kColRows = 8;   // rows read at once by a block of the column-sum kernel
 
@@ -16,7 +26,8 @@ constexpr int kColRows = 8;   // rows read at once by a block of the column-sum 
 // for kColTile consecutive columns (a warp reads consecutive columns of one row: coalesced) into
 // col_partial[chunk][b][j]. The batch is folded into x, whose limit is 2³¹ − 1 (y and z stop at 65535).
 template <typename G>
-__global__ void col_partial_kernel(const G* __restrict__ grad, double* __restrict__ col_partial, int64_t batch,
+__global__ void col_partial_kernel(const G* __restrict__ grad, const int32_t* __restrict__ slot,
+                                   double* __restrict__ col_partial, int64_t batch,
                                    int64_t rows, int64_t cols, int64_t col_tiles, int64_t rows_per_chunk, float eps1,
                                    const float* __restrict__ grad_scale_p) {
   __shared__ double acc[kColRows][kColTile + 1];
@@ -29,7 +40,7 @@ __global__ void col_partial_kernel(const G* __restrict__ grad, double* __restric
   double sum = 0.0;
   if (j < cols) {
     for (int64_t i = lo + threadIdx.y; i < hi; i += kColRows) {
-      const float g = to_float(grad[(b * rows + i) * cols + j]) * grad_scale;
+      const float g = grad_at(grad, slot, b * rows + i, j, cols) * grad_scale;
       sum += static_cast<double>(g * g + eps1);
     }
   }

@@ -377,7 +377,7 @@ int launch_prepare(const void* grad_v, const uint8_t* codes, const float* absmax
   const int64_t chunks = int8_prepare_col_chunks(rows), rows_per_chunk = (rows + chunks - 1) / chunks;
   prepare_rows_kernel<G><<<rows, kThreads, 0, stream>>>(grad, row, cols, a, step, grad_scale);
   const dim3 col_grid((cols + kColTile - 1) / kColTile, chunks), col_block(kColTile, kColRows);
-  col_partial_kernel<G><<<col_grid, col_block, 0, stream>>>(grad, ws.col_partial, 1, rows, cols, col_grid.x,
+  col_partial_kernel<G><<<col_grid, col_block, 0, stream>>>(grad, nullptr, ws.col_partial, 1, rows, cols, col_grid.x,
                                                             rows_per_chunk, a.eps1, grad_scale);
   col_finish_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ws.col_partial, col, 1, rows, cols,
                                                                               chunks, a, step);

@@ -24,9 +24,11 @@ int dequantize_blockwise_cuda_launch(DType dtype, const uint8_t* codes, const fl
 // The update launchers take the weight's dtype and the gradient's, which is either the same or float32 (a
 // float32 gradient of a bfloat16 weight is read at full precision, as the reference and the CPU kernels do).
 
-// grad_scale: device pointer to one float.
-int sgd_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, int64_t n, float lr,
-                           float weight_decay, const float* grad_scale, cudaStream_t stream);
+// slot: null for a dense gradient; else the gradient is row-sparse (rows × cols, see csrc/cpu/grad_rows.h): row i is
+// row slot[i] of grad (k × cols), or zero where slot[i] < 0. grad_scale: device pointer to one float.
+int sgd_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, const int32_t* slot,
+                           int64_t n, int64_t cols, float lr, float weight_decay, const float* grad_scale,
+                           cudaStream_t stream);
 
 // Host-known scalars of one factored (Adafactor/AdaLomo) step; see lowmem/ops/update.py.
 struct FactoredScalars {
@@ -54,8 +56,9 @@ struct FactoredWorkspace {
 
 // factored: row/col are the row and column statistics (batch × rows, batch × cols); otherwise row is the full
 // second moment of a vector and col is unused. exp_avg may be null (no first moment). step (t, already counted)
-// and grad_scale: device pointers to one float each.
-int factored_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, float* row, float* col,
+// and grad_scale: device pointers to one float each. slot: as sgd_update_cuda_launch's (factored only).
+int factored_update_cuda_launch(DType dtype, DType grad_dtype, void* param, const void* grad, const int32_t* slot,
+                                float* row, float* col,
                                 float* exp_avg, int64_t batch, int64_t rows, int64_t cols, bool factored,
                                 FactoredScalars scalars, const float* step, const float* grad_scale,
                                 FactoredWorkspace workspace, cudaStream_t stream);

@@ -43,6 +43,7 @@ def ensure_loaded() -> NativeStatus:
             import lowmem.ops.int8_update  # noqa: F401
             import lowmem.ops.quant  # noqa: F401
             import lowmem.ops.update  # noqa: F401
+            import lowmem.ops.update_rows  # noqa: F401
 
             _status = _load()
             level = logging.INFO if _status.loaded else logging.WARNING

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from lowmem.ops.update import factored_shapes, factored_update_, math_dtype
+from lowmem.ops.update_rows import factored_update_rows_
 
 
 @dataclass
@@ -61,6 +62,28 @@ class Factored:
             grad_scale=grad_scale, lr=lr, relative_step=self.relative_step, decay_rate=self.decay_rate,
             eps1=self.eps1, clip_threshold=self.clip_threshold, eps2=self.eps2,
             scale_parameter=self.scale_parameter, weight_decay=self.weight_decay, beta1=self.beta1 or 0.0,
+        )
+
+
+    @property
+    def row_sparse_exact(self) -> bool:
+        """Without a first moment a zero gradient row only decays (and adds ε₁ to the statistics): the update from
+        the rows of the batch's tokens equals the dense one. A first moment keeps moving every row."""
+        return self.beta1 is None
+
+    @torch.no_grad()
+    def update_rows(self, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, state: dict[str, torch.Tensor],
+                    lr: float, grad_scale: float | torch.Tensor = 1.0) -> None:
+        """:meth:`update` of a matrix from a row-sparse gradient (``values[p]`` is row ``rows[p]``; other rows zero);
+        only without a first moment (:attr:`row_sparse_exact`)."""
+        if not self.row_sparse_exact:
+            raise ValueError(f"{self.name} with beta1 keeps a first moment: its update needs the dense gradient")
+        state["step"] += 1
+        factored_update_rows_(
+            param, rows, values, state["exp_avg_sq_row"], state["exp_avg_sq_col"], step=state["step"],
+            grad_scale=grad_scale, lr=lr, relative_step=self.relative_step, decay_rate=self.decay_rate,
+            eps1=self.eps1, clip_threshold=self.clip_threshold, eps2=self.eps2,
+            scale_parameter=self.scale_parameter, weight_decay=self.weight_decay,
         )
 
 

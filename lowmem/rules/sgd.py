@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lowmem.ops.update import sgd_update_
+from lowmem.ops.update_rows import sgd_update_rows_
 
 
 @dataclass
@@ -18,6 +19,7 @@ class SGD:
 
     weight_decay: float = 0.0
     name: str = "sgd"
+    row_sparse_exact = True  # a zero gradient row steps by nothing: rows of the batch's tokens update exactly
 
     @classmethod
     def from_config(cls, update) -> "SGD":
@@ -30,3 +32,9 @@ class SGD:
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
                grad_scale: float | torch.Tensor = 1.0) -> None:
         sgd_update_(param, grad, lr, self.weight_decay, grad_scale)
+
+    @torch.no_grad()
+    def update_rows(self, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, state: dict[str, torch.Tensor],
+                    lr: float, grad_scale: float | torch.Tensor = 1.0) -> None:
+        """:meth:`update` from a row-sparse gradient (``values[p]`` is row ``rows[p]``; other rows zero)."""
+        sgd_update_rows_(param, rows, values, lr, self.weight_decay, grad_scale)

@@ -15,6 +15,8 @@ is the step's one host read (``lowmem.host_sync``); clipping coefficients stay o
 scaling a non-finite norm is not checked inside the step (that would be a read too): the loss, checked at
 each log step, stops the run.
 Gradient accumulation is refused by the config check: a fused update keeps no gradient to accumulate.
+The input embedding's rows are updated alone where that is exact (``lowmem.embedding_rows``): its lookup's backward
+hands the batch's rows to :meth:`FusedStrategy._on_rows`, and no vocabulary-sized gradient exists.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import weakref
 
 import torch
 
+from lowmem import embedding_rows
 from lowmem.int8_weights import trainable_tensors
 from lowmem.masks import GradientMasks
 from lowmem.ops.update import math_dtype
@@ -41,7 +44,7 @@ from lowmem.strategies.state import (
 class FusedStrategy:
     name = "fused"
 
-    def __init__(self, model: torch.nn.Module, rule, update_config):
+    def __init__(self, model: torch.nn.Module, rule, update_config, row_sparse_embeddings: bool = True):
         self.rule = rule
         self.clip_grad_norm = update_config.clip_grad_norm
         self.scaler = LossScaler.for_model(model, update_config)
@@ -57,6 +60,13 @@ class FusedStrategy:
         self._peak_grad_bytes = 0
         self._skipped = False
         self._handles = [p.register_post_accumulate_grad_hook(self._hook_for(n)) for n, p in self.params.items()]
+        self._model = weakref.ref(model)
+        self._rows_name = None  # the parameter updated from its rows, whose (empty) gradient hook is passed over
+        if row_sparse_embeddings:
+            self._rows_name, self.embedding_gradient = embedding_rows.install(model, self.params, rule, self.masks,
+                                                                              self._rows_for)
+        else:
+            self.embedding_gradient = "dense gradient (memory.row_sparse_embeddings=false)"
 
     def _hook_for(self, name: str):
         # The hook holds the strategy weakly. A tensor's hooks are out of sight of Python's cycle collector, so a
@@ -71,15 +81,40 @@ class FusedStrategy:
 
         return hook
 
+    def _rows_for(self, name: str, param: torch.Tensor):
+        strategy = weakref.ref(self)  # held by the embedding's lookup: weakly, as the hooks hold it
+
+        def sink(rows: torch.Tensor, values: torch.Tensor) -> None:
+            live = strategy()
+            if live is not None:
+                live._on_rows(name, param, rows, values)
+
+        return sink
+
+    def _on_rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """The input embedding's gradient as its batch's rows (``lowmem.embedding_rows``): measured and applied as
+        :meth:`_on_grad` does a dense gradient (the rows' norm is the dense gradient's)."""
+        nbytes = values.numel() * values.element_size() + rows.numel() * rows.element_size()
+        self._measure_and_apply(values, nbytes, lambda scale: self.rule.update_rows(
+            param, rows, values, self.state.get(name, param), self.lr, scale))
+
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
         """One parameter's gradient is complete: mask, measure, update, free."""
         grad = param.grad
+        if name == self._rows_name and grad is None:  # its lookup's backward handed it no gradient: updated by rows
+            return
         # masked before its norm is taken or the rule sees it (see lowmem.masks)
         mask = self.masks.mask_grad_(name, grad) if self.masks else None
-        nbytes = grad.numel() * grad.element_size()
+        self._measure_and_apply(grad, grad.numel() * grad.element_size(), lambda scale: apply_rule(
+            self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask))
+        param.grad = None
+
+    def _measure_and_apply(self, grad: torch.Tensor, nbytes: int, apply) -> None:
+        """Count ``grad``'s bytes as live, take its norm when clipping or the first pass needs it (one more pass over
+        it), and unless measuring call ``apply(scale)`` under no_grad with the gradient scale (per-tensor clipping:
+        computed on the device)."""
         self._live_grad_bytes += nbytes
         self._peak_grad_bytes = max(self._peak_grad_bytes, self._live_grad_bytes)
-        # Measuring a norm is one more pass over the gradient: only when clipping or the first pass needs it.
         norm = None
         if self._measuring or self.clip_grad_norm is not None:
             norm = torch.linalg.vector_norm(grad, 2, dtype=math_dtype(grad.dtype))
@@ -87,10 +122,9 @@ class FusedStrategy:
         if not self._measuring:
             scale = self._grad_scale
             if not self.two_pass and self.clip_grad_norm is not None:
-                scale = clip_coefficient(norm, self.clip_grad_norm)  # per-tensor clipping, on the device
+                scale = clip_coefficient(norm, self.clip_grad_norm)
             with torch.no_grad():
-                apply_rule(self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask)
-        param.grad = None
+                apply(scale)
         self._live_grad_bytes -= nbytes
 
     def prepare(self, lr: float) -> None:
@@ -149,3 +183,6 @@ class FusedStrategy:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        model = self._model()
+        if model is not None:
+            embedding_rows.uninstall(model)

@@ -54,8 +54,9 @@ class HiftStrategy:
         log.info("hift: %d units in %d groups: %s", len(self.units), len(self.groups),
                  " | ".join("+".join(u.name for u in g) for g in self.groups))
         # The inner strategy is built while every unit is trainable, so it knows (and hooks) all of them.
-        inner_cls = FusedStrategy if hift.fused else StandardStrategy
-        self.inner = inner_cls(model, rule, update_config)
+        # (the input embedding keeps its dense gradient here: row-sparse updates are the fused strategy's alone)
+        self.inner = (FusedStrategy(model, rule, update_config, row_sparse_embeddings=False) if hift.fused
+                      else StandardStrategy(model, rule, update_config))
         self.position = 0  # optimizer steps taken: the active group is groups[position % k]
         device = device if device is not None else next(model.parameters()).device
         self.residency = ResidencyScheduler(self.units, self.inner.state, device, memory.offload_states,
