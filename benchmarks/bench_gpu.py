@@ -145,7 +145,7 @@ def lowmem_step(config, model, device: torch.device, n_steps: int):
     if config.model.weight_format == "int8":
         i8 = config.model.int8
         quantize_model(model, i8.outlier_fraction, i8.refresh_every, i8.blocksize, config.train.seed,
-                       i8.stochastic_rounding)
+                       i8.stochastic_rounding, include_head=i8.include_head)
     cycle = None
     if config.update.strategy == "hift":  # 4 groups: two full cycles and one step more, for the steady state
         config.hift.group_size = math.ceil(len(discover_units(model)) / 4)

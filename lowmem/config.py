@@ -23,6 +23,8 @@ class Int8WeightConfig:
     refresh_every: int = 100  # updates of a weight between choosing its outliers and block scales afresh; 0: never
     blocksize: int = 256  # values per float32 scale
     stochastic_rounding: bool = True  # false rounds to nearest: updates under half a code step are lost
+    # the output head as int8 too (untied heads); with the chunked loss it is dequantized a slice of rows at a time
+    include_head: bool = False
 
 
 @dataclass

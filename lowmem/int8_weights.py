@@ -1,6 +1,7 @@
 """Int8 weights with a dense-and-sparse split (QFT, Li et al. 2023): no float copy of a linear weight is kept.
 
-Each ``nn.Linear`` and transformers ``Conv1D`` weight (except the output head) becomes an :class:`Int8Weight`,
+Each ``nn.Linear`` and transformers ``Conv1D`` weight (the output head too with ``model.int8.include_head``) becomes
+an :class:`Int8Weight`,
 in the layer's own layout:
     dense part   uint8 codes of a symmetric linear map (code 128 is zero, 128 ± 127 is ± absmax) with one
                  float32 absmax per block of ``blocksize`` values: 1 + 4/256 ≈ 1.016 bytes per value;
@@ -132,9 +133,14 @@ class Int8Weight(torch.nn.Module):
         flat = dequantize_blockwise(codes, self.absmax[b0:b1], linear_map(self.device), self.blocksize, dtype)
         flat = flat[first - b0 * self.blocksize: last - b0 * self.blocksize]
         if self.n_outliers:
+            # An outlier's own code is the zero code (its dense value is exactly 0), so adding its value puts it in
+            # place; outliers outside the rows add 0 at position 0. No boolean indexing: no shape depends on the
+            # data, so nothing is read on the host and the planner's fake tensors run it (the chunked int8 head).
             index = self.outlier_index.long()
             inside = (index >= first) & (index < last)
-            flat[index[inside] - first] = self.outlier_value[inside].to(dtype)
+            position = torch.where(inside, index - first, torch.zeros_like(index))
+            value = torch.where(inside, self.outlier_value, torch.zeros_like(self.outlier_value)).to(dtype)
+            flat.index_put_((position,), value, accumulate=True)
         return flat.view(stop - start, cols)
 
     @torch.no_grad()
@@ -250,11 +256,14 @@ class Int8Linear(torch.nn.Module):
 # -- whole models ---------------------------------------------------------------------------------------
 
 
-def _kept_float(model: torch.nn.Module) -> set[int]:
-    """Ids of the parameters int8 weights leave in ``model.dtype``: the embeddings' and the output head's."""
+def _kept_float(model: torch.nn.Module, include_head: bool = False) -> set[int]:
+    """Ids of the weights int8 weights leave in ``model.dtype``: the embeddings' and, unless ``include_head``, the
+    output head's (also once it is int8 itself: :func:`matrix_layers` then leaves it out, as PERP's pruning wants)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     kept = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return kept | ({id(p) for p in head.parameters()} if head is not None else set())
+    if head is None or include_head:
+        return kept
+    return kept | {id(p) for p in head.parameters()} | {id(getattr(head, "weight", None))}
 
 
 def matrix_layers(model: torch.nn.Module, kept: set[int] | None = None) -> list[tuple[str, torch.nn.Module]]:
@@ -269,16 +278,27 @@ def matrix_layers(model: torch.nn.Module, kept: set[int] | None = None) -> list[
 
 
 def quantize_model(model: torch.nn.Module, outlier_fraction: float = 0.01, refresh_every: int = 100,
-                   blocksize: int = WEIGHT_BLOCKSIZE, seed: int = 0, stochastic: bool = True) -> int:
+                   blocksize: int = WEIGHT_BLOCKSIZE, seed: int = 0, stochastic: bool = True,
+                   include_head: bool = False) -> int:
     """Replace every layer of :func:`matrix_layers` by an :class:`Int8Linear`, one at a time, so the float
-    weight of each is freed as it goes. Returns how many.
+    weight of each is freed as it goes, and with ``include_head`` the output head too (``model.int8.include_head``;
+    refused for a head tied to the input embedding, which stays in ``model.dtype``). Returns how many.
 
     Raises ``UserError`` when a matrix weight outside embeddings and the output head would stay float: a layer
     type lowmem does not quantize (a model's own linear class), which would otherwise train in float silently.
     """
     from lowmem.errors import UserError
 
-    kept = _kept_float(model)
+    if include_head:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if head is None or type(head) is not torch.nn.Linear:
+            raise UserError(f"model.int8.include_head: the model's output head is a {type(head).__name__}, not a "
+                            "torch.nn.Linear (set model.int8.include_head=false)")
+        if embedding is not None and head.weight is embedding.weight:
+            raise UserError("model.int8.include_head: the head is tied to the input embedding, which int8 weights "
+                            "keep in model.dtype (set model.int8.include_head=false)")
+    kept = _kept_float(model, include_head)
     targets = [(name, m) for name, m in matrix_layers(model, kept) if not isinstance(m, Int8Linear)]
     replaced = {id(module.weight) for _, module in targets}
     for name, param in model.named_parameters():

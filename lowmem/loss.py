@@ -117,6 +117,63 @@ class _ChunkHead(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None
 
 
+HEAD_SLICE_VALUES = 2**24  # values of an int8 head dequantized at once: 32 MiB in bf16 (4096 rows of Llama-3-8B's)
+
+
+def _head_slices(weight) -> list[tuple[int, int]]:
+    rows, cols = weight.shape
+    step = max(1, HEAD_SLICE_VALUES // max(cols, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class _Int8ChunkHead(torch.autograd.Function):
+    """logits = hidden·Wᵀ (+ b) for one chunk with an int8 head (``model.int8.include_head``): W is dequantized
+    :data:`HEAD_SLICE_VALUES` values (whole vocabulary rows) at a time, in forward and again in backward, so no float
+    copy of the head exists; its weight gradient is summed over the chunks in one buffer (:class:`_HeadGradient`)
+    and handed to the int8 weight once, after the last chunk (whose hooks then run the fused update). ``anchor``
+    (int8_weights' ``_ANCHOR``) reaches backward when nothing else needs a gradient (a frozen body)."""
+
+    @staticmethod
+    def forward(ctx, hidden, anchor, weight, bias, summed: _HeadGradient):
+        ctx.save_for_backward(hidden)
+        ctx.weight, ctx.summed, ctx.has_bias = weight, summed, bias is not None
+        logits = hidden.new_empty(hidden.shape[0], weight.shape[0])
+        for start, stop in _head_slices(weight):
+            logits[:, start:stop] = hidden @ weight.dequantize_rows(start, stop, hidden.dtype).T
+        return logits if bias is None else logits.add_(bias)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        (hidden,) = ctx.saved_tensors
+        weight, summed = ctx.weight, ctx.summed
+        slices = _head_slices(weight)
+        grad_hidden = grad_bias = None
+        if ctx.needs_input_grad[0]:  # summed over the slices in the math dtype, rounded once
+            acc = torch.zeros(hidden.shape, dtype=math_dtype(hidden.dtype), device=hidden.device)
+            for start, stop in slices:
+                acc.addmm_(grad_logits[:, start:stop].to(acc.dtype), weight.dequantize_rows(start, stop, acc.dtype))
+            grad_hidden = acc.to(hidden.dtype)
+        if weight.requires_grad:
+            if summed.total is None:
+                summed.total = torch.zeros(weight.shape, dtype=grad_logits.dtype, device=grad_logits.device)
+            for start, stop in slices:
+                summed.total[start:stop].addmm_(grad_logits[:, start:stop].T, hidden)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_logits.sum(0)
+        summed.remaining -= 1
+        if summed.remaining == 0 and summed.total is not None:
+            total, summed.total = summed.total, None
+            weight.accumulate_grad(total)  # once per backward, as autograd would for a parameter
+        return grad_hidden, None, None, grad_bias, None
+
+
+def _int8_head(head: torch.nn.Module) -> bool:
+    """An int8 head (``model.int8.include_head``) in nn.Linear's layout."""
+    from lowmem.int8_weights import Int8Linear
+
+    return isinstance(head, Int8Linear) and not head.transposed
+
+
 def _linear_head(head: torch.nn.Module) -> bool:
     """A plain linear head (its weight a parameter of it, no hooks or adapters around its forward)."""
     return (type(head) is torch.nn.Linear and not head._forward_hooks and not head._forward_pre_hooks
@@ -125,7 +182,12 @@ def _linear_head(head: torch.nn.Module) -> bool:
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, after_head,
                 summed: _HeadGradient | None = None) -> torch.Tensor:
-    if summed is not None:
+    if summed is not None and _int8_head(head):
+        from lowmem.int8_weights import _ANCHOR
+
+        anchor = _ANCHOR if head.weight.requires_grad and torch.is_grad_enabled() else None
+        logits = after_head(_Int8ChunkHead.apply(hidden, anchor, head.weight, head.bias, summed))
+    elif summed is not None:
         logits = after_head(_ChunkHead.apply(hidden, head.weight, head.bias, summed))
     else:
         logits = after_head(head(hidden))
@@ -141,7 +203,15 @@ def _chunked_loss_sum(model, batch, targets: torch.Tensor, chunk_tokens: int) ->
     head, after_head = model.get_output_embeddings(), _after_head(model.config)
     grad = torch.is_grad_enabled()
     n_chunks = -(-hidden.shape[0] // chunk_tokens)
-    summed = _HeadGradient(n_chunks) if grad and n_chunks > 1 and _linear_head(head) and head.weight.requires_grad else None
+    if _int8_head(head):  # every chunk, with or without grad: the head is only ever dequantized a slice at a time
+        if head._forward_hooks or head._forward_pre_hooks:
+            raise UserError("model.int8.include_head: the int8 head has hooks around its forward, which the chunked "
+                            "loss would bypass (set model.int8.include_head=false)")
+        summed = _HeadGradient(n_chunks)
+    elif grad and n_chunks > 1 and _linear_head(head) and head.weight.requires_grad:
+        summed = _HeadGradient(n_chunks)
+    else:
+        summed = None
     total = None
     for start in range(0, hidden.shape[0], chunk_tokens):
         end = start + chunk_tokens

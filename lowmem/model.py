@@ -63,9 +63,11 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     if int8 is not None:
         from lowmem.int8_weights import quantize_model
 
-        n = quantize_model(model, int8.outlier_fraction, int8.refresh_every, int8.blocksize, seed, int8.stochastic_rounding)
-        log.info("model: %d matrix weights stored as int8 blocks of %d with %.2f%% float32 outliers",
-                 n, int8.blocksize, 100 * int8.outlier_fraction)
+        n = quantize_model(model, int8.outlier_fraction, int8.refresh_every, int8.blocksize, seed, int8.stochastic_rounding,
+                           include_head=int8.include_head)
+        log.info("model: %d matrix weights stored as int8 blocks of %d with %.2f%% float32 outliers (%s)",
+                 n, int8.blocksize, 100 * int8.outlier_fraction,
+                 "the output head included" if int8.include_head else "the output head kept in model.dtype")
     model.to(device)
     model.config.use_cache = False  # the KV cache is for generation only
     if gradient_checkpointing:

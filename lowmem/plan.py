@@ -223,7 +223,7 @@ def _prepare(model, config) -> None:
 
         int8 = config.model.int8
         quantize_model(model, int8.outlier_fraction, int8.refresh_every, int8.blocksize, config.train.seed,
-                       int8.stochastic_rounding)
+                       int8.stochastic_rounding, include_head=int8.include_head)
     model.config.use_cache = False
     if config.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
