@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # .json/.jsonl/.txt file, folder, hub id, or lowmem:pydoc (written on first use)
+    path: str = ""  # .json/.jsonl/.txt/.parquet/.csv/.arrow file, folder, hub id, or lowmem:pydoc (made on first use)
     format: Literal["text", "alpaca", "sharegpt", "messages"] = "text"
     max_seq_len: int = 512
     packing: Optional[bool] = None  # None: on for text, off for chat formats
@@ -367,7 +367,8 @@ def validate(config: Config) -> None:
     if not config.model.path:
         raise ConfigError("config: model.path is required (an HF folder, a hub id, or lowmem:tiny-llama)")
     if not config.data.path:
-        raise ConfigError("config: data.path is required (a .jsonl/.json/.txt file, a folder, or a hub id)")
+        raise ConfigError("config: data.path is required (a .jsonl/.json/.txt/.parquet/.csv/.arrow file, a folder, or a "
+                          "hub id)")
     if config.update.rule not in RULES:
         raise ConfigError(
             f"config: update.rule '{config.update.rule}' is not known{did_you_mean(config.update.rule, RULES)}"

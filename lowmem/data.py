@@ -1,6 +1,7 @@
 """Data: text / alpaca / sharegpt / messages rows → token ids and labels (-100 = not trained on).
 
-Rows come through the ``datasets`` library from a local .json/.jsonl/.txt file, a folder, or a hub id.
+Rows come through the ``datasets`` library from a local .json/.jsonl/.txt/.parquet/.csv/.arrow file, a folder, or a
+hub id.
 Chat formats are rendered with the tokenizer's chat template (or lowmem's default when it has none);
 the tokens of assistant turns are found by character offsets, so prompt masking works for any fast
 tokenizer and any template whose rendering of a conversation prefix is a prefix of the full rendering.
@@ -54,6 +55,12 @@ def fingerprint(examples: list[Example]) -> str:
 # Reading rows
 
 
+# File types read by ``datasets``' own builders: JSON lines and text with lowmem's line-numbered errors for bad JSON;
+# parquet, csv and arrow (the forms hub datasets are downloaded in) memory-mapped by ``datasets``.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv",
+                 ".arrow": "arrow"}
+
+
 def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
     """Rows of a local file/folder or hub dataset, and a short name for error messages."""
     import datasets
@@ -63,14 +70,15 @@ def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
     name = p.name if p.exists() else path
     try:
         if p.is_file():
-            builder = {".json": "json", ".jsonl": "json", ".txt": "text"}.get(p.suffix)
+            builder = FILE_BUILDERS.get(p.suffix)
             if builder is None:
-                raise DataError(f"data.path {path}: unsupported file type '{p.suffix}' (use .json, .jsonl or .txt)")
+                raise DataError(f"data.path {path}: unsupported file type '{p.suffix}' (use "
+                                f"{', '.join(FILE_BUILDERS)})")
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         elif p.exists() or not (path.startswith((".", "/", "~")) or p.suffix):
             ds = datasets.load_dataset(local, split=split)  # a folder, or a hub id
         else:
-            raise DataError(f"data.path {path} does not exist (a .json/.jsonl/.txt file, a folder, or a hub id)")
+            raise DataError(f"data.path {path} does not exist (a {'/'.join(FILE_BUILDERS)} file, a folder, or a hub id)")
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable files; all mean bad input here
@@ -125,6 +133,18 @@ def _text(row: dict, key: str, index: int, source: str, need: str) -> str:
     return value
 
 
+def _turns(row: dict, key: str, index: int, source: str, need: str) -> object:
+    """A chat row's list of turns; a CSV cell holds it as JSON text, which is parsed."""
+    value = _field(row, key, index, source, need)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise DataError(f"data: row {index} of {source}: field '{key}' is text that is not JSON ({err.msg}); a "
+                            "CSV cell holds the list of turns as JSON") from None
+    return value
+
+
 def to_messages(row: dict, fmt: str, index: int, source: str) -> list[dict[str, str]]:
     """One row of a chat format as a list of ``{"role", "content"}`` messages."""
     if fmt == "alpaca":
@@ -136,7 +156,7 @@ def to_messages(row: dict, fmt: str, index: int, source: str) -> list[dict[str, 
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     if fmt == "sharegpt":
         need = "sharegpt rows need 'conversations': a list of {from, value}"
-        turns = _field(row, "conversations", index, source, need)
+        turns = _turns(row, "conversations", index, source, need)
         messages = []
         for j, turn in enumerate(turns if isinstance(turns, list) else []):
             if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
@@ -150,7 +170,7 @@ def to_messages(row: dict, fmt: str, index: int, source: str) -> list[dict[str, 
             messages.append({"role": role, "content": str(turn["value"])})
         return _check_conversation(messages, "conversations", index, source)
     if fmt == "messages":
-        turns = _field(row, "messages", index, source, "messages rows need 'messages': a list of {role, content}")
+        turns = _turns(row, "messages", index, source, "messages rows need 'messages': a list of {role, content}")
         messages = []
         for j, turn in enumerate(turns if isinstance(turns, list) else []):
             if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:

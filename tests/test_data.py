@@ -156,3 +156,58 @@ def test_validation_rows_shorter_than_one_block_still_validate(tmp_path, tokeniz
     data = build_datasets(DataConfig(path=path, max_seq_len=512, val_fraction=0.05), tokenizer, 0)
     assert len(data.val) == 1 and 2 <= len(data.val[0].input_ids) < 512  # one row, shorter than a block
     assert all(len(e.input_ids) == 512 for e in data.train)  # training blocks stay full
+
+
+TWIN_ROWS = {
+    "text": [{"text": "A list is a mutable sequence."}, {"text": "A tuple, with a comma, is not."},
+             {"text": "Dicts map keys to values; sets hold unique items."}],
+    "alpaca": [{"instruction": "Name a builtin.", "input": "Python", "output": "len returns a length."},
+               {"instruction": "Say hi.", "input": "", "output": "Hello, world."}],
+    "sharegpt": [{"conversations": [{"from": "human", "value": "What is a list?"},
+                                    {"from": "gpt", "value": "A mutable sequence."}]},
+                 {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Tuple?"},
+                                    {"from": "gpt", "value": "Immutable."}]}],
+    "messages": [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
+                 {"messages": [{"role": "system", "content": "Terse."}, {"role": "user", "content": "2+2?"},
+                               {"role": "assistant", "content": "4"}]}],
+}
+
+
+def write_twin(path, rows, suffix):
+    """``rows`` as a parquet file (nested lists as lists) or a csv file (a list of turns as JSON text, as CSV
+    exports of chat datasets store it)."""
+    import json
+
+    import pandas as pd
+
+    if suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        pd.DataFrame([{k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()} for row in rows]).to_csv(
+            path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+@pytest.mark.parametrize("fmt", list(TWIN_ROWS))
+def test_parquet_and_csv_train_like_their_jsonl_twin(tmp_path, tokenizer, fmt, suffix):
+    rows = TWIN_ROWS[fmt]
+    config = dict(format=fmt, val_fraction=0.0, max_seq_len=16 if fmt == "text" else 64)
+    twin = build_datasets(DataConfig(path=write_twin(tmp_path / f"d{suffix}", rows, suffix), **config), tokenizer, 0)
+    reference = build_datasets(DataConfig(path=write_jsonl(tmp_path / "d.jsonl", rows), **config), tokenizer, 0)
+    assert twin.train and twin.train == reference.train
+
+
+def test_a_csv_chat_cell_that_is_not_json_names_the_row_and_field(tmp_path, tokenizer):
+    path = tmp_path / "d.csv"
+    path.write_text('messages\n"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": '
+                    '""Hello""}]"\nnot json\n')
+    with pytest.raises(DataError, match="row 1 of d.csv: field 'messages' is text that is not JSON"):
+        build_datasets(DataConfig(path=str(path), format="messages", val_fraction=0.0), tokenizer, 0)
+
+
+def test_an_unsupported_file_type_names_the_supported_ones(tmp_path, tokenizer):
+    path = tmp_path / "d.xlsx"
+    path.write_text("x")
+    with pytest.raises(DataError, match=r"unsupported file type '.xlsx' \(use .json, .jsonl, .txt, .parquet, .csv, "):
+        build_datasets(DataConfig(path=str(path)), tokenizer, 0)
