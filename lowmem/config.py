@@ -119,6 +119,8 @@ class MemoryConfig:
     # fused: the input embedding's update reads only the batch's rows (no vocabulary-sized gradient) where that is
     # exact (sgd, adalomo, adafactor without beta1; untied); false: always the dense gradient
     row_sparse_embeddings: bool = True
+    # fused: the input embedding's weight and rule state in host memory; the batch's rows looked up and updated there
+    offload_embeddings: bool = False
     # head + loss this many positions at a time, so the full logits never exist; null: 512 from a 32k vocabulary,
     # else off; 0: off
     loss_chunk_tokens: Optional[int] = None
@@ -442,6 +444,18 @@ def validate(config: Config) -> None:
     validate_prune(config)
     if config.hift.group_size < 1:
         raise ConfigError(f"config: hift.group_size must be positive, got {config.hift.group_size}")
+    if config.memory.offload_embeddings:
+        rule, beta1 = config.update.rule, config.update.adafactor.beta1
+        if config.update.strategy != "fused":
+            raise ConfigError("config: memory.offload_embeddings needs update.strategy=fused (its update runs on the "
+                              "host, inside backward)")
+        if not config.memory.row_sparse_embeddings:
+            raise ConfigError("config: memory.offload_embeddings updates the embedding's rows: it needs "
+                              "memory.row_sparse_embeddings=true")
+        if rule not in ("sgd", "adalomo", "adafactor") or (rule == "adafactor" and beta1 is not None):
+            raise ConfigError(f"config: memory.offload_embeddings needs a rule whose update of the batch's rows alone "
+                              f"is exact (sgd, adalomo, adafactor without beta1), not update.rule={rule}"
+                              + (" with beta1" if rule == "adafactor" else ""))
     if config.update.strategy != "hift" and (config.memory.offload_states or config.memory.offload_frozen_weights):
         raise ConfigError("config: memory.offload_states and memory.offload_frozen_weights need update.strategy=hift")
     hift_fused = config.update.strategy == "hift" and config.hift.fused

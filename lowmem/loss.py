@@ -229,7 +229,8 @@ def check_chunked_head(model: torch.nn.Module) -> None:
     was_training = model.training
     model.eval()
     try:
-        device = model.get_input_embeddings().weight.device
+        # where the logits are made: the input embedding may live in host memory (memory.offload_embeddings)
+        device = model.get_output_embeddings().weight.device
         ids = torch.arange(4, device=device).unsqueeze(0) % model.config.vocab_size
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         expected = model(**batch).logits.float()

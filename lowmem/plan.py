@@ -543,7 +543,14 @@ HOST_MARK = "(host)"
 
 
 def _host_keys(strategy) -> set[int]:
-    """Storages HiFT's residency plan keeps in host memory now: offloaded states and frozen units' weights."""
+    """Storages kept in host memory now: HiFT's offloaded states and frozen units' weights (its residency plan), or
+    the input embedding's weight and rule state (``memory.offload_embeddings``)."""
+    host_embedding = getattr(strategy, "host_embedding", None)
+    if host_embedding is not None:
+        weight = host_embedding.embedding.weight
+        name = next(n for n, p in strategy.params.items() if p is weight)
+        tensors = [weight, *strategy.state.by_param.get(name, {}).values()]
+        return {id(t.untyped_storage()) for t in tensors}
     residency = getattr(strategy, "residency", None)
     if residency is None:
         return set()

@@ -204,9 +204,12 @@ def train(config: Config, step_guard=None) -> TrainResult:
     metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
     result = TrainResult(output_dir=output_dir, steps=steps, retraining=retraining)
 
+    flush = getattr(strategy, "flush", lambda: None)  # updates still running on the host (host embeddings)
+
     def validate(step: int) -> dict | None:
         if not data.val:
             return None
+        flush()
         scores = evaluate(model, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id,
                                               config.train.eval_max_batches), device, chunk)
         if result.first_eval is None:
@@ -226,6 +229,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
             progress.message(f"step 0: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
 
     def save(step: int) -> None:
+        flush()
         trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
                          "train_sequences": len(data.train), "train_fingerprint": data_fingerprint}
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last,
@@ -249,7 +253,9 @@ def train(config: Config, step_guard=None) -> TrainResult:
                 eliminator.start_step(step)
             step_loss = None
             activation_bytes = 0
-            for batch in micro_batches:
+            for host, batch in zip(host_batches, micro_batches):
+                if hasattr(strategy, "feed"):
+                    strategy.feed(host)
                 with SavedTensorBytes(model.parameters()) as saved:
                     loss = loss_sum(model, batch, chunk) / max(step_tokens, 1)
                 activation_bytes = max(activation_bytes, saved.nbytes)

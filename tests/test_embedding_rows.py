@@ -7,6 +7,7 @@ test_update_rows_op.py."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem import assets
@@ -147,3 +148,116 @@ def test_removing_the_strategy_gives_the_lookup_back():
     assert "forward" in vars(model.get_input_embeddings())
     strategy.remove_hooks()
     assert "forward" not in vars(model.get_input_embeddings())
+
+
+# -- the input embedding in host memory (memory.offload_embeddings) ---------------------------------------------
+
+
+def train_fed(model, update: UpdateConfig, offload: bool, steps=3):
+    """As :func:`train`, handing each batch's host ids to the strategy first, as the trainer does."""
+    strategy = FusedStrategy(model, make_rule(update), update, True, offload)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
+        ids[:, :5] = 7
+        strategy.prepare(update.lr)
+        strategy.feed({"input_ids": ids.clone()})
+        strategy.backward(model(input_ids=ids, labels=ids).loss)
+        strategy.step()
+    state = strategy.state_dict()  # waits for the last host update
+    strategy.remove_hooks()
+    return strategy, state
+
+
+@pytest.mark.parametrize("options", EXACT)
+def test_host_embeddings_train_as_on_the_device_bit_for_bit(options):
+    """The host update (worker thread, host rule state) is the device's row-sparse update: on a CPU run, where both
+    use the CPU kernels, the same bits, the last update included (it is waited for before the state is read)."""
+    update = UpdateConfig(strategy="fused", **{"lr": 1e-2, **options})
+    host_model, device_model = micro(), micro()
+    host, host_state = train_fed(host_model, update, True)
+    device, device_state = train_fed(device_model, update, False)
+    assert host.embedding_gradient.startswith("row-sparse updates in host memory")
+    for (name, a), (_, b) in zip(host_model.state_dict().items(), device_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert host_state.keys() == device_state.keys()
+    for key, tensor in device_state.items():
+        assert torch.equal(host_state[key], tensor), key
+
+
+def test_a_host_lookup_without_fed_ids_reads_them_and_is_the_same():
+    model = micro()
+    strategy = FusedStrategy(model, make_rule(UpdateConfig(rule="adalomo")), UpdateConfig(rule="adalomo"), True, True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        unfed = model.get_input_embeddings()(ids)
+        strategy.feed({"input_ids": ids.clone()})
+        fed = model.get_input_embeddings()(ids)
+    strategy.remove_hooks()
+    assert torch.equal(unfed, fed) and torch.equal(fed, F.embedding(ids, model.get_input_embeddings().weight))
+
+
+def test_offload_embeddings_refuses_what_it_cannot_do_in_one_line():
+    from lowmem.errors import ConfigError, UserError
+
+    base = ["model.path=lowmem:micro-llama", "data.path=x.jsonl", "memory.offload_embeddings=true"]
+    for overrides, message in [
+        (["update.strategy=standard"], "memory.offload_embeddings needs update.strategy=fused"),
+        (["update.strategy=fused", "update.rule=adamw"], "not update.rule=adamw"),
+        (["update.strategy=fused", "update.rule=adafactor", "update.adafactor.beta1=0.9"], "adafactor with beta1"),
+        (["update.strategy=fused", "memory.row_sparse_embeddings=false"], "needs memory.row_sparse_embeddings=true"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*base, *overrides])
+    config = load_config(None, [*base, "update.strategy=fused", "update.rule=adalomo"])
+    with pytest.raises(UserError, match="offload_embeddings .* not exact here: dense gradient .*tied to the head"):
+        make_strategy("fused", micro("micro-llama-tied"), make_rule(config.update), config.update, config)
+
+
+def test_the_plan_counts_the_host_embedding_in_host_memory(tmp_path, micro_model_path, text_data):
+    from lowmem.plan import simulate
+    from test_trainer import make_config
+
+    common = ["data.max_seq_len=64", "update.strategy=fused", "update.rule=adalomo"]
+    on_device = simulate(make_config(tmp_path, micro_model_path, text_data, *common), steps=2)
+    on_host = simulate(make_config(tmp_path, micro_model_path, text_data, *common, "memory.offload_embeddings=true"),
+                       steps=2)
+    weight = micro().get_input_embeddings().weight
+    assert on_host.host["weights float32"] == weight.numel() * weight.element_size()
+    assert on_device.device["weights float32"] - on_host.device["weights float32"] == on_host.host["weights float32"]
+    assert 0 < on_host.host["rule state"] < 0.05 * on_host.host["weights float32"]  # row and column statistics
+
+
+def test_host_embeddings_resume_exactly(tmp_path, micro_model_path, text_data):
+    from test_trainer import assert_resume_is_exact
+
+    assert_resume_is_exact(tmp_path, micro_model_path, text_data, "update.strategy=fused", "update.rule=adalomo",
+                           "memory.offload_embeddings=true")
+
+
+@pytest.mark.cuda
+def test_cuda_host_embeddings_train_as_on_the_device():
+    """On a GPU: the weight and its rule state stay in pinned host memory, and training equals the device's
+    row-sparse training to the rounding where CPU and CUDA kernels differ (the factored step's Σu²)."""
+    update = UpdateConfig(strategy="fused", rule="adalomo", lr=1e-2, weight_decay=0.1)
+    host_model, device_model = micro().cuda(), micro().cuda()
+    host, _ = train_fed_cuda(host_model, update, True)
+    train_fed_cuda(device_model, update, False)
+    weight = host_model.get_input_embeddings().weight
+    assert weight.device.type == "cpu" and weight.is_pinned()
+    for (name, a), (_, b) in zip(host_model.state_dict().items(), device_model.state_dict().items()):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def train_fed_cuda(model, update, offload, steps=3):
+    strategy = FusedStrategy(model, make_rule(update), update, True, offload)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
+        strategy.prepare(update.lr)
+        strategy.feed({"input_ids": ids.clone()})
+        strategy.backward(model(input_ids=ids.cuda(), labels=ids.cuda()).loss)
+        strategy.step()
+    state = strategy.state_dict()
+    strategy.remove_hooks()
+    return strategy, state

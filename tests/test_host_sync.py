@@ -100,12 +100,15 @@ def test_float16_reads_only_its_overflow_check_once_per_step(micro_model_path, s
     assert_only(guard, forwards=3, marked=["float16 overflow check"])
 
 
-def test_the_training_loop_reads_only_at_log_points(tmp_path, micro_model_path, text_data):
+@pytest.mark.parametrize("memory", [[], ["memory.offload_embeddings=true"]], ids=["embeddings-on-device", "on-host"])
+def test_the_training_loop_reads_only_at_log_points(tmp_path, micro_model_path, text_data, memory):
+    """Host embeddings included: their lookup, host update and worker hand-off read no value inside the step (on a
+    CPU run the device's ids are the host's, so the copy a lookup of unfed ids would make is not seen here)."""
     from lowmem.trainer import train
 
     guard = ForbidHostReads()
     config = make_config(tmp_path, micro_model_path, text_data, "update.strategy=fused", "update.rule=adalomo",
-                         "train.max_steps=4", "train.gradient_accumulation_steps=1", "log.every_n_steps=2")
+                         "train.max_steps=4", "train.gradient_accumulation_steps=1", "log.every_n_steps=2", *memory)
     result = train(config, step_guard=lambda: guard)
     assert len(result.losses) == 4 and all(isinstance(x, float) for x in result.losses)
     assert_only(guard, forwards=4)

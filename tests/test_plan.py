@@ -25,6 +25,8 @@ CASES = {
     "hift-adamw": ["update.strategy=hift", "update.rule=adamw", "hift.group_size=2"],
     "hift-adafactor": ["update.strategy=hift", "update.rule=adafactor", "hift.group_size=1"],
     "int8-lion8bit": ["model.weight_format=int8", "update.strategy=fused", "update.rule=lion8bit"],
+    "int8-head-chunked": ["model.weight_format=int8", "model.int8.include_head=true", "memory.loss_chunk_tokens=16",
+                          "update.strategy=fused", "update.rule=adalomo"],
     "checkpointing": ["model.gradient_checkpointing=true", "update.strategy=fused", "update.rule=adalomo"],
     "chunked-loss": ["memory.loss_chunk_tokens=16"],
     "tokens": ["tokens.eliminate=true", "tokens.dense_layers=0", "tokens.block_size=16"],

@@ -12,8 +12,9 @@
 
 namespace lowmem {
 
-// For each of `batch` rows × cols matrices of grad (dense or row-sparse: GradRows): one pass for the means of (s·g)² + eps1 by row (summed in double)
-// and by column (per-worker double accumulators, added in worker order), folded into row and col with weight
+// For each of `batch` rows × cols matrices of grad (dense or row-sparse: GradRows): one pass for the means of
+// (s·g)² + eps1 by row (summed in double, in vector lanes) and by column (per-worker double accumulators, added in
+// worker order), folded into row and col with weight
 // `keep` (β₂ₜ) on the old value; then r_i = 1 / √(row_i / mean(row)) into r_factor (batch × rows) and
 // c_j = 1 / √col_j into c_factor (batch × cols).
 template <typename g_t>
@@ -29,6 +30,7 @@ void factored_statistics(const GradRows<g_t>& grad, float* row, float* col, int6
       const g_t* g_row = grad.row(br);
       double* acc = mine + b * cols;
       double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < cols; ++j) {
         const float g = static_cast<float>(g_row[j]) * grad_scale;
         const float sq = g * g + eps1;

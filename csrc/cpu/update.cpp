@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <vector>
 
@@ -62,10 +63,11 @@ struct FactoredArgs {
   bool scale_parameter;
 };
 
-// Sum of x² over a tensor, in double.
+// Sum of x² over a tensor, in double (vector lanes: the additions reassociated, each exact to double rounding).
 template <typename t>
 double sum_squares(const t* x, int64_t n) {
   return at::parallel_reduce(0, n, kGrain, 0.0, [&](int64_t begin, int64_t end, double acc) {
+#pragma omp simd reduction(+ : acc)
     for (int64_t i = begin; i < end; ++i) {
       const double v = static_cast<float>(x[i]);
       acc += v * v;
@@ -135,24 +137,42 @@ void factored_cpu_impl(p_t* param, const GradRows<g_t>& grad, float* row, float*
   const float alpha_f = static_cast<float>(alpha);
   const float decay = static_cast<float>(-static_cast<double>(a.weight_decay) * alpha);
   const float beta1 = a.beta1, one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
-  for_rows([&](int64_t br) {
-    const int64_t base = br * width;
-    const g_t* g_row = grad.row(br);
-    const float r = factored ? r_factor[br] : 0.f;
-    const float* c = factored ? c_factor.data() + (br / rows) * cols : nullptr;
-    for (int64_t j = 0; j < width; ++j) {
-      const float g = static_cast<float>(g_row[j]) * a.grad_scale;
-      const float u = factored ? g * (r * c[j]) : (1.f / std::sqrt(row[base + j])) * g;
-      float update = (u / denom) * alpha_f;
-      if (exp_avg != nullptr) {
-        exp_avg[base + j] = exp_avg[base + j] * beta1 + one_minus_beta1 * update;
-        update = exp_avg[base + j];
+  // The loop is instantiated per (momentum, decay) so that it has no branch and vectorizes; each element's
+  // operations are the same in every instance.
+  auto apply = [&](auto momentum, auto decayed) {
+    for_rows([&](int64_t br) {
+      const int64_t base = br * width;
+      const g_t* g_row = grad.row(br);
+      const float r = factored ? r_factor[br] : 0.f;
+      const float* c = factored ? c_factor.data() + (br / rows) * cols : nullptr;
+      p_t* p = param + base;
+      float* m = momentum ? exp_avg + base : nullptr;
+      const float* v = row + base;
+      auto step = [&](int64_t j, float u) {
+        float update = (u / denom) * alpha_f;
+        if constexpr (decltype(momentum)::value) {
+          m[j] = m[j] * beta1 + one_minus_beta1 * update;
+          update = m[j];
+        }
+        float w = static_cast<float>(p[j]);
+        if constexpr (decltype(decayed)::value) w = w + decay * w;
+        p[j] = static_cast<p_t>(w - update);
+      };
+      if (factored) {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) step(j, (static_cast<float>(g_row[j]) * a.grad_scale) * (r * c[j]));
+      } else {
+        for (int64_t j = 0; j < width; ++j) {
+          step(j, (1.f / std::sqrt(v[j])) * (static_cast<float>(g_row[j]) * a.grad_scale));
+        }
       }
-      float w = static_cast<float>(param[base + j]);
-      if (a.weight_decay != 0.f) w = w + decay * w;
-      param[base + j] = static_cast<p_t>(w - update);
-    }
-  });
+    });
+  };
+  const bool decayed = a.weight_decay != 0.f;
+  if (exp_avg != nullptr && decayed) apply(std::true_type{}, std::true_type{});
+  else if (exp_avg != nullptr) apply(std::true_type{}, std::false_type{});
+  else if (decayed) apply(std::false_type{}, std::true_type{});
+  else apply(std::false_type{}, std::false_type{});
 }
 
 // Runs fn(param, GradRows) for the param's dtype and the gradient's (the param's own, or float32).

@@ -31,5 +31,6 @@ def make_strategy(name: str, model, rule, update_config, config=None, device=Non
             config = Config(update=update_config)
         return HiftStrategy(model, rule, update_config, config, device)
     if name == "fused" and config is not None:
-        return FusedStrategy(model, rule, update_config, config.memory.row_sparse_embeddings)
+        return FusedStrategy(model, rule, update_config, config.memory.row_sparse_embeddings,
+                             config.memory.offload_embeddings)
     return STRATEGIES[name](model, rule, update_config)

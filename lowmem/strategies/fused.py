@@ -26,6 +26,8 @@ import weakref
 import torch
 
 from lowmem import embedding_rows
+from lowmem.errors import UserError
+from lowmem.host_embedding import HostEmbedding
 from lowmem.int8_weights import trainable_tensors
 from lowmem.masks import GradientMasks
 from lowmem.ops.update import math_dtype
@@ -44,7 +46,8 @@ from lowmem.strategies.state import (
 class FusedStrategy:
     name = "fused"
 
-    def __init__(self, model: torch.nn.Module, rule, update_config, row_sparse_embeddings: bool = True):
+    def __init__(self, model: torch.nn.Module, rule, update_config, row_sparse_embeddings: bool = True,
+                 offload_embeddings: bool = False):
         self.rule = rule
         self.clip_grad_norm = update_config.clip_grad_norm
         self.scaler = LossScaler.for_model(model, update_config)
@@ -67,6 +70,46 @@ class FusedStrategy:
                                                                               self._rows_for)
         else:
             self.embedding_gradient = "dense gradient (memory.row_sparse_embeddings=false)"
+        self.host_embedding = None
+        if offload_embeddings:
+            self._offload_embedding(model)
+
+    def _offload_embedding(self, model: torch.nn.Module) -> None:
+        """``memory.offload_embeddings``: the input embedding's weight and rule state in host memory, its rows looked
+        up and updated there (``lowmem.host_embedding``); only where its rows alone can be updated."""
+        if self._rows_name is None:
+            raise UserError(f"memory.offload_embeddings updates the input embedding from its rows on the host, which "
+                            f"is not exact here: {self.embedding_gradient}")
+        name = self._rows_name
+        param = self.params[name]
+        device = next((p.device for n, p in self.params.items() if n != name), param.device)
+        strategy = weakref.ref(self)
+
+        def sink(rows: torch.Tensor, values: torch.Tensor) -> None:
+            live = strategy()
+            if live is not None:
+                live._on_host_rows(name, param, rows, values)
+
+        self.host_embedding = HostEmbedding(model.get_input_embeddings(), device, sink)
+        self.embedding_gradient = "row-sparse updates in host memory (memory.offload_embeddings)"
+
+    def _on_host_rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """As :meth:`_on_rows`, the update then run on the host (``HostEmbedding.update_on_host``) with this step's lr
+        and the rule state that lives there."""
+        state, lr = self.state.get(name, param), self.lr
+        nbytes = values.numel() * values.element_size() + rows.numel() * rows.element_size()
+        self._measure_and_apply(values, nbytes, lambda scale: self.host_embedding.update_on_host(
+            rows, values, scale, lambda r, v, s: self.rule.update_rows(param, r, v, state, lr, s)))
+
+    def feed(self, host_batch: dict[str, torch.Tensor]) -> None:
+        """The next micro-batch as it is on the host, before it moved: its token ids for a host lookup."""
+        if self.host_embedding is not None:
+            self.host_embedding.feed(host_batch["input_ids"])
+
+    def flush(self) -> None:
+        """Finish every update still running (the host embedding's): before weights are read or saved."""
+        if self.host_embedding is not None:
+            self.host_embedding.flush()
 
     def _hook_for(self, name: str):
         # The hook holds the strategy weakly. A tensor's hooks are out of sight of Python's cycle collector, so a
@@ -171,9 +214,11 @@ class FusedStrategy:
         return stats
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        self.flush()
         return strategy_state_dict(self.state, self.scaler)
 
     def load_state_dict(self, flat: dict[str, torch.Tensor], keep_on_host: bool = False) -> None:
+        self.flush()
         load_strategy_state(flat, self.state, self.scaler, self.params, keep_on_host)
 
     def state_bytes(self) -> int:
@@ -183,6 +228,8 @@ class FusedStrategy:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.host_embedding is not None:
+            self.host_embedding.close()
         model = self._model()
         if model is not None:
             embedding_rows.uninstall(model)
