@@ -44,8 +44,10 @@ def row_gradient(ids: torch.Tensor, grad_out: torch.Tensor, n_rows: int, padding
     segment = first.long().cumsum(0) - 1  # which distinct row each sorted position adds to
     lengths = torch.zeros_like(sorted_ids).scatter_add_(0, segment, torch.ones_like(sorted_ids))
     rows = torch.full_like(sorted_ids, n_rows).scatter_(0, segment, sorted_ids)
-    # one sum per segment, each a sequential loop over its positions (deterministic on CUDA too: no atomics)
-    return rows, torch.segment_reduce(values[order], "sum", lengths=lengths, axis=0)
+    # one sum per segment, each a sequential loop over its positions (deterministic on CUDA too: no atomics);
+    # unsafe: the lengths are non-negative and add up to the positions by construction, and checking them would read
+    # two values on the host (a wait for the device)
+    return rows, torch.segment_reduce(values[order], "sum", lengths=lengths, axis=0, unsafe=True)
 
 
 class RowSparseLookup(torch.autograd.Function):

@@ -1,15 +1,16 @@
 """The input embedding in host memory (``memory.offload_embeddings``, fused strategy): only the batch's rows travel.
 
-Llama-3-8B's input embedding is 128256 × 4096 (1 GiB in bf16) for the ~2K rows a step reads. With it in host memory
-(pinned when the device is a GPU), and its rule state beside it:
-    forward   the batch's rows are looked up on the host, from the host's own copy of the token ids (handed over
-              by the trainer with :meth:`HostEmbedding.feed`, so nothing is read back from the device), and copied
-              to the device without blocking (pinned → device);
+Llama-3-8B's input embedding is 128256 × 4096 (1 GiB in bf16) for the ~2K rows a step reads. With it in host memory,
+and its rule state beside it:
+    forward   the batch's rows are gathered on the host, from the host's own copy of the token ids (handed over
+              by the trainer with :meth:`HostEmbedding.feed`, so nothing is read back from the device), straight into
+              pinned memory, and copied to the device without blocking;
     backward  the rows' gradient is summed on the device (``lowmem.embedding_rows.row_gradient``; its norm for
               clipping taken there), copied to pinned host memory without blocking, and the row-sparse update
-              (``lowmem.ops.update_rows``, the CPU kernels) runs in a worker thread once the copies are done, while
-              the host goes on queueing the device's work; the next lookup (or a checkpoint, an evaluation) waits
-              for it (:meth:`HostEmbedding.flush`).
+              (``lowmem.ops.update_rows``, the CPU kernels) runs in a worker thread once the copies are done; the
+              next lookup (or a checkpoint, an evaluation) waits for it (:meth:`HostEmbedding.flush`). The
+              embedding's backward is the last of a step's, so the next step's forward waits for that update: what
+              overlaps it is the host's work between steps (the next batch), not the device's.
 The update is the same as on the device: the CPU row-sparse kernels equal the dense ones bit for bit (and the CPU
 and CUDA kernels agree to rounding). Lookups of ids that live on the device (evaluation) copy them to the host
 first: a read, outside the training step.
@@ -36,11 +37,15 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor`` (made on the host) on ``device``: through pinned memory without blocking on a GPU."""
-    if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+def gather_rows(weight: torch.Tensor, host_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The rows of the host ``weight`` at ``host_ids`` (shaped like the ids, plus the width), on ``device``: on a GPU
+    gathered straight into pinned memory and copied without blocking (the weight itself needs no pinning)."""
+    shape = (*host_ids.shape, weight.shape[-1])
+    if device.type == "cpu" or is_fake(weight):
+        return F.embedding(host_ids, weight)
+    pinned = torch.empty(shape, dtype=weight.dtype, pin_memory=True)
+    torch.index_select(weight, 0, host_ids.reshape(-1), out=pinned.view(-1, weight.shape[-1]))
+    return pinned.to(device, non_blocking=True)
 
 
 class HostLookup(torch.autograd.Function):
@@ -51,8 +56,7 @@ class HostLookup(torch.autograd.Function):
     def forward(ctx, ids, host_ids, weight, owner):
         ctx.save_for_backward(ids)
         ctx.owner = owner
-        rows = F.embedding(host_ids, weight, owner.embedding.padding_idx)
-        return to_device(rows, owner.device)
+        return gather_rows(weight, host_ids, owner.device)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -71,10 +75,7 @@ class HostEmbedding:
         self.device = torch.device(device)
         self.sink = sink
         weight = embedding.weight
-        host = weight.data.to("cpu")
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        weight.data = host
+        weight.data = weight.data.to("cpu")  # pageable: rows are gathered from it into pinned buffers
         self._fed: torch.Tensor | None = None
         self._pending: Future | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-host-embedding")
@@ -106,7 +107,7 @@ class HostEmbedding:
         scale_h = to_host(scale) if isinstance(scale, torch.Tensor) else scale
         done = None
         if values.device.type == "cuda":
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the worker sleeps on it instead of spinning a core
             done.record()
 
         def work() -> None:
@@ -126,8 +127,10 @@ class HostEmbedding:
             pending.result()
 
     def close(self) -> None:
-        """Finish the pending update and give the embedding its own lookup back (the weight stays on the host)."""
+        """Finish the pending update, give the embedding its own lookup back and its weight back to the device (a
+        model used after training, in the same process, is whole again)."""
         self.flush()
         self._worker.shutdown(wait=True)
         if vars(self.embedding).get("forward") == self.lookup:
             del self.embedding.forward
+        self.embedding.weight.data = self.embedding.weight.data.to(self.device)

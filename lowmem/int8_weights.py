@@ -133,14 +133,16 @@ class Int8Weight(torch.nn.Module):
         flat = dequantize_blockwise(codes, self.absmax[b0:b1], linear_map(self.device), self.blocksize, dtype)
         flat = flat[first - b0 * self.blocksize: last - b0 * self.blocksize]
         if self.n_outliers:
-            # An outlier's own code is the zero code (its dense value is exactly 0), so adding its value puts it in
-            # place; outliers outside the rows add 0 at position 0. No boolean indexing: no shape depends on the
-            # data, so nothing is read on the host and the planner's fake tensors run it (the chunked int8 head).
+            # No boolean indexing: no shape depends on the data, so nothing is read on the host and the planner's fake
+            # tensors run it (the chunked int8 head). Outliers outside the rows write position 0's final value there
+            # (its dequantized value, or the value of an outlier inside at 0, whose own code decodes to exactly 0),
+            # so every write to a position is the same value: no accumulation (a sort on CUDA) is needed.
             index = self.outlier_index.long()
             inside = (index >= first) & (index < last)
             position = torch.where(inside, index - first, torch.zeros_like(index))
-            value = torch.where(inside, self.outlier_value, torch.zeros_like(self.outlier_value)).to(dtype)
-            flat.index_put_((position,), value, accumulate=True)
+            value = self.outlier_value.to(dtype)
+            at_start = torch.where(inside & (position == 0), value, torch.zeros_like(value)).sum()
+            flat.index_put_((position,), torch.where(inside, value, flat[0] + at_start))
         return flat.view(stop - start, cols)
 
     @torch.no_grad()

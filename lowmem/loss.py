@@ -82,11 +82,22 @@ class _HeadGradient:
     """The output head's weight gradient summed over the loss chunks in one buffer: each chunk's backward adds its
     product into it in place (``addmm_``), and the chunk whose backward runs last hands the sum to autograd. Autograd's
     own sum of a weight used by n chunks holds each chunk's full gradient before adding it (at Llama-3's 128k
-    vocabulary, 1 GiB apiece in bf16); this holds one."""
+    vocabulary, 1 GiB apiece in bf16); this holds one. The count starts again after each hand-over: a graph run
+    backward twice (the fused strategy's two-pass clipping) hands the sum over once per pass."""
 
     def __init__(self, chunks: int):
+        self.chunks = chunks
         self.remaining = chunks
         self.total: torch.Tensor | None = None
+
+    def chunk_done(self) -> torch.Tensor | None:
+        """Count one chunk's backward; after the last, the sum (taken out of this holder), else None."""
+        self.remaining -= 1
+        if self.remaining > 0:
+            return None
+        self.remaining = self.chunks
+        total, self.total = self.total, None
+        return total
 
 
 class _ChunkHead(torch.autograd.Function):
@@ -111,9 +122,7 @@ class _ChunkHead(torch.autograd.Function):
                 summed.total.addmm_(grad_logits.T, hidden)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_logits.sum(0)  # a bias is a vocabulary-sized vector: autograd's sum is cheap
-        summed.remaining -= 1
-        if summed.remaining == 0 and summed.total is not None:
-            grad_weight, summed.total = summed.total, None
+        grad_weight = summed.chunk_done()
         return grad_hidden, grad_weight, grad_bias, None
 
 
@@ -160,9 +169,8 @@ class _Int8ChunkHead(torch.autograd.Function):
                 summed.total[start:stop].addmm_(grad_logits[:, start:stop].T, hidden)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             grad_bias = grad_logits.sum(0)
-        summed.remaining -= 1
-        if summed.remaining == 0 and summed.total is not None:
-            total, summed.total = summed.total, None
+        total = summed.chunk_done()
+        if total is not None:
             weight.accumulate_grad(total)  # once per backward, as autograd would for a parameter
         return grad_hidden, None, None, grad_bias, None
 

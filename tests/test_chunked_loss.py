@@ -114,7 +114,19 @@ def test_a_chunked_step_reads_nothing_on_the_host(micro_model_path, strategy):
     assert not guard.marked and sum(guard.tolerated.values()) <= 2
 
 
-@pytest.mark.parametrize("args", list(EVERY_STRATEGY.values()), ids=list(EVERY_STRATEGY))
+CHUNKED_RUNS = {
+    **EVERY_STRATEGY,
+    # the graph is run backward twice: the head's summed gradient must be handed over in each pass
+    "fused-two-pass": ["update.strategy=fused", "update.rule=adalomo", "update.clip_mode=two_pass",
+                       "update.clip_grad_norm=1.0"],
+    "int8-head": ["model.weight_format=int8", "model.int8.include_head=true", "update.strategy=fused",
+                  "update.rule=adalomo"],
+    "int8-head-two-pass": ["model.weight_format=int8", "model.int8.include_head=true", "update.strategy=fused",
+                           "update.rule=adalomo", "update.clip_mode=two_pass", "update.clip_grad_norm=1.0"],
+}
+
+
+@pytest.mark.parametrize("args", list(CHUNKED_RUNS.values()), ids=list(CHUNKED_RUNS))
 def test_training_with_chunked_loss_equals_training_without(tmp_path, micro_model_path, text_data, args):
     from lowmem.trainer import train
 

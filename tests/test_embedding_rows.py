@@ -237,14 +237,15 @@ def test_host_embeddings_resume_exactly(tmp_path, micro_model_path, text_data):
 
 @pytest.mark.cuda
 def test_cuda_host_embeddings_train_as_on_the_device():
-    """On a GPU: the weight and its rule state stay in pinned host memory, and training equals the device's
-    row-sparse training to the rounding where CPU and CUDA kernels differ (the factored step's Σu²)."""
+    """On a GPU: the weight and its rule state stay in host memory through training (and the weight goes back to the
+    device when the strategy is removed), and training equals the device's row-sparse training to the rounding where
+    CPU and CUDA kernels differ (the factored step's Σu²)."""
     update = UpdateConfig(strategy="fused", rule="adalomo", lr=1e-2, weight_decay=0.1)
     host_model, device_model = micro().cuda(), micro().cuda()
-    host, _ = train_fed_cuda(host_model, update, True)
+    _, state = train_fed_cuda(host_model, update, True)
     train_fed_cuda(device_model, update, False)
-    weight = host_model.get_input_embeddings().weight
-    assert weight.device.type == "cpu" and weight.is_pinned()
+    assert state["model.embed_tokens.weight::exp_avg_sq_row"].device.type == "cpu"
+    assert host_model.get_input_embeddings().weight.device.type == "cuda"
     for (name, a), (_, b) in zip(host_model.state_dict().items(), device_model.state_dict().items()):
         torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-5, atol=1e-6, msg=name)
 
@@ -258,6 +259,8 @@ def train_fed_cuda(model, update, offload, steps=3):
         strategy.feed({"input_ids": ids.clone()})
         strategy.backward(model(input_ids=ids.cuda(), labels=ids.cuda()).loss)
         strategy.step()
+        if offload:
+            assert model.get_input_embeddings().weight.device.type == "cpu"
     state = strategy.state_dict()
     strategy.remove_hooks()
     return strategy, state

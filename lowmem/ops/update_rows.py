@@ -37,6 +37,13 @@ def row_slots(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     return slot[:n_rows]
 
 
+def _check_rows(rows: torch.Tensor, values: torch.Tensor) -> None:
+    """Sizes only (no value is read): one row of values per entry of ``rows``."""
+    if rows.dim() != 1 or values.dim() != 2 or values.shape[0] != rows.shape[0]:
+        raise ValueError(f"row-sparse gradient: rows {tuple(rows.shape)} and values {tuple(values.shape)} must be "
+                         "(k,) and (k, cols)")
+
+
 def _present(slot: torch.Tensor, values: torch.Tensor, grad_scale, dtype):
     """(rows with a gradient, their scaled gradient rows in ``dtype``)."""
     rows = (slot >= 0).nonzero().squeeze(1)
@@ -102,6 +109,7 @@ def sgd_update_rows_(param: torch.Tensor, rows: torch.Tensor, values: torch.Tens
     from lowmem.ops.native import ensure_loaded
 
     slot = row_slots(rows, param.shape[0])
+    _check_rows(rows, values)
     if param.dtype == torch.float64:
         sgd_update_rows_ref(param, slot, values, float(lr), float(weight_decay), grad_scale)
         return
@@ -116,6 +124,7 @@ def factored_update_rows_(param, rows, values, row, col, *, step, grad_scale=1.0
     from lowmem.ops.native import ensure_loaded
 
     slot = row_slots(rows, param.shape[0])
+    _check_rows(rows, values)
     if param.dtype == torch.float64:
         step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step), device=param.device)
         factored_update_rows_ref(param, slot, values, row, col, step, grad_scale, float(lr), bool(relative_step),
