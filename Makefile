@@ -82,7 +82,7 @@ gpu-check:
 # On a quiet machine: a benchmark beside another process on 2 cores runs ~10x slower.
 bench: install
 	$(PY) -m pip install -q --no-deps lomo-optim lion-pytorch
-	cd benchmarks && ../$(PY) bench_quant.py && ../$(PY) bench_update_ops.py && ../$(PY) bench_int8_update.py && ../$(PY) bench_strategies.py
+	cd benchmarks && ../$(PY) bench_quant.py && ../$(PY) bench_update_ops.py && ../$(PY) bench_int8_update.py && ../$(PY) bench_update_rows.py && ../$(PY) bench_strategies.py
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info lowmem/_C*.so outputs

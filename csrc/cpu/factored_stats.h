@@ -14,7 +14,9 @@ namespace lowmem {
 
 // For each of `batch` rows × cols matrices of grad (dense or row-sparse: GradRows): one pass for the means of
 // (s·g)² + eps1 by row (summed in double, in vector lanes) and by column (per-worker double accumulators, added in
-// worker order), folded into row and col with weight
+// worker order), eps1 added to each mean rather than to each term (the same mean; a zero row then adds exactly
+// nothing to the column sums, so a row-sparse gradient's zero rows are passed over), folded into row and col with
+// weight
 // `keep` (β₂ₜ) on the old value; then r_i = 1 / √(row_i / mean(row)) into r_factor (batch × rows) and
 // c_j = 1 / √col_j into c_factor (batch × cols).
 template <typename g_t>
@@ -27,23 +29,25 @@ void factored_statistics(const GradRows<g_t>& grad, float* row, float* col, int6
     double* mine = col_acc.data() + static_cast<size_t>(at::get_thread_num()) * batch * cols;
     for (int64_t br = begin; br < end; ++br) {
       const int64_t b = br / rows;
-      const g_t* g_row = grad.row(br);
-      double* acc = mine + b * cols;
-      double sum = 0.0;
+      double sum = 0.0;  // a zero row's: its squares add +0 to every sum, which leaves them as they are
+      if (!grad.absent(br)) {
+        const g_t* g_row = grad.row(br);
+        double* acc = mine + b * cols;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < cols; ++j) {
-        const float g = static_cast<float>(g_row[j]) * grad_scale;
-        const float sq = g * g + eps1;
-        sum += sq;
-        acc[j] += sq;
+        for (int64_t j = 0; j < cols; ++j) {
+          const float g = static_cast<float>(g_row[j]) * grad_scale;
+          const float sq = g * g;
+          sum += sq;
+          acc[j] += sq;
+        }
       }
-      row[br] = row[br] * keep + take * static_cast<float>(sum / cols);
+      row[br] = row[br] * keep + take * static_cast<float>(sum / cols + eps1);
     }
   });
   for (int64_t k = 0; k < batch * cols; ++k) {
     double sum = 0.0;
     for (int t = 0; t < n_threads; ++t) sum += col_acc[static_cast<size_t>(t) * batch * cols + k];
-    col[k] = col[k] * keep + take * static_cast<float>(sum / rows);
+    col[k] = col[k] * keep + take * static_cast<float>(sum / rows + eps1);
   }
   for (int64_t b = 0; b < batch; ++b) {
     double row_sum = 0.0;

@@ -23,6 +23,9 @@ class GradRows {
 
   bool sparse() const { return slot_ != nullptr; }
 
+  // Row i of a row-sparse gradient is zero (not one of the values' rows).
+  bool absent(int64_t i) const { return slot_ != nullptr && slot_[i] < 0; }
+
  private:
   const g_t* grad_;
   const int32_t* slot_;

@@ -32,8 +32,9 @@ namespace {
 constexpr int64_t kGrain = 4096;
 
 // Multiplying by grad_scale = 1 or decay = 1 is exact, so the loops stay branch-free (and vectorize)
-// while matching the reference, which skips those multiplications. A row-sparse gradient walks rows (a zero row is
-// still decayed); the element arithmetic is the same, so it writes what the dense gradient would.
+// while matching the reference, which skips those multiplications. A row-sparse gradient walks rows with the same
+// element arithmetic, so it writes what the dense gradient would; a zero row without weight decay is passed over
+// (θ·1 − lr·0 is θ, bit for bit), so a step touches only the batch's rows.
 template <typename p_t, typename g_t>
 void sgd_cpu_impl(p_t* param, const GradRows<g_t>& grad, int64_t rows, int64_t cols, float lr, float weight_decay,
                   float grad_scale) {
@@ -53,8 +54,12 @@ void sgd_cpu_impl(p_t* param, const GradRows<g_t>& grad, int64_t rows, int64_t c
     });
     return;
   }
+  const bool skip_zero_rows = decay == 1.f;
   at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) apply(param + i * cols, grad.row(i), cols);
+    for (int64_t i = begin; i < end; ++i) {
+      if (skip_zero_rows && grad.absent(i)) continue;
+      apply(param + i * cols, grad.row(i), cols);
+    }
   });
 }
 
@@ -113,6 +118,7 @@ void factored_cpu_impl(p_t* param, const GradRows<g_t>& grad, float* row, float*
   };
   std::vector<double> row_u2(n_rows, 0.0);
   for_rows([&](int64_t br) {
+    if (grad.absent(br)) return;  // u = 0·r·c: a zero row adds exactly nothing (row_u2 stays 0)
     const g_t* g_row = grad.row(br);
     double acc = 0.0;
     if (factored) {
@@ -139,8 +145,12 @@ void factored_cpu_impl(p_t* param, const GradRows<g_t>& grad, float* row, float*
   const float beta1 = a.beta1, one_minus_beta1 = static_cast<float>(1.0 - a.beta1);
   // The loop is instantiated per (momentum, decay) so that it has no branch and vectorizes; each element's
   // operations are the same in every instance.
+  // A zero gradient row without decay or momentum steps by (0 / denom)·α = 0: θ − 0 is θ, so it is passed over.
   auto apply = [&](auto momentum, auto decayed) {
     for_rows([&](int64_t br) {
+      if constexpr (!decltype(momentum)::value && !decltype(decayed)::value) {
+        if (grad.absent(br)) return;
+      }
       const int64_t base = br * width;
       const g_t* g_row = grad.row(br);
       const float r = factored ? r_factor[br] : 0.f;

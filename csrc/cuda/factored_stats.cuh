@@ -22,13 +22,13 @@ __device__ __forceinline__ float grad_at(const G* grad, const int32_t* slot, int
 constexpr int kColTile = 32;  // columns per block of the column-sum kernel (one warp wide)
 constexpr int kColRows = 8;   // rows read at once by a block of the column-sum kernel
 
-// Column sums of (s·g)² + eps1, parallel over rows too: block (b · col_tiles + tile, chunk) sums a slice of rows
+// Column sums of (s·g)² (eps1 is added to the mean by col_finish_kernel, as on the CPU), parallel over rows too: block (b · col_tiles + tile, chunk) sums a slice of rows
 // for kColTile consecutive columns (a warp reads consecutive columns of one row: coalesced) into
 // col_partial[chunk][b][j]. The batch is folded into x, whose limit is 2³¹ − 1 (y and z stop at 65535).
 template <typename G>
 __global__ void col_partial_kernel(const G* __restrict__ grad, const int32_t* __restrict__ slot,
                                    double* __restrict__ col_partial, int64_t batch,
-                                   int64_t rows, int64_t cols, int64_t col_tiles, int64_t rows_per_chunk, float eps1,
+                                   int64_t rows, int64_t cols, int64_t col_tiles, int64_t rows_per_chunk,
                                    const float* __restrict__ grad_scale_p) {
   __shared__ double acc[kColRows][kColTile + 1];
   const int64_t b = blockIdx.x / col_tiles, tile = blockIdx.x % col_tiles;
@@ -41,7 +41,7 @@ __global__ void col_partial_kernel(const G* __restrict__ grad, const int32_t* __
   if (j < cols) {
     for (int64_t i = lo + threadIdx.y; i < hi; i += kColRows) {
       const float g = grad_at(grad, slot, b * rows + i, j, cols) * grad_scale;
-      sum += static_cast<double>(g * g + eps1);
+      sum += static_cast<double>(g * g);
     }
   }
   acc[threadIdx.y][threadIdx.x] = sum;
@@ -67,7 +67,7 @@ __global__ void col_finish_kernel(const double* __restrict__ col_partial, float*
   double sum = 0.0;
   for (int64_t c = 0; c < chunks; ++c) sum += col_partial[c * batch * cols + k];
   const float beta2t = step_scalars(step, a).beta2t;
-  col[k] = col[k] * beta2t + (1.f - beta2t) * static_cast<float>(sum / rows);
+  col[k] = col[k] * beta2t + (1.f - beta2t) * static_cast<float>(sum / rows + a.eps1);
 }
 
 }  // namespace

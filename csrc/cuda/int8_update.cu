@@ -288,7 +288,7 @@ int launch_update(const Int8DeviceBuffers& b, const void* grad, const Int8Scalar
 
 // -- the factored rules' reductions ----------------------------------------------------------------------------
 
-// One block per row: the row's mean of (s·g)² + eps1 into its statistic.
+// One block per row: the row's mean of (s·g)², plus eps1, into its statistic.
 template <typename G>
 __global__ void prepare_rows_kernel(const G* __restrict__ grad, float* __restrict__ row, int64_t cols, FactoredScalars a,
                                     const float* __restrict__ step, const float* __restrict__ grad_scale_p) {
@@ -297,12 +297,12 @@ __global__ void prepare_rows_kernel(const G* __restrict__ grad, float* __restric
   double sq = 0.0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const float g = to_float(grad[i * cols + j]) * gs;
-    sq += static_cast<double>(g * g + a.eps1);
+    sq += static_cast<double>(g * g);
   }
   const double total = block_total(sq);
   if (threadIdx.x == 0) {
     const float beta2t = step_scalars(step, a).beta2t;
-    row[i] = row[i] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols);
+    row[i] = row[i] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols + a.eps1);
   }
 }
 
@@ -378,7 +378,7 @@ int launch_prepare(const void* grad_v, const uint8_t* codes, const float* absmax
   prepare_rows_kernel<G><<<rows, kThreads, 0, stream>>>(grad, row, cols, a, step, grad_scale);
   const dim3 col_grid((cols + kColTile - 1) / kColTile, chunks), col_block(kColTile, kColRows);
   col_partial_kernel<G><<<col_grid, col_block, 0, stream>>>(grad, nullptr, ws.col_partial, 1, rows, cols, col_grid.x,
-                                                            rows_per_chunk, a.eps1, grad_scale);
+                                                            rows_per_chunk, grad_scale);
   col_finish_kernel<<<(cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ws.col_partial, col, 1, rows, cols,
                                                                               chunks, a, step);
   prepare_factors_kernel<<<1, kThreads, 0, stream>>>(row, col, out, rows, cols);

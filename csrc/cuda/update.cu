@@ -30,7 +30,7 @@ __global__ void sgd_kernel(T* __restrict__ param, const G* __restrict__ grad, co
   }
 }
 
-// One block per (batch, row): the row's mean of (s·g)² + eps1 into the row state, and the row's Σθ².
+// One block per (batch, row): the row's mean of (s·g)², plus eps1, into the row state, and the row's Σθ².
 template <typename T, typename G>
 __global__ void row_stats_kernel(const T* __restrict__ param, const G* __restrict__ grad,
                                  const int32_t* __restrict__ slot, float* __restrict__ row,
@@ -41,7 +41,7 @@ __global__ void row_stats_kernel(const T* __restrict__ param, const G* __restric
   double sq = 0.0, psq = 0.0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const float g = grad_at(grad, slot, br, j, cols) * grad_scale;
-    sq += static_cast<double>(g * g + a.eps1);
+    sq += static_cast<double>(g * g);
     const double w = to_float(param[br * cols + j]);
     psq += w * w;
   }
@@ -49,7 +49,7 @@ __global__ void row_stats_kernel(const T* __restrict__ param, const G* __restric
   const double total_p = block_total(psq);
   if (threadIdx.x == 0) {
     const float beta2t = step_scalars(step, a).beta2t;
-    row[br] = row[br] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols);
+    row[br] = row[br] * beta2t + (1.f - beta2t) * static_cast<float>(total / cols + a.eps1);
     row_param_sq[br] = total_p;
   }
 }
@@ -164,7 +164,7 @@ int launch_factored(void* param_v, const void* grad_v, const int32_t* slot, floa
     const int64_t col_tiles = (cols + kColTile - 1) / kColTile;
     const dim3 col_grid(static_cast<unsigned>(batch * col_tiles), static_cast<unsigned>(chunks));
     col_partial_kernel<G><<<col_grid, dim3(kColTile, kColRows), 0, stream>>>(grad, slot, ws.col_partial, batch, rows, cols,
-                                                                            col_tiles, rows_per_chunk, a.eps1,
+                                                                            col_tiles, rows_per_chunk,
                                                                             grad_scale);
     col_finish_kernel<<<(batch * cols + kThreads - 1) / kThreads, kThreads, 0, stream>>>(ws.col_partial, col, batch,
                                                                                          rows, cols, chunks, a, step);

@@ -209,7 +209,7 @@ def int8_factored_prepare_ref(codes, absmax, outlier_value, grad, row, col, step
         alpha = rho * (sum_sq / codes.numel()).sqrt().float().clamp(min=eps2)
     else:
         alpha = torch.full((), f32(rho), dtype=torch.float32, device=g.device) if isinstance(rho, float) else rho
-    r_factor, c_factor = factored_statistics_(g * g + eps1, row, col, beta2t, keep_new)
+    r_factor, c_factor = factored_statistics_(g * g, row, col, beta2t, keep_new, eps1)
     u = g * (r_factor * c_factor)
     denom = (u.double().pow(2).mean().sqrt() / clip_threshold).clamp(min=1.0).float()
     return torch.cat([r_factor.view(-1), c_factor.view(-1), denom.view(1), alpha.view(1).float()])

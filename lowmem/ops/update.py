@@ -91,11 +91,12 @@ def factored_step_scalars(step: torch.Tensor, lr: float, relative_step: bool, de
     return beta2t, 1.0 - beta2t, rho
 
 
-def factored_statistics_(sq: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, keep_new):
-    """Fold the row and column means of ``sq`` ((s·g)² + ε₁ of a matrix, or a stack of them) into ``row`` and ``col``;
-    returns the factors r = 1/√(row / mean(row)) as [..., rows, 1] and c = 1/√col as [..., 1, cols]."""
-    row.mul_(beta2t).add_(sq.mean(dim=-1) * keep_new)
-    col.mul_(beta2t).add_(sq.mean(dim=-2) * keep_new)
+def factored_statistics_(sq: torch.Tensor, row: torch.Tensor, col: torch.Tensor, beta2t, keep_new, eps1: float):
+    """Fold the row and column means of (s·g)² + ε₁ (``sq`` = (s·g)² of a matrix, or a stack of them; ε₁ added to each
+    mean, as the kernels do) into ``row`` and ``col``; returns the factors r = 1/√(row / mean(row)) as [..., rows, 1]
+    and c = 1/√col as [..., 1, cols]."""
+    row.mul_(beta2t).add_((sq.mean(dim=-1) + eps1) * keep_new)
+    col.mul_(beta2t).add_((sq.mean(dim=-2) + eps1) * keep_new)
     return (row / row.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1), col.unsqueeze(-2).rsqrt()
 
 
@@ -128,12 +129,11 @@ def factored_update_ref(
     g = scaled_grad(grad, grad_scale, dtype)
     beta2t, keep_new, rho = factored_step_scalars(step, lr, relative_step, decay_rate, dtype)
     alpha = rho * work.pow(2).mean().sqrt().clamp(min=eps2) if scale_parameter else rho
-    sq = g * g + eps1
     if col.numel() > 0:
-        r_factor, c_factor = factored_statistics_(sq, row, col, beta2t, keep_new)
+        r_factor, c_factor = factored_statistics_(g * g, row, col, beta2t, keep_new, eps1)
         update = g * (r_factor * c_factor)
     else:
-        row.mul_(beta2t).add_(sq * keep_new)
+        row.mul_(beta2t).add_((g * g + eps1) * keep_new)
         update = row.rsqrt() * g
     update.div_((update.pow(2).mean().sqrt() / clip_threshold).clamp(min=1.0))
     update.mul_(alpha)

@@ -65,18 +65,18 @@ def sgd_update_rows_ref(param, slot, values, lr, weight_decay, grad_scale) -> No
 def factored_update_rows_ref(param, slot, values, row, col, step, grad_scale, lr, relative_step, decay_rate, eps1,
                              clip_threshold, eps2, scale_parameter, weight_decay) -> None:
     """Reference of ``factored_update_rows_``: ``factored_update_ref``'s operations with the zero rows' terms
-    written out: their (s·g)² + ε₁ is ε₁, their u is 0."""
+    written out: their (s·g)² is 0 (ε₁ is added to each mean), their u is 0."""
     dtype = math_dtype(param.dtype)
     n_rows, n_cols = param.shape
     work = param.to(dtype, copy=True)
     rows, g = _present(slot, values, grad_scale, dtype)
     beta2t, keep_new, rho = factored_step_scalars(step, lr, relative_step, decay_rate, dtype)
     alpha = rho * work.pow(2).mean().sqrt().clamp(min=eps2) if scale_parameter else rho
-    sq = g * g + eps1
-    row_mean = torch.full((n_rows,), eps1, dtype=dtype, device=param.device)
+    sq = g * g
+    row_mean = torch.zeros((n_rows,), dtype=dtype, device=param.device)
     row_mean[rows] = sq.mean(dim=-1)
-    row.mul_(beta2t).add_(row_mean * keep_new)
-    col.mul_(beta2t).add_((sq.sum(dim=0) + (n_rows - rows.numel()) * eps1) / n_rows * keep_new)
+    row.mul_(beta2t).add_((row_mean + eps1) * keep_new)
+    col.mul_(beta2t).add_((sq.sum(dim=0) / n_rows + eps1) * keep_new)
     r_factor = (row / row.mean()).rsqrt()
     update = g * (r_factor[rows].unsqueeze(-1) * col.rsqrt().unsqueeze(0))
     update.div_((update.pow(2).sum() / (n_rows * n_cols)).sqrt().div(clip_threshold).clamp(min=1.0))
