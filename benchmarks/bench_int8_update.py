@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from common import append_rows, base_row, quantiles_ms
+from common import quantiles_ms, report_against
 from lowmem.config import UpdateConfig
 from lowmem.int8_weights import Int8Weight
 from lowmem.ops import int8_update as iu
@@ -73,16 +73,8 @@ def main() -> None:
     if args.reference:
         cases[("int8 sgd", "reference")] = int8_sgd_reference(weight, grad)
     timed = {key: quantiles_ms(fn, repeats=args.repeats) for key, fn in cases.items()}
-    copy = timed[("copy", "copy_(grad)")][1]
     print(f"{args.shape} float32 gradient, {args.threads} threads")
-    print(f"{'update':<16} {'provider':<14} {'p20 ms':>8} {'p50 ms':>8} {'p80 ms':>8} {'× copy':>7}")
-    rows = []
-    for (op, provider), (p20, p50, p80) in timed.items():
-        print(f"{op:<16} {provider:<14} {p20:8.2f} {p50:8.2f} {p80:8.2f} {p50 / copy:7.2f}")
-        rows.append({**base_row("int8_update"), "case": f"{op} {args.shape}", "provider": provider,
-                     "p20_ms": round(p20, 3), "p50_ms": round(p50, 3), "p80_ms": round(p80, 3),
-                     "mb": round(4 * shape[0] * shape[1] / 2**20, 1)})
-    append_rows(rows)
+    report_against(timed, ("copy", "copy_(grad)"), "int8_update", args.shape, round(4 * shape[0] * shape[1] / 2**20, 1))
 
 
 if __name__ == "__main__":

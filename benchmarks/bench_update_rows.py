@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from common import append_rows, base_row, quantiles_ms
+from common import quantiles_ms, report_against
 from lowmem.config import UpdateConfig
 from lowmem.ops.native import ensure_loaded
 from lowmem.rules import make_rule
@@ -47,16 +47,9 @@ def main() -> None:
         cases[(name, "rows")] = lambda rule=rule, state=state: rule.update_rows(weight, rows, values, state, 1e-4)
         cases[(name, "dense")] = lambda rule=rule, state=state: rule.update(weight, dense, state, 1e-4)
     timed = {key: quantiles_ms(fn, repeats=args.repeats) for key, fn in cases.items()}
-    copy = timed[("copy", "copy_(weight)")][1]
     print(f"{args.shape} bfloat16 embedding, {args.rows} rows with a gradient, {args.threads} threads")
-    print(f"{'update':<10} {'provider':<14} {'p20 ms':>8} {'p50 ms':>8} {'p80 ms':>8} {'× copy':>7}")
-    result = []
-    for (op, provider), (p20, p50, p80) in timed.items():
-        print(f"{op:<10} {provider:<14} {p20:8.2f} {p50:8.2f} {p80:8.2f} {p50 / copy:7.2f}")
-        result.append({**base_row("update_rows"), "case": f"{op} {args.shape} {args.rows} rows", "provider": provider,
-                       "p20_ms": round(p20, 3), "p50_ms": round(p50, 3), "p80_ms": round(p80, 3),
-                       "mb": round(2 * n * width / 2**20, 1)})
-    append_rows(result)
+    report_against(timed, ("copy", "copy_(weight)"), "update_rows", f"{args.shape} {args.rows} rows",
+                   round(2 * n * width / 2**20, 1), width=10)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,19 @@ def quantiles_ms(fn, repeats: int = 20, warmup: int = 3) -> tuple[float, float, 
     return q[0], q[1], q[2]
 
 
+def report_against(timed: dict, baseline: tuple[str, str], bench: str, shape: str, mb: float, width: int = 16) -> None:
+    """Print ``timed`` ((op, provider) → p20/p50/p80 ms) with each p50's ratio to ``baseline``'s, and append the rows
+    to results.csv as ``bench`` cases "op shape"."""
+    reference = timed[baseline][1]
+    print(f"{'update':<{width}} {'provider':<14} {'p20 ms':>8} {'p50 ms':>8} {'p80 ms':>8} {'× ' + baseline[0]:>7}")
+    rows = []
+    for (op, provider), (p20, p50, p80) in timed.items():
+        print(f"{op:<{width}} {provider:<14} {p20:8.2f} {p50:8.2f} {p80:8.2f} {p50 / reference:7.2f}")
+        rows.append({**base_row(bench), "case": f"{op} {shape}", "provider": provider, "p20_ms": round(p20, 3),
+                     "p50_ms": round(p50, 3), "p80_ms": round(p80, 3), "mb": mb})
+    append_rows(rows)
+
+
 def append_rows(rows: list[dict], path: Path = RESULTS) -> None:
     """Append ``rows`` to the CSV at ``path``; a file written with fewer columns gets the new ones first (empty)."""
     if path.exists():
