@@ -248,7 +248,8 @@ def fit_command(config, recipe: str, limit: int, target: str, write_to: str | No
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--recipe", default=None,
               help="Evaluate on this recipe's held-out split (its data section and train.seed), as training does.")
-@click.option("--data", "data_path", default=None, help="Or a whole dataset: .json/.jsonl/.txt/.parquet/.csv/.arrow file, folder or hub id.")
+@click.option("--data", "data_path", default=None,
+              help="Or a whole dataset: .json/.jsonl/.txt/.parquet/.csv/.arrow file, folder or hub id.")
 @click.option("--format", "fmt", default=None, type=click.Choice(["text", "alpaca", "sharegpt", "messages"]),
               help="With --data (default: text; --recipe takes its own).")
 @click.option("--max-seq-len", default=None, type=int, help="With --data (default: 512; --recipe takes its own).")

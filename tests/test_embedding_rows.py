@@ -132,11 +132,12 @@ def test_where_rows_alone_are_not_exact_the_gradient_stays_dense_and_says_why(mo
 
 
 def test_hift_and_the_knob_keep_the_dense_gradient():
-    config = load_config(None, ["model.path=lowmem:micro-llama", "data.path=x.jsonl", "update.strategy=fused", "update.rule=adalomo", "memory.row_sparse_embeddings=false"])
+    base = ["model.path=lowmem:micro-llama", "data.path=x.jsonl"]
+    config = load_config(None, [*base, "update.strategy=fused", "update.rule=adalomo", "memory.row_sparse_embeddings=false"])
     model = micro()
     strategy = make_strategy("fused", model, make_rule(config.update), config.update, config)
     assert "row_sparse_embeddings=false" in strategy.embedding_gradient
-    config = load_config(None, ["model.path=lowmem:micro-llama", "data.path=x.jsonl", "update.strategy=hift", "update.rule=adalomo", "hift.fused=true"])
+    config = load_config(None, [*base, "update.strategy=hift", "update.rule=adalomo", "hift.fused=true"])
     model = micro()
     make_strategy("hift", model, make_rule(config.update), config.update, config)
     assert "forward" not in vars(model.get_input_embeddings())

@@ -273,8 +273,8 @@ void factored_update_rows_cpu(at::Tensor param, const at::Tensor& slot, const at
   const FactoredShape shape = check_factored_args(param, at::Tensor(), row, col, no_momentum, op);
   TORCH_CHECK(shape.factored, "lowmem: ", op, ": needs the factored (row and column) statistics of a matrix");
   const at::Tensor v = float_or_same(values, param);
-  factored_cpu(param, v, checked_slots(slot, v, op), row, col, no_momentum, shape, step_t, grad_scale_t, lr, relative_step, decay_rate, eps1, clip_threshold, eps2,
-               scale_parameter, weight_decay, 0.0, op);
+  factored_cpu(param, v, checked_slots(slot, v, op), row, col, no_momentum, shape, step_t, grad_scale_t, lr,
+               relative_step, decay_rate, eps1, clip_threshold, eps2, scale_parameter, weight_decay, 0.0, op);
 }
 
 }  // namespace

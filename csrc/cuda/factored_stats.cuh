@@ -22,8 +22,8 @@ __device__ __forceinline__ float grad_at(const G* grad, const int32_t* slot, int
 constexpr int kColTile = 32;  // columns per block of the column-sum kernel (one warp wide)
 constexpr int kColRows = 8;   // rows read at once by a block of the column-sum kernel
 
-// Column sums of (s·g)² (eps1 is added to the mean by col_finish_kernel, as on the CPU), parallel over rows too: block (b · col_tiles + tile, chunk) sums a slice of rows
-// for kColTile consecutive columns (a warp reads consecutive columns of one row: coalesced) into
+// Column sums of (s·g)² (eps1 is added to the mean by col_finish_kernel, as on the CPU), parallel over rows too:
+// block (b · col_tiles + tile, chunk) sums a slice of rows for kColTile consecutive columns (a warp reads consecutive columns of one row: coalesced) into
 // col_partial[chunk][b][j]. The batch is folded into x, whose limit is 2³¹ − 1 (y and z stop at 65535).
 template <typename G>
 __global__ void col_partial_kernel(const G* __restrict__ grad, const int32_t* __restrict__ slot,

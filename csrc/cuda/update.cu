@@ -148,8 +148,8 @@ int grid_for(int64_t n) {
 }
 
 template <typename T, typename G>
-int launch_factored(void* param_v, const void* grad_v, const int32_t* slot, float* row, float* col, float* exp_avg, int64_t batch,
-                    int64_t rows, int64_t cols, bool factored, FactoredScalars a, const float* step,
+int launch_factored(void* param_v, const void* grad_v, const int32_t* slot, float* row, float* col, float* exp_avg,
+                    int64_t batch, int64_t rows, int64_t cols, bool factored, FactoredScalars a, const float* step,
                     const float* grad_scale, FactoredWorkspace ws, cudaStream_t stream) {
   T* param = static_cast<T*>(param_v);
   const G* grad = static_cast<const G*>(grad_v);
@@ -182,8 +182,8 @@ int launch_factored(void* param_v, const void* grad_v, const int32_t* slot, floa
 }
 
 template <typename T, typename G>
-int launch_sgd(void* param, const void* grad, const int32_t* slot, int64_t n, int64_t cols, float lr, float weight_decay, const float* grad_scale,
-               cudaStream_t stream) {
+int launch_sgd(void* param, const void* grad, const int32_t* slot, int64_t n, int64_t cols, float lr,
+               float weight_decay, const float* grad_scale, cudaStream_t stream) {
   if (n == 0) return 0;
   const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
   sgd_kernel<T, G><<<grid_for(n), kThreads, 0, stream>>>(static_cast<T*>(param), static_cast<const G*>(grad), slot, n,
