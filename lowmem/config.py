@@ -445,14 +445,14 @@ def validate(config: Config) -> None:
     if config.hift.group_size < 1:
         raise ConfigError(f"config: hift.group_size must be positive, got {config.hift.group_size}")
     if config.memory.offload_embeddings:
-        rule, beta1 = config.update.rule, config.update.adafactor.beta1
+        rule = config.update.rule
         if config.update.strategy != "fused":
             raise ConfigError("config: memory.offload_embeddings needs update.strategy=fused (its update runs on the "
                               "host, inside backward)")
         if not config.memory.row_sparse_embeddings:
             raise ConfigError("config: memory.offload_embeddings updates the embedding's rows: it needs "
                               "memory.row_sparse_embeddings=true")
-        if rule not in ("sgd", "adalomo", "adafactor") or (rule == "adafactor" and beta1 is not None):
+        if not getattr(RULES[rule].from_config(config.update), "row_sparse_exact", False):
             raise ConfigError(f"config: memory.offload_embeddings needs a rule whose update of the batch's rows alone "
                               f"is exact (sgd, adalomo, adafactor without beta1), not update.rule={rule}"
                               + (" with beta1" if rule == "adafactor" else ""))

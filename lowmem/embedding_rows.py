@@ -14,15 +14,10 @@ governs), a masked embedding or an embedding class other than ``torch.nn.Embeddi
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from lowmem.ops.update import math_dtype
-
-RowSink = Callable[[torch.Tensor, torch.Tensor], None]
-
 
 def row_gradient(ids: torch.Tensor, grad_out: torch.Tensor, n_rows: int, padding_idx: int | None):
     """(rows, values): the embedding weight's gradient for the lookup of ``ids`` given the output gradient ``grad_out``,

@@ -18,7 +18,6 @@ first: a read, outside the training step.
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -78,8 +77,8 @@ class HostEmbedding:
         weight.data = weight.data.to("cpu")  # pageable: rows are gathered from it into pinned buffers
         self._fed: torch.Tensor | None = None
         self._pending: Future | None = None
+        # only the calling thread sets and takes _pending; the worker runs the update alone
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lowmem-host-embedding")
-        self._lock = threading.Lock()
         embedding.forward = self.lookup
 
     def feed(self, host_ids: torch.Tensor) -> None:
@@ -116,13 +115,11 @@ class HostEmbedding:
             with torch.no_grad():
                 update(rows_h, values_h, scale_h)
 
-        with self._lock:
-            self._pending = self._worker.submit(work)
+        self._pending = self._worker.submit(work)
 
     def flush(self) -> None:
         """Wait for the pending host update (its error, if any, is raised here)."""
-        with self._lock:
-            pending, self._pending = self._pending, None
+        pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
 

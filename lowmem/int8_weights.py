@@ -223,6 +223,12 @@ class _Int8LinearFunction(torch.autograd.Function):
 _ANCHOR = torch.empty(0, requires_grad=True)
 
 
+def backward_anchor(weight: Int8Weight) -> torch.Tensor | None:
+    """The ``anchor`` input of an autograd function that uses ``weight``: a tensor that requires grad while the weight
+    trains under grad mode (so backward reaches the function even when nothing else needs a gradient), else None."""
+    return _ANCHOR if weight.requires_grad and torch.is_grad_enabled() else None
+
+
 def _conv1d_type():
     try:
         from transformers.pytorch_utils import Conv1D
@@ -247,8 +253,7 @@ class Int8Linear(torch.nn.Module):
         self.bias = layer.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        anchor = _ANCHOR if self.weight.requires_grad and torch.is_grad_enabled() else None
-        return _Int8LinearFunction.apply(x, anchor, self.weight, self.bias, self.transposed)
+        return _Int8LinearFunction.apply(x, backward_anchor(self.weight), self.weight, self.bias, self.transposed)
 
     def extra_repr(self) -> str:
         layout = ", layout=Conv1D [in, out]" if self.transposed else ""

@@ -140,7 +140,7 @@ class _Int8ChunkHead(torch.autograd.Function):
     :data:`HEAD_SLICE_VALUES` values (whole vocabulary rows) at a time, in forward and again in backward, so no float
     copy of the head exists; its weight gradient is summed over the chunks in one buffer (:class:`_HeadGradient`)
     and handed to the int8 weight once, after the last chunk (whose hooks then run the fused update). ``anchor``
-    (int8_weights' ``_ANCHOR``) reaches backward when nothing else needs a gradient (a frozen body)."""
+    (int8_weights' ``backward_anchor``) reaches backward when nothing else needs a gradient (a frozen body)."""
 
     @staticmethod
     def forward(ctx, hidden, anchor, weight, bias, summed: _HeadGradient):
@@ -191,9 +191,9 @@ def _linear_head(head: torch.nn.Module) -> bool:
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, after_head,
                 summed: _HeadGradient | None = None) -> torch.Tensor:
     if summed is not None and _int8_head(head):
-        from lowmem.int8_weights import _ANCHOR
+        from lowmem.int8_weights import backward_anchor
 
-        anchor = _ANCHOR if head.weight.requires_grad and torch.is_grad_enabled() else None
+        anchor = backward_anchor(head.weight)
         logits = after_head(_Int8ChunkHead.apply(hidden, anchor, head.weight, head.bias, summed))
     elif summed is not None:
         logits = after_head(_ChunkHead.apply(hidden, head.weight, head.bias, summed))

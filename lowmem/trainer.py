@@ -194,7 +194,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
     if streamed:
         strategy.place(model)
     log.info("embeddings: %s", getattr(strategy, "embedding_gradient",
-                                       f"dense gradient (row-sparse updates run under update.strategy=fused)"))
+                                       "dense gradient (row-sparse updates run under update.strategy=fused)"))
     # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
     chunk = chunked_loss_tokens(config, model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",
@@ -205,6 +205,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
     result = TrainResult(output_dir=output_dir, steps=steps, retraining=retraining)
 
     flush = getattr(strategy, "flush", lambda: None)  # updates still running on the host (host embeddings)
+    feed = getattr(strategy, "feed", lambda host_batch: None)  # a micro-batch's host ids, for a host lookup
 
     def validate(step: int) -> dict | None:
         if not data.val:
@@ -254,8 +255,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
             step_loss = None
             activation_bytes = 0
             for host, batch in zip(host_batches, micro_batches):
-                if hasattr(strategy, "feed"):
-                    strategy.feed(host)
+                feed(host)
                 with SavedTensorBytes(model.parameters()) as saved:
                     loss = loss_sum(model, batch, chunk) / max(step_tokens, 1)
                 activation_bytes = max(activation_bytes, saved.nbytes)

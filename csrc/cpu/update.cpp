@@ -157,7 +157,7 @@ void factored_cpu_impl(p_t* param, const GradRows<g_t>& grad, float* row, float*
       const float* c = factored ? c_factor.data() + (br / rows) * cols : nullptr;
       p_t* p = param + base;
       float* m = momentum ? exp_avg + base : nullptr;
-      const float* v = row + base;
+      const float* v = factored ? nullptr : row + base;  // a vector's second moment
       auto step = [&](int64_t j, float u) {
         float update = (u / denom) * alpha_f;
         if constexpr (decltype(momentum)::value) {

@@ -83,23 +83,8 @@ class FusedStrategy:
         name = self._rows_name
         param = self.params[name]
         device = next((p.device for n, p in self.params.items() if n != name), param.device)
-        strategy = weakref.ref(self)
-
-        def sink(rows: torch.Tensor, values: torch.Tensor) -> None:
-            live = strategy()
-            if live is not None:
-                live._on_host_rows(name, param, rows, values)
-
-        self.host_embedding = HostEmbedding(model.get_input_embeddings(), device, sink)
+        self.host_embedding = HostEmbedding(model.get_input_embeddings(), device, self._rows_for(name, param))
         self.embedding_gradient = "row-sparse updates in host memory (memory.offload_embeddings)"
-
-    def _on_host_rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """As :meth:`_on_rows`, the update then run on the host (``HostEmbedding.update_on_host``) with this step's lr
-        and the rule state that lives there."""
-        state, lr = self.state.get(name, param), self.lr
-        nbytes = values.numel() * values.element_size() + rows.numel() * rows.element_size()
-        self._measure_and_apply(values, nbytes, lambda scale: self.host_embedding.update_on_host(
-            rows, values, scale, lambda r, v, s: self.rule.update_rows(param, r, v, state, lr, s)))
 
     def feed(self, host_batch: dict[str, torch.Tensor]) -> None:
         """The next micro-batch as it is on the host, before it moved: its token ids for a host lookup."""
@@ -136,10 +121,22 @@ class FusedStrategy:
 
     def _on_rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
         """The input embedding's gradient as its batch's rows (``lowmem.embedding_rows``): measured and applied as
-        :meth:`_on_grad` does a dense gradient (the rows' norm is the dense gradient's)."""
+        :meth:`_on_grad` does a dense gradient (the rows' norm is the dense gradient's). With the embedding in host
+        memory the update runs there once the rows have arrived (``HostEmbedding.update_on_host``), with this step's
+        lr and the rule state that lives there."""
+        state, lr = self.state.get(name, param), self.lr
+
+        def update(r: torch.Tensor, v: torch.Tensor, scale) -> None:
+            self.rule.update_rows(param, r, v, state, lr, scale)
+
+        def apply(scale) -> None:
+            if self.host_embedding is not None:
+                self.host_embedding.update_on_host(rows, values, scale, update)
+            else:
+                update(rows, values, scale)
+
         nbytes = values.numel() * values.element_size() + rows.numel() * rows.element_size()
-        self._measure_and_apply(values, nbytes, lambda scale: self.rule.update_rows(
-            param, rows, values, self.state.get(name, param), self.lr, scale))
+        self._measure_and_apply(values, nbytes, apply)
 
     def _on_grad(self, name: str, param: torch.Tensor) -> None:
         """One parameter's gradient is complete: mask, measure, update, free."""
