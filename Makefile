@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowmem-installed
 NATIVE_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: install demo test bench cuda-build gpu-check clean
+.PHONY: install demo test bench quality cuda-build gpu-check clean
 
 install: $(STAMP)
 
@@ -83,6 +83,11 @@ gpu-check:
 bench: install
 	$(PY) -m pip install -q --no-deps lomo-optim lion-pytorch
 	cd benchmarks && ../$(PY) bench_quant.py && ../$(PY) bench_update_ops.py && ../$(PY) bench_int8_update.py && ../$(PY) bench_update_rows.py && ../$(PY) bench_strategies.py
+
+# The quality benchmark: every method against AdamW on the stdlib docstring task (lr sweep, 3 seeds), about an hour on
+# 2 cores, resumable; its table goes to README (Quality). `make quality QUALITY_ARGS=--quick`: a few minutes.
+quality: install
+	$(PY) benchmarks/bench_quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(CUDA_VENV) build *.egg-info lowmem/_C*.so outputs

@@ -4,6 +4,11 @@
   (``pydoc_data.topics``), written as a JSONL text dataset, one topic per row.
 * ``lowmem:tiny-llama`` — a small randomly initialized Llama (``LlamaConfig``) with a byte-level BPE
   tokenizer trained on that corpus, saved as a normal HF folder.
+* ``lowmem:stdlib`` (the standard library's modules as text), ``lowmem:stdlib-heldout`` (held-out modules), and
+  ``lowmem:stdlib-docstrings`` / ``-val`` / ``-test`` (function → docstring summary, alpaca rows), split by module
+  (see :mod:`lowmem.stdlib_corpus`).
+* ``lowmem:stdlib-llama`` — a small Llama pretrained here on ``lowmem:stdlib`` (about 7 minutes on 2 CPU cores, once),
+  the base model of the quality benchmark and of the ``stdlib-llama-docstrings`` recipe.
 * ``lowmem:llama-3.1-8b`` and the other names of :func:`model_configs` — the ``config.json`` (architecture values
   only, no weights, no tokenizer) of a common model, for ``lowmem plan``. They ship with the package.
 
@@ -35,6 +40,13 @@ TINY_MODELS = {
     "micro-llama-tied": (1024, 64, 128, 2, 4, True),
 }
 
+STDLIB_DATA = {  # asset name: file in $LOWMEM_HOME/v1/data/stdlib (the row sets of lowmem.stdlib_corpus.build)
+    "stdlib": "corpus.jsonl", "stdlib-heldout": "corpus-heldout.jsonl", "stdlib-docstrings": "docstrings.jsonl",
+    "stdlib-docstrings-val": "docstrings-val.jsonl", "stdlib-docstrings-test": "docstrings-test.jsonl",
+}
+STDLIB_MODEL = "tiny-llama"  # its shape (TINY_MODELS) for lowmem:stdlib-llama
+STDLIB_PRETRAIN_STEPS = 1000  # of 8 × 256 tokens: 2M tokens, about a fifth of the corpus
+
 
 ASSET_VERSION = 1  # bump when a built asset changes (tokenizer, template, corpus layout)
 
@@ -57,12 +69,16 @@ def resolve(path: str) -> str:
         return str(pydoc_dataset())
     if name in TINY_MODELS:
         return str(tiny_model(name))
+    if name in STDLIB_DATA:
+        return str(stdlib_dataset() / STDLIB_DATA[name])
+    if name == "stdlib-llama":
+        return str(stdlib_model())
     configs = model_configs()
     if name in configs:
         return str(configs[name])
     from lowmem.errors import UserError, did_you_mean
 
-    known = ["pydoc", *TINY_MODELS, *configs]
+    known = ["pydoc", *TINY_MODELS, *STDLIB_DATA, "stdlib-llama", *configs]
     raise UserError(f"'{path}' is not a built-in asset{did_you_mean(name, known)} (known: lowmem:{', lowmem:'.join(known)})")
 
 
@@ -114,8 +130,9 @@ def pydoc_dataset() -> Path:
     return _publish(build, home() / "data" / "pydoc.jsonl")
 
 
-def train_tokenizer(vocab_size: int):
-    """A byte-level BPE tokenizer trained on the pydoc corpus, as a transformers fast tokenizer."""
+def train_tokenizer(vocab_size: int, texts: list[str] | None = None):
+    """A byte-level BPE tokenizer trained on ``texts`` (default: the pydoc corpus), as a transformers fast
+    tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -128,7 +145,7 @@ def train_tokenizer(vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(pydoc_texts(), trainer)
+    tok.train_from_iterator(texts if texts is not None else pydoc_texts(), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
     )
@@ -138,31 +155,76 @@ def train_tokenizer(vocab_size: int):
 
 def tiny_model(name: str = "tiny-llama", seed: int = 0) -> Path:
     """``$LOWMEM_HOME/models/NAME``: a tiny Llama and its tokenizer, saved with ``save_pretrained``."""
+    return _publish(lambda target: _write_random_llama(target, train_tokenizer(TINY_MODELS[name][0]), name, seed),
+                    home() / "models" / name)
+
+
+def _write_random_llama(target: Path, tokenizer, shape: str, seed: int) -> None:
+    """A randomly initialized Llama of ``shape`` (TINY_MODELS) for ``tokenizer``, both saved to ``target``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    vocab, hidden, intermediate, layers, heads, tied = TINY_MODELS[name]
+    _, hidden, intermediate, layers, heads, tied = TINY_MODELS[shape]
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(generator_state)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def stdlib_dataset() -> Path:
+    """``$LOWMEM_HOME/data/stdlib/``: the stdlib corpus and docstring task, one JSONL file per split."""
+    from lowmem.stdlib_corpus import build as build_rows
 
     def build(target: Path) -> None:
-        tokenizer = train_tokenizer(vocab)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=2048,
-            tie_word_embeddings=tied,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        torch.random.set_rng_state(generator_state)
-        model.save_pretrained(target)
-        tokenizer.save_pretrained(target)
+        target.mkdir()
+        for split, rows in build_rows().items():
+            with open(target / f"{split}.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
 
-    return _publish(build, home() / "models" / name)
+    return _publish(build, home() / "data" / "stdlib")
+
+
+def stdlib_model() -> Path:
+    """``$LOWMEM_HOME/models/stdlib-llama``: :func:`pretrain_stdlib_model` run once; its metrics are kept beside it."""
+    return _publish(lambda target: pretrain_stdlib_model(target, STDLIB_PRETRAIN_STEPS), home() / "models" / "stdlib-llama")
+
+
+def pretrain_stdlib_model(target: Path, steps: int, shape: str = STDLIB_MODEL) -> None:
+    """A Llama of ``shape`` with a BPE tokenizer trained on ``lowmem:stdlib``, pretrained on it by lowmem's trainer
+    (AdamW, lr 3e-3, cosine, ``steps`` steps of 8 × 256 tokens) and exported to ``target``, with the run's
+    ``metrics.jsonl`` (held-out loss on ``lowmem:stdlib-heldout`` first and last) as ``pretrain_metrics.jsonl``."""
+    import logging
+
+    from lowmem.config import load_config
+    from lowmem.trainer import train
+
+    log = logging.getLogger("lowmem")
+    log.info("building lowmem:stdlib-llama: pretraining a %s on the standard library, %d steps (once)", shape, steps)
+    corpus = [json.loads(line)["text"] for line in open(stdlib_dataset() / STDLIB_DATA["stdlib"])]
+    work = target.parent / "work"
+    _write_random_llama(work / "init", train_tokenizer(TINY_MODELS[shape][0], corpus), shape, seed=0)
+    config = load_config(None, [
+        f"model.path={work / 'init'}", "data.path=lowmem:stdlib", "data.val_path=lowmem:stdlib-heldout",
+        "data.max_seq_len=256", "update.strategy=standard", "update.rule=adamw", "update.lr=3e-3",
+        "update.weight_decay=0.01", "train.batch_size=8", f"train.max_steps={steps}", "train.seed=0",
+        "train.warmup_ratio=0.05", "train.eval_max_batches=16", f"checkpoint.output_dir={work / 'run'}",
+        "checkpoint.resume=never", "log.every_n_steps=50"])
+    result = train(config)
+    shutil.copytree(result.final_dir, target)
+    shutil.copy(work / "run" / "metrics.jsonl", target / "pretrain_metrics.jsonl")

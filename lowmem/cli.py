@@ -264,8 +264,8 @@ def eval_command(checkpoints, recipe, data_path, fmt, max_seq_len, batch_size, d
                  loss_chunk_tokens) -> None:
     """Loss and perplexity of each model in CHECKPOINTS (HF folders), one JSON line each.
 
-    With --recipe, on the recipe's held-out split (data.val_fraction of its rows, drawn by train.seed: the split
-    training validates on), e.g. to compare the dense, pruned and retrained models; with --data, on a whole dataset.
+    With --recipe, on the recipe's held-out split (data.val_path, or data.val_fraction of its rows drawn by
+    train.seed: the split training validates on), e.g. to compare the dense, pruned and retrained models; with --data, on a whole dataset.
 
     \b
     Example:
@@ -293,7 +293,7 @@ def eval_command(checkpoints, recipe, data_path, fmt, max_seq_len, batch_size, d
                 examples = data.val
                 if not examples:
                     raise UserError(f"eval: {recipe} has no held-out split (data.val_fraction is "
-                                    f"{config.data.val_fraction})")
+                                    f"{config.data.held_out_fraction()}, no data.val_path)")
             else:
                 data = build_datasets(DataConfig(path=data_path, format=fmt, max_seq_len=max_seq_len,
                                                  val_fraction=0.0), tokenizer, seed=0)

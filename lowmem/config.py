@@ -43,10 +43,18 @@ class DataConfig:
     format: Literal["text", "alpaca", "sharegpt", "messages"] = "text"
     max_seq_len: int = 512
     packing: Optional[bool] = None  # None: on for text, off for chat formats
-    val_fraction: float = 0.05
+    # share of data.path's rows held out for validation (drawn by train.seed); null: 0.05, or 0 with data.val_path
+    val_fraction: Optional[float] = None
+    val_path: Optional[str] = None  # validation rows of their own: a file, a folder or hub id (its validation split)
     split: str = "train"
     text_field: str = "text"
     mask_prompt: bool = True  # prompt and user tokens are not trained on
+
+    def held_out_fraction(self) -> float:
+        """data.val_fraction as used: its default is 0.05 of data.path's rows, or none with data.val_path."""
+        if self.val_fraction is not None:
+            return self.val_fraction
+        return 0.0 if self.val_path else 0.05
 
 
 @dataclass
@@ -406,7 +414,7 @@ def validate(config: Config) -> None:
         if value <= 0:
             raise ConfigError(f"config: {key} must be positive, got {value}")
     ranges = {
-        "data.val_fraction": (config.data.val_fraction, 0.0, 0.9),
+        "data.val_fraction": (config.data.held_out_fraction(), 0.0, 0.9),
         "train.warmup_ratio": (config.train.warmup_ratio, 0.0, 1.0),
         "update.beta1": (config.update.beta1, 0.0, 1.0),
         "update.beta2": (config.update.beta2, 0.0, 1.0),
@@ -414,6 +422,9 @@ def validate(config: Config) -> None:
     for key, (value, lo, hi) in ranges.items():
         if not lo <= value <= hi:
             raise ConfigError(f"config: {key} must be between {lo} and {hi}, got {value}")
+    if config.data.val_path and config.data.val_fraction:
+        raise ConfigError(f"config: data.val_fraction {config.data.val_fraction} and data.val_path both choose the "
+                          "validation rows; set one of them (data.val_fraction=null)")
     if config.update.weight_decay < 0:
         raise ConfigError(f"config: update.weight_decay must be >= 0, got {config.update.weight_decay}")
     beta1 = config.update.adafactor.beta1

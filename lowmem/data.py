@@ -275,34 +275,42 @@ def truncate(examples: list[Example], max_len: int) -> list[Example]:
 
 
 def build_datasets(data_config, tokenizer, seed: int) -> Datasets:
-    """Read, split (by row, before tokenizing, so no document is in both), tokenize, pack."""
+    """Read, split (by row, before tokenizing, so no document is in both; or data.val_path's rows), tokenize, pack."""
     rows, source = read_rows(data_config.path, data_config.split)
     if not rows:
         raise DataError(f"data.path {data_config.path}: no rows")
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = 0
-    if data_config.val_fraction > 0 and len(rows) > 1:
-        n_val = max(1, round(data_config.val_fraction * len(rows)))
-    val_rows = sorted(order[:n_val])
-    train_rows = sorted(order[n_val:])
+    fraction = data_config.held_out_fraction()
+    if fraction > 0 and len(rows) > 1:
+        n_val = max(1, round(fraction * len(rows)))
+    # (row number in its file, row): errors name the row as the file has it
+    val_rows = [(i, rows[i]) for i in sorted(order[:n_val])]
+    train_rows = [(i, rows[i]) for i in sorted(order[n_val:])]
+    val_source = source
+    if data_config.val_path:
+        held_out, val_source = read_rows(data_config.val_path, "validation")
+        val_rows, n_val = list(enumerate(held_out)), len(held_out)
+        if not val_rows:
+            raise DataError(f"data.val_path {data_config.val_path}: no rows")
     packing = data_config.packing if data_config.packing is not None else data_config.format == "text"
 
-    def encode(indices: list[int], keep_short: bool = False) -> list[Example]:
-        if not indices:
+    def encode(chosen: list[tuple[int, dict]], where: str, keep_short: bool = False) -> list[Example]:
+        if not chosen:
             return []
         if data_config.format == "text":
             key = data_config.text_field
             need = f"text rows need '{key}' (set data.text_field)"
-            examples = tokenize_text([_text(rows[i], key, i, source, need) for i in indices], tokenizer)
+            examples = tokenize_text([_text(row, key, i, where, need) for i, row in chosen], tokenizer)
         else:
-            conversations = [to_messages(rows[i], data_config.format, i, source) for i in indices]
+            conversations = [to_messages(row, data_config.format, i, where) for i, row in chosen]
             examples = tokenize_chat(conversations, tokenizer, data_config.mask_prompt)
         if packing:
             return pack(examples, data_config.max_seq_len, keep_short)
         return truncate(examples, data_config.max_seq_len)
 
     # validation rows shorter than one block together still make one (shorter) sequence: asked for, it happens
-    result = Datasets(train=encode(train_rows), val=encode(val_rows, keep_short=True))
+    result = Datasets(train=encode(train_rows, source), val=encode(val_rows, val_source, keep_short=True))
     if n_val and not result.val:
         log.warning("data: the %d validation rows have no label tokens: no validation", n_val)
     log.info("data: %s (%s): %d train and %d validation sequences of up to %d tokens%s", data_config.path,
