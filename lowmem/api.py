@@ -179,7 +179,7 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens
     """Mean next-token cross-entropy over ``batch``'s label tokens (``labels`` as in HF: unshifted, -100 ignored).
     ``chunk_tokens`` as ``memory.loss_chunk_tokens`` (None: 512 positions at a time from a 32k vocabulary, else the
     plain loss; 0: plain): chunked, the head and loss run a slice at a time and the full logits never exist."""
-    from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, loss_sum
+    from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, loss_sum
 
     chunk = chunk_tokens_for(chunk_tokens, model.config.vocab_size)
     if chunk and _CHUNKS.get(model) is None:
@@ -207,9 +207,9 @@ def plan(model: str, rule: str = "adamw", strategy: str = "standard", *, batch_s
          target: str = "cuda", steps: int | None = None, memory: dict | None = None, tokens: dict | None = None,
          hift: dict | None = None, int8: dict | None = None, **update):
     """Will it fit? ``lowmem plan`` from Python: the run simulated on fake tensors (no weight is loaded), returned as
-    a :class:`lowmem.plan.Plan` (``device_bytes``, ``fits(budget_bytes)``, its components). ``model`` is an HF
+    a :class:`lowmem.planner.plan.Plan` (``device_bytes``, ``fits(budget_bytes)``, its components). ``model`` is an HF
     folder, hub id or a shipped config (``lowmem:llama-3.1-8b``)."""
-    from lowmem.plan import simulate
+    from lowmem.planner.plan import simulate
 
     config = config_from(model={"path": model, "dtype": dtype, "weight_format": weight_format,
                                 "gradient_checkpointing": gradient_checkpointing, "int8": int8 or {}},

@@ -96,7 +96,7 @@ class UpdateConfig:
     strategy: str = "standard"
     rule: str = "adamw"
     # what trains (PERP): all | norms (norm weights, biases) | norms+head | mask_lora | scale_lora (norms, biases and
-    # an adapter on each prunable matrix; see lowmem.adapters). Pruned weights keep their zeros under every choice.
+    # an adapter on each prunable matrix; see lowmem.weights.adapters). Pruned weights keep their zeros under every choice.
     trainable: Literal["all", "norms", "norms+head", "mask_lora", "scale_lora"] = "all"
     lr: float = 1e-5
     weight_decay: float = 0.0

@@ -84,8 +84,11 @@ class LowmemTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:  # evaluation that wants the logits: the model's own forward
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from lowmem.loss import chunk_tokens_for, count_label_tokens, loss_sum
+        from lowmem.activations.loss import chunk_tokens_for, count_label_tokens, loss_sum
 
+        if "position_ids" in inputs:  # lowmem's loss runs the model on input_ids and attention_mask alone
+            raise UserError("LowmemTrainer: batches with position_ids (padding-free or packed sequences) are not "
+                            "supported yet; use padded batches (TRL: padding_free=False)")
         chunk = chunk_tokens_for(self.lowmem_loss_chunk_tokens, model.config.vocab_size)
         total = num_items_in_batch if num_items_in_batch is not None else max(count_label_tokens(inputs), 1)
         return loss_sum(model, inputs, chunk) / total
@@ -133,7 +136,7 @@ class LowmemTrainerMixin:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        from lowmem.int8_weights import int8_weights
+        from lowmem.weights.int8 import int8_weights
         from safetensors.torch import load_file
 
         if int8_weights(self.model):

@@ -23,15 +23,15 @@ from lowmem.api import Update
 from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.errors import UserError
-from lowmem.host_sync import read_all
-from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, evaluate, loss_sum
+from lowmem.placement.host_sync import read_all
+from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, evaluate, loss_sum
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes, peak_memory_record
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
 from lowmem.perp import Retraining, calibration_batches, prepare
 from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
-from lowmem.tokens import TokenEliminator
+from lowmem.activations.tokens import TokenEliminator
 
 log = logging.getLogger("lowmem")
 
@@ -82,7 +82,7 @@ def check_budget(config: Config, weights: str, device: torch.device, steps: int 
     anything is allocated; refuse it if it needs more than ``memory.budget_gb`` (``auto``: what the device has free)."""
     import dataclasses
 
-    from lowmem.plan import CUDA_CONTEXT_BYTES, GiB, simulate, suggestion_line
+    from lowmem.planner.plan import CUDA_CONTEXT_BYTES, GiB, simulate, suggestion_line
 
     if config.memory.budget_gb == "auto":
         if device.type == "cuda":
@@ -130,7 +130,7 @@ def chunked_loss_tokens(config: Config, model) -> int:
 
 def train(config: Config, step_guard=None) -> TrainResult:
     """Run the recipe ``config``; ``step_guard`` (a context manager factory, e.g.
-    :class:`lowmem.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
+    :class:`lowmem.placement.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
     output_dir = Path(config.checkpoint.output_dir)
     device = pick_device(config.train.device)
     native = ensure_loaded()
