@@ -217,3 +217,33 @@ def plan(model: str, rule: str = "adamw", strategy: str = "standard", *, batch_s
                          update={"rule": rule, "strategy": strategy, **update}, memory=memory, tokens=tokens,
                          hift=hift)
     return simulate(config, steps=steps, target=target)
+
+
+def prune(model: torch.nn.Module, criterion: str = "wanda", pattern: str = "unstructured", sparsity: float = 0.5,
+          calibration=None, include_head: bool = False):
+    """PERP's first half: prune ``model`` in place (``magnitude``: |W| per matrix; ``wanda``: |W|·‖x‖ per output row,
+    from ``calibration``, an iterable of batches with ``input_ids`` and ``attention_mask``, layer by layer) to
+    ``pattern`` (unstructured at ``sparsity``, ``"2:4"`` or ``"4:8"``). The masks stay on the layers, so every
+    :class:`Update` afterwards keeps the pruned entries zero, and :func:`save_pretrained` keeps them. Returns the
+    sparsity reached (:class:`lowmem.perp.prune.PruneReport`, read back from the weights). Options are checked as the
+    recipe's ``prune`` section."""
+    from lowmem.perp.prune import prune_model, sparsity_report
+
+    p = config_from(prune={"criterion": criterion, "pattern": pattern, "include_head": include_head,
+                           **({"sparsity": sparsity} if pattern == "unstructured" else {})}).prune
+    return sparsity_report(model, prune_model(model, p.criterion, p.sparsity, p.pattern, p.include_head, calibration))
+
+
+def eliminate_tokens(model: torch.nn.Module, keep_ratio: float = 0.4, dense_layers: int = 2, block_size: int = 64,
+                     predictor: bool = False, refresh_every: int = 50, device: str | torch.device | None = None):
+    """LeMo's token elimination on ``model`` (hooks on its decoder layers, nothing copied): in training mode, layers
+    after the first ``dense_layers`` (the last is always dense) run only the ``keep_ratio`` most informative blocks of
+    ``block_size`` tokens. Returns the eliminator: call its ``start_step(step)`` before each step's forwards (with
+    ``predictor``, it refits every ``refresh_every`` steps), ``remove()`` to detach it. Options are checked as the
+    recipe's ``tokens`` section."""
+    from lowmem.activations.tokens import TokenEliminator
+
+    t = config_from(tokens={"eliminate": True, "keep_ratio": keep_ratio, "dense_layers": dense_layers,
+                            "block_size": block_size, "predictor": predictor, "refresh_every": refresh_every}).tokens
+    where = torch.device(device) if device is not None else next(model.parameters()).device
+    return TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor, t.refresh_every, where)

@@ -132,7 +132,7 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
     from lowmem.config import load_config
     from lowmem.data import build_datasets
     from lowmem.model import load_model, load_tokenizer, pick_device
-    from lowmem.perp import calibration_batches, prune_from_config
+    from lowmem.perp.retrain import calibration_batches, prune_from_config
 
     config = load_config(resolve_recipe(recipe), overrides)
     if config.prune.criterion == "none":

@@ -506,7 +506,7 @@ def _as_written(pattern: str) -> str:
 
 def validate_prune(config: Config) -> None:
     """``prune`` and ``lora``: ranges, the N:M pattern's fixed sparsity, and knobs that would be ignored."""
-    from lowmem.prune import PATTERNS
+    from lowmem.perp.prune import PATTERNS
 
     prune, lora = config.prune, config.lora
     prune.pattern = _as_written(prune.pattern)

@@ -28,7 +28,7 @@ from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, count_
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes, peak_memory_record
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
-from lowmem.perp import Retraining, calibration_batches, prepare
+from lowmem.perp.retrain import Retraining, calibration_batches, prepare
 from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
 from lowmem.activations.tokens import TokenEliminator

@@ -194,4 +194,50 @@ def test_moved_modules_still_import_by_their_old_names():
     assert old.__spec__.name == "lowmem.placement.residency"
     with pytest.raises(ImportError, match="moved to lowmem.planner.plan"):
         importlib.import_module("lowmem.plan")
-    assert callable(lowmem.plan)  # still the API function
+    with pytest.raises(ImportError, match="moved to lowmem.perp.prune"):
+        importlib.import_module("lowmem.prune")
+    assert callable(lowmem.plan) and callable(lowmem.prune)  # still the API functions
+
+
+def test_prune_keeps_the_largest_two_of_four_and_updates_keep_the_zeros(micro_model_path, tmp_path):
+    model = lowmem.load_model(micro_model_path, device="cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
+              and "lm_head" not in n}
+    report = lowmem.prune(model, criterion="magnitude", pattern="2:4")
+    assert report.sparsity == pytest.approx(0.5)
+    params = dict(model.named_parameters())
+    for name, weight in before.items():  # independent: the two largest |W| of each group of 4 inputs survive
+        groups = weight.abs().reshape(weight.shape[0], -1, 4)
+        kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+        assert torch.equal(params[name].detach() != 0, kept.reshape(weight.shape)), name
+    update = lowmem.Update(model, rule="adamw", lr=1e-2)
+    ids = torch.randint(0, 100, (2, 12))
+    for _ in range(2):
+        update.backward(lowmem.lm_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                               "labels": ids}))
+        update.step()
+    saved = lowmem.load_model(str(lowmem.save_pretrained(model, tmp_path / "pruned")), device="cpu")
+    for name in before:
+        assert (dict(saved.named_parameters())[name] == 0).float().mean() == 0.5, name
+    with pytest.raises(ConfigError, match="prune.pattern '3:4' is not one of"):
+        lowmem.prune(model, criterion="magnitude", pattern="3:4")
+
+
+def test_eliminate_tokens_keeping_every_block_is_the_dense_model(micro_model_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=4)).train()
+    ids = torch.randint(0, 128, (2, 32))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    dense = lowmem.lm_loss(model, batch)
+    everything = lowmem.eliminate_tokens(model, keep_ratio=1.0, dense_layers=1, block_size=8)
+    everything.start_step(0)
+    torch.testing.assert_close(lowmem.lm_loss(model, batch), dense, rtol=1e-6, atol=1e-6)
+    everything.remove()
+    sparse = lowmem.eliminate_tokens(model, keep_ratio=0.25, dense_layers=1, block_size=8)
+    sparse.start_step(0)
+    assert not torch.allclose(lowmem.lm_loss(model, batch), dense)  # layers 1-2 ran on a quarter of the blocks
+    sparse.remove()
+    torch.testing.assert_close(lowmem.lm_loss(model, batch), dense, rtol=0, atol=0)

@@ -16,7 +16,7 @@ from lowmem.weights.int8 import Int8Weight, int8_weights, quantize_model
 from lowmem.weights.masks import attach_masks, mask_of, mask_rows
 from lowmem.model import load_model
 from lowmem.planner.plan import StorageAccountant
-from lowmem.prune import prune_model
+from lowmem.perp.prune import prune_model
 
 SHARD = 64 * 1024
 

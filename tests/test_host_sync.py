@@ -79,7 +79,7 @@ def test_int8_weights_step_reads_nothing(micro_model_path, strategy, rule):
 @pytest.mark.parametrize("strategy,rule", [("standard", "adamw"), ("fused", "adalomo"), ("fused", "lion8bit")])
 def test_a_pruned_model_retraining_step_reads_nothing(micro_model_path, strategy, rule, trainable):
     from lowmem.weights.adapters import select_trainable
-    from lowmem.prune import prune_model
+    from lowmem.perp.prune import prune_model
 
     model = load_model(micro_model_path, "float32")
     prune_model(model, "magnitude", 0.5, "2:4")  # masks: the gradients and updates are masked in the step
@@ -215,7 +215,7 @@ def test_a_step_on_a_device_copies_nothing_from_pageable_host_memory(micro_model
 @pytest.mark.parametrize("trainable", ["all", "mask_lora"])
 def test_an_int8_pruned_step_on_a_device_copies_nothing_from_pageable_host_memory(micro_model_path, trainable):
     from lowmem.weights.adapters import select_trainable
-    from lowmem.prune import prune_model
+    from lowmem.perp.prune import prune_model
 
     model = load_model(micro_model_path, "float32")
     quantize_model(model, refresh_every=2, seed=1, stochastic=False)  # a generator cannot live on meta

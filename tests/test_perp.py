@@ -11,7 +11,7 @@ from float_error import SUM64
 from lowmem.weights.adapters import AdaptedLinear, _AdaptedLinearFunction, select_trainable
 from lowmem.errors import ConfigError, UserError
 from lowmem.weights.masks import MASKS_FILE, attach_masks, mask_of, pack_bits, unpack_bits
-from lowmem.prune import keep_mask, prune_model, wanda_scores
+from lowmem.perp.prune import keep_mask, prune_model, wanda_scores
 from lowmem.trainer import train
 from test_trainer import EVERY_STRATEGY, assert_resume_is_exact, make_config, weights
 
@@ -77,7 +77,7 @@ def reference_wanda(model, batches, sparsity, layer_by_layer=True):
     inputs of its linear layers captured by a whole forward of the model, whose lower layers are already pruned
     (``layer_by_layer``; otherwise all from the dense model); norms over the real tokens; |W|·‖x‖ per output row, the
     lowest ``sparsity`` of each row pruned (a stable sort: among equal scores the lower index first)."""
-    from lowmem.prune import prunable_layers
+    from lowmem.perp.prune import prunable_layers
 
     layers = prunable_layers(model)
     masks = {}
@@ -134,9 +134,9 @@ def test_wanda_scores_are_the_weight_magnitudes_times_the_input_norms():
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 def test_the_bounded_selection_equals_a_stable_sort(monkeypatch, per_row, ties):
     # blocks of 3 rows (the last shorter) where a matrix took a stable argsort of all its scores (~20 bytes an entry)
-    import lowmem.prune
+    import lowmem.perp.prune
 
-    monkeypatch.setattr(lowmem.prune, "CHUNK_VALUES", 3 * 37)
+    monkeypatch.setattr(lowmem.perp.prune, "CHUNK_VALUES", 3 * 37)
     generator = torch.Generator().manual_seed(4)
     scores = torch.rand(11, 37, generator=generator)
     if ties:  # many equal scores, zeros too: the k-th smallest falls inside a run of equal ones
@@ -424,10 +424,10 @@ def test_pruning_holds_one_mask_and_one_block_of_scores(micro_model_path, text_d
     # one block of scores with its temporaries (counted generously at 64 bytes a value), and a whole matrix's
     # threshold's 65536 counts (512 KiB, whatever the matrix's size)
     import lowmem.weights.masks
-    import lowmem.prune
+    import lowmem.perp.prune
     from lowmem.planner.plan import StorageAccountant
 
-    monkeypatch.setattr(lowmem.prune, "CHUNK_VALUES", 1024)
+    monkeypatch.setattr(lowmem.perp.prune, "CHUNK_VALUES", 1024)
     monkeypatch.setattr(lowmem.weights.masks, "PACK_BLOCK", 1024)
     model = micro(micro_model_path)
     batches = calibration_data(micro_model_path, text_data, tokenizer, n=1) if criterion == "wanda" else None
@@ -453,7 +453,7 @@ def test_magnitude_pruning_of_conv1d_layouts_over_the_whole_matrix(arch_path, in
     # GPT-2 stores [in, out]: its output rows are stored columns, read as a transposed view a block at a time
     from lowmem.config import Int8WeightConfig
     from lowmem.model import load_model
-    from lowmem.prune import weight_value
+    from lowmem.perp.prune import weight_value
 
     model = load_model(arch_path("gpt2"), "float32", int8=Int8WeightConfig() if int8 else None)
     before = {name: weight_value(layer).abs() for name, layer in [(n, m) for n, m in model.named_modules()

@@ -235,7 +235,7 @@ def _retraining(model, config, mode, track) -> None:
     pruning when ``prune.criterion`` is set (wanda on ``prune.calibration_batches`` batches like the step's, each
     counted by ``track`` as it is made), else the masks stored beside the weights; then ``update.trainable``'s subset
     and adapters."""
-    from lowmem.perp import prepare
+    from lowmem.perp.retrain import prepare
 
     def calibration():
         batches = []

@@ -27,7 +27,6 @@ import torch
 
 from lowmem.strategies import embedding_rows
 from lowmem.errors import UserError
-from lowmem.placement.host_embedding import HostEmbedding
 from lowmem.weights.int8 import trainable_tensors
 from lowmem.weights.masks import GradientMasks
 from lowmem.ops.update import math_dtype
@@ -83,6 +82,8 @@ class FusedStrategy:
         name = self._rows_name
         param = self.params[name]
         device = next((p.device for n, p in self.params.items() if n != name), param.device)
+        from lowmem.placement.host_embedding import HostEmbedding  # it imports this package's embedding_rows
+
         self.host_embedding = HostEmbedding(model.get_input_embeddings(), device, self._rows_for(name, param))
         self.embedding_gradient = "row-sparse updates in host memory (memory.offload_embeddings)"
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lowmem.errors import UserError
 from lowmem.weights.int8 import Int8Weight, count_weights, int8_weights, matrix_layers, trainable_tensors
 from lowmem.weights.masks import MASK_BUFFER, attach_masks, mask_of, mask_rows
-from lowmem.prune import row_blocks, stored_transposed, weight_value
+from lowmem.perp.prune import row_blocks, stored_transposed, weight_value
 
 log = logging.getLogger("lowmem")
 

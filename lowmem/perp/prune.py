@@ -4,7 +4,7 @@ Criteria (``prune.criterion``):
     magnitude  score |W|; the smallest ``sparsity`` share of each matrix is pruned (one threshold per matrix);
     wanda      score |W_ij|·‖x_j‖₂ (Sun et al. 2023), x_j the layer's input feature j over calibration tokens of the
                recipe's training data, measured layer by layer on the outputs of the already-pruned layers below
-               (``lowmem.planner.calibration``, as Wanda's reference implementation does); pruned per output row.
+               (``lowmem.perp.calibration``, as Wanda's reference implementation does); pruned per output row.
 Patterns (``prune.pattern``): ``unstructured``, or N:M (``2:4``, ``4:8``): in every group of M consecutive entries
 along the input dimension the N highest-scoring are kept (sparsity is then (M−N)/M).
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.planner.calibration import prune_layer_by_layer
+from lowmem.perp.calibration import prune_layer_by_layer
 from lowmem.errors import UserError
 from lowmem.weights.int8 import ZERO_CODE, Int8Weight, count_weights, matrix_layers
 from lowmem.weights.masks import attach_masks
@@ -277,7 +277,7 @@ def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern
     transposed to its stored layout) and one block of its scores at a time.
 
     ``calibration``: an iterable of batches (``input_ids``, ``attention_mask``) for ``wanda``, which is calibrated layer
-    by layer, each layer on the outputs of the pruned layers below it (``lowmem.planner.calibration``)."""
+    by layer, each layer on the outputs of the pruned layers below it (``lowmem.perp.calibration``)."""
     layers = prunable_layers(model, include_head)
     check_pattern(layers, pattern)
     if criterion == "magnitude":

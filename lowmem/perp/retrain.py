@@ -1,7 +1,7 @@
 """Prune → retrain → export in one run (PERP): what the trainer, ``lowmem prune`` and the planner call on a loaded
 model before its strategy is built.
 
-1. Masks: a fresh run with ``prune.criterion`` prunes now (``lowmem.prune``); otherwise the masks stored with the
+1. Masks: a fresh run with ``prune.criterion`` prunes now (``lowmem.perp.prune``); otherwise the masks stored with the
    weights are loaded (``masks.safetensors``: written by ``lowmem prune``, by checkpoints and by the final export).
 2. ``update.trainable`` chooses what trains, adding adapters (``lowmem.weights.adapters``); on resume their weights come
    from the checkpoint.
@@ -22,7 +22,7 @@ from lowmem.weights.adapters import ADAPTERS, ADAPTERS_FILE, load_adapter_state_
 from lowmem.data import eval_batches
 from lowmem.errors import UserError
 from lowmem.weights.masks import MASKS_FILE, load_masks
-from lowmem.prune import PruneReport, prune_model, sparsity_report
+from lowmem.perp.prune import PruneReport, prune_model, sparsity_report
 
 log = logging.getLogger("lowmem")
 
