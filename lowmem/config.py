@@ -38,6 +38,17 @@ class ModelConfig:
 
 
 @dataclass
+class DataFieldsConfig:
+    """The dataset's column for each field a chat format reads (for datasets that name them otherwise)."""
+
+    instruction: str = "instruction"  # alpaca
+    input: str = "input"  # alpaca (optional column)
+    output: str = "output"  # alpaca
+    conversations: str = "conversations"  # sharegpt
+    messages: str = "messages"  # messages
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # .json/.jsonl/.txt/.parquet/.csv/.arrow file, folder, hub id, or lowmem:pydoc (made on first use)
     format: Literal["text", "alpaca", "sharegpt", "messages"] = "text"
@@ -48,6 +59,7 @@ class DataConfig:
     val_path: Optional[str] = None  # validation rows of their own: a file, a folder or hub id (its validation split)
     split: str = "train"
     text_field: str = "text"
+    fields: DataFieldsConfig = field(default_factory=DataFieldsConfig)  # chat formats' columns, e.g. fields.output=answer
     mask_prompt: bool = True  # prompt and user tokens are not trained on
 
     def held_out_fraction(self) -> float:
