@@ -73,20 +73,27 @@ class Update:
 
     Arguments: ``rule`` (sgd, adamw, adafactor, adalomo, lion, lion8bit), ``strategy`` (standard, fused, hift),
     ``lr``, any other ``update`` key (``weight_decay``, ``clip_grad_norm``, ``clip_mode``, ``beta1``, ``adalomo``,
-    ...), the ``hift`` and ``memory`` sections as dicts, ``seed`` (HiFT's random order), ``device`` (where training
+    ``trainable``: what trains, PERP's subsets, set on the model here), the ``hift``, ``memory`` and ``lora`` sections
+    as dicts, ``seed`` (HiFT's random order), ``device`` (where training
     runs, when HiFT places a model loaded in host memory).
     """
 
     def __init__(self, model: torch.nn.Module, rule: str = "adamw", strategy: str = "standard", lr: float = 1e-5, *,
-                 hift: dict | None = None, memory: dict | None = None, seed: int = 0,
+                 hift: dict | None = None, memory: dict | None = None, lora: dict | None = None, seed: int = 0,
                  device: str | torch.device | None = None, **update):
         config = config_from(update={"rule": rule, "strategy": strategy, "lr": lr, **update}, hift=hift,
-                             memory=memory, train={"seed": seed})
+                             memory=memory, lora=lora, train={"seed": seed})
+        if config.update.trainable != "all":  # what trains (PERP): set before the strategy hooks the trainable tensors
+            from lowmem.weights.adapters import select_trainable
+
+            select_trainable(model, config.update.trainable, config.lora.rank, config.lora.alpha)
         self._setup(model, config, torch.device(device) if device is not None else None)
 
     @classmethod
     def from_config(cls, model: torch.nn.Module, config: Config, device: torch.device | None = None) -> Update:
-        """The update a recipe describes (its ``update``, ``hift``, ``memory`` and ``train.seed``)."""
+        """The update a recipe describes (its ``update``, ``hift``, ``memory`` and ``train.seed``), on a model whose
+        trainable subset (``update.trainable``) the caller has set already, as ``lowmem train`` does with PERP's
+        masks and adapters (``lowmem.perp.retrain.prepare``)."""
         self = cls.__new__(cls)
         self._setup(model, config, device)
         return self

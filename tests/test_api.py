@@ -219,6 +219,10 @@ def test_prune_keeps_the_largest_two_of_four_and_updates_keep_the_zeros(micro_mo
     saved = lowmem.load_model(str(lowmem.save_pretrained(model, tmp_path / "pruned")), device="cpu")
     for name in before:
         assert (dict(saved.named_parameters())[name] == 0).float().mean() == 0.5, name
+    adapted = lowmem.Update(model, rule="adamw", lr=1e-2, trainable="mask_lora", lora={"rank": 2})
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora" in n or "norm" in n for n in trainable), trainable  # adapters and norms only
+    adapted.remove()
     with pytest.raises(ConfigError, match="prune.pattern '3:4' is not one of"):
         lowmem.prune(model, criterion="magnitude", pattern="3:4")
 
