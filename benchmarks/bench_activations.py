@@ -37,7 +37,7 @@ def worker(mode: str, seq: int, checkpointing: bool, steps: int) -> dict:
     from lowmem.assets import pydoc_texts
     from lowmem.config import UpdateConfig
     from lowmem.data import collate, pack, tokenize_text
-    from lowmem.loss import count_label_tokens, loss_sum
+    from lowmem.activations.loss import count_label_tokens, loss_sum
     from lowmem.metrics import LiveTensorBytes
     from lowmem.model import enable_gradient_checkpointing, load_tokenizer
     from lowmem.rules import make_rule
@@ -54,7 +54,7 @@ def worker(mode: str, seq: int, checkpointing: bool, steps: int) -> dict:
     strategy = make_strategy("fused", model, make_rule(update), update)
     chunk = MODES[mode]["chunk"]
     if "keep" in MODES[mode]:
-        from lowmem.tokens import TokenEliminator
+        from lowmem.activations.tokens import TokenEliminator
 
         TokenEliminator(model, MODES[mode]["keep"], DENSE_LAYERS, 64)
     base = rss_bytes("VmRSS")

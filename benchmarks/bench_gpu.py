@@ -137,10 +137,10 @@ def load_recipe(spec: dict):
 def lowmem_step(config, model, device: torch.device, n_steps: int):
     """The recipe's strategy and rule on ``model`` (int8 weights when the recipe says so); returns (step function,
     steps to run, HiFT's cycle length or None)."""
-    from lowmem.int8_weights import quantize_model
+    from lowmem.weights.int8 import quantize_model
     from lowmem.rules import make_rule
     from lowmem.strategies import make_strategy
-    from lowmem.units import discover_units
+    from lowmem.placement.units import discover_units
 
     if config.model.weight_format == "int8":
         i8 = config.model.int8
@@ -168,8 +168,8 @@ def plan_for(recipe, config_name: str, args, device: torch.device):
     steps (HiFT: its 4 groups, as :func:`lowmem_step` sets them)."""
     import copy
 
-    from lowmem.plan import simulate
-    from lowmem.units import discover_units
+    from lowmem.planner.plan import simulate
+    from lowmem.placement.units import discover_units
 
     config = copy.deepcopy(recipe)
     config.model.path = str(HERE / "configs" / f"{config_name}.json")
@@ -186,7 +186,7 @@ def plan_for(recipe, config_name: str, args, device: torch.device):
 
 
 def run_provider(name: str, spec: dict, config_name: str, args, device: torch.device) -> dict:
-    from lowmem.loss import chunk_tokens_for, count_label_tokens, loss_sum
+    from lowmem.activations.loss import chunk_tokens_for, count_label_tokens, loss_sum
     from lowmem.model import DTYPES, enable_gradient_checkpointing
 
     gc.collect()
@@ -204,14 +204,14 @@ def run_provider(name: str, spec: dict, config_name: str, args, device: torch.de
     planned = plan_for(recipe, config_name, args, device) if recipe else None
     if device.type == "cuda" and args.cap:
         # a card of args.cap GiB: its context lives outside the allocator, as on that card
-        from lowmem.plan import CUDA_CONTEXT_BYTES
+        from lowmem.planner.plan import CUDA_CONTEXT_BYTES
 
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction((args.cap * 2**30 - CUDA_CONTEXT_BYTES) / total, device)
     elif planned is not None and args.cap_to_plan:
         # the allocator may hold what the plan says minus the context (which lives outside it): a run that cannot
         # is an out-of-memory row, so the planner's modeled terms are checked, not only compared
-        from lowmem.plan import CUDA_CONTEXT_BYTES
+        from lowmem.planner.plan import CUDA_CONTEXT_BYTES
 
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction((planned.device_bytes - CUDA_CONTEXT_BYTES) / total, device)

@@ -20,7 +20,7 @@ import torch
 
 from common import quantiles_ms, report_against
 from lowmem.config import UpdateConfig
-from lowmem.int8_weights import Int8Weight
+from lowmem.weights.int8 import Int8Weight
 from lowmem.ops import int8_update as iu
 from lowmem.ops.native import ensure_loaded
 from lowmem.rules import make_rule

@@ -47,7 +47,7 @@ STRATEGY_RULES = [("standard", "adamw"), ("standard", "sgd"), ("standard", "adaf
 
 def planned(modes: list[str], models: list[str]) -> list[dict]:
     from lowmem.config import load_config
-    from lowmem.plan import GiB, simulate
+    from lowmem.planner.plan import GiB, simulate
 
     rows = []
     for model in models:
@@ -98,7 +98,7 @@ def measured_worker(strategy: str, rule: str, config_dir: str) -> dict:
     from common import llama_100m, rss_bytes
 
     from lowmem.config import load_config
-    from lowmem.plan import simulate
+    from lowmem.planner.plan import simulate
 
     overrides = [f"model.path={config_dir}", "model.dtype=float32", "model.gradient_checkpointing=false",
                  "data.max_seq_len=256", "train.batch_size=2", f"update.strategy={strategy}", f"update.rule={rule}",

@@ -50,7 +50,7 @@ def held_out(model_path: Path, threads: int) -> list[dict]:
     from lowmem.assets import pydoc_texts
     from lowmem.data import collate, pack, tokenize_text
     from lowmem.model import load_model, load_tokenizer
-    from lowmem.tokens import ScorePredictor, TokenEliminator, block_recall, query_counts
+    from lowmem.activations.tokens import ScorePredictor, TokenEliminator, block_recall, query_counts
 
     torch.set_num_threads(threads)
     model = load_model(str(model_path), "float32").train()

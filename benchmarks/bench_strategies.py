@@ -91,7 +91,7 @@ def peer_step(spec: dict, model):
 
 
 def weight_bytes(model) -> int:
-    from lowmem.int8_weights import int8_weights
+    from lowmem.weights.int8 import int8_weights
 
     int8 = int8_weights(model)
     return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(w.stored_bytes() for w in int8.values())
@@ -102,7 +102,7 @@ def worker(name: str, steps: int) -> dict:
     from common import rss_bytes
 
     from lowmem.config import UpdateConfig
-    from lowmem.loss import count_label_tokens, loss_sum
+    from lowmem.activations.loss import count_label_tokens, loss_sum
     from lowmem.rules import make_rule
     from lowmem.strategies import make_strategy
 
@@ -114,7 +114,7 @@ def worker(name: str, steps: int) -> dict:
     model, batches = build_model_and_batches(steps, batch=2, seq=256)
     n_params = sum(p.numel() for p in model.parameters())
     if spec.get("int8_weights"):
-        from lowmem.int8_weights import quantize_model
+        from lowmem.weights.int8 import quantize_model
 
         quantize_model(model)
     loaded = rss_bytes("VmRSS")

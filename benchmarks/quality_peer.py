@@ -29,7 +29,7 @@ def main(peer: str, recipe: str, overrides: list[str]) -> None:
     from lowmem import checkpoint as ckpt
     from lowmem.config import load_config
     from lowmem.data import BatchStream, build_datasets, eval_batches
-    from lowmem.loss import count_label_tokens, evaluate, loss_sum
+    from lowmem.activations.loss import count_label_tokens, evaluate, loss_sum
     from lowmem.metrics import MetricsLog, peak_memory_record
     from lowmem.model import load_model, load_tokenizer
     from lowmem.schedule import learning_rate

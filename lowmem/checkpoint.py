@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowmem.adapters import ADAPTERS_FILE, adapted_layers, adapter_state_dict
+from lowmem.weights.adapters import ADAPTERS_FILE, adapted_layers, adapter_state_dict
 from lowmem.hf_folder import SHARD_BYTES, write_hf_folder
-from lowmem.int8_weights import int8_state_dict, int8_weights, load_int8_state_dict
-from lowmem.masks import MASKS_FILE, masks_state_dict
+from lowmem.weights.int8 import int8_state_dict, int8_weights, load_int8_state_dict
+from lowmem.weights.masks import MASKS_FILE, masks_state_dict
 
 # 2: adds weights_int8.safetensors; 3: its rounding generators by device; 4: no generators (the rounding noise is
 # counter-based, resumed from each weight's update count). Versions 1 to 3 still load.
@@ -217,7 +217,7 @@ def export_final(output_dir: Path, model, tokenizer) -> Path:
 
 def _settle() -> None:
     """Wait for copies still queued on the GPU: weights and states kept in host memory are written by non-blocking
-    copies (``lowmem.residency``) and must have landed before they are saved."""
+    copies (``lowmem.placement.residency``) and must have landed before they are saved."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -225,7 +225,7 @@ def _settle() -> None:
 def save_model(model, folder: Path, merge: bool = False, shard_bytes: int = SHARD_BYTES) -> None:
     """The model as an HF folder in ``folder``, shard by shard (``lowmem.hf_folder``: the model plus one matrix on its
     device, one shard in host memory); int8 weights are written dequantized, in the model's dtype. Adapters
-    (``lowmem.adapters``) are left out, or with ``merge`` folded into their weights (pruned entries stay zero)."""
+    (``lowmem.weights.adapters``) are left out, or with ``merge`` folded into their weights (pruned entries stay zero)."""
     write_hf_folder(model, folder, merge, shard_bytes)
 
 

@@ -132,7 +132,7 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
     from lowmem.config import load_config
     from lowmem.data import build_datasets
     from lowmem.model import load_model, load_tokenizer, pick_device
-    from lowmem.perp import calibration_batches, prune_from_config
+    from lowmem.perp.retrain import calibration_batches, prune_from_config
 
     config = load_config(resolve_recipe(recipe), overrides)
     if config.prune.criterion == "none":
@@ -198,7 +198,7 @@ def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: in
       lowmem plan tiny-llama-pydoc --fit --budget 200MB --device cpu
     """
     from lowmem.config import load_config
-    from lowmem.plan import parse_bytes, simulate, suggestion_line
+    from lowmem.planner.plan import parse_bytes, simulate, suggestion_line
 
     config = load_config(resolve_recipe(recipe), overrides)
     limit = parse_bytes(budget)
@@ -223,7 +223,7 @@ def fit_command(config, recipe: str, limit: int, target: str, write_to: str | No
     import yaml
 
     from lowmem.config import with_overrides
-    from lowmem.plan import GiB, fit
+    from lowmem.planner.plan import GiB, fit
 
     click.echo(f"fit: searching plans under {limit / GiB:.2f} GiB for {config.model.path}")
     found = fit(config, limit, target, progress=click.echo)
@@ -273,7 +273,7 @@ def eval_command(checkpoints, recipe, data_path, fmt, max_seq_len, batch_size, d
     """
     from lowmem.config import DataConfig, load_config
     from lowmem.data import build_datasets, eval_batches
-    from lowmem.loss import check_chunked_head, chunk_tokens_for, evaluate
+    from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, evaluate
     from lowmem.model import load_model, load_tokenizer, pick_device
 
     if (recipe is None) == (data_path is None):

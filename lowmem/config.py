@@ -38,6 +38,17 @@ class ModelConfig:
 
 
 @dataclass
+class DataFieldsConfig:
+    """The dataset's column for each field a chat format reads (for datasets that name them otherwise)."""
+
+    instruction: str = "instruction"  # alpaca
+    input: str = "input"  # alpaca (optional column)
+    output: str = "output"  # alpaca
+    conversations: str = "conversations"  # sharegpt
+    messages: str = "messages"  # messages
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # .json/.jsonl/.txt/.parquet/.csv/.arrow file, folder, hub id, or lowmem:pydoc (made on first use)
     format: Literal["text", "alpaca", "sharegpt", "messages"] = "text"
@@ -48,6 +59,7 @@ class DataConfig:
     val_path: Optional[str] = None  # validation rows of their own: a file, a folder or hub id (its validation split)
     split: str = "train"
     text_field: str = "text"
+    fields: DataFieldsConfig = field(default_factory=DataFieldsConfig)  # chat formats' columns, e.g. fields.output=answer
     mask_prompt: bool = True  # prompt and user tokens are not trained on
 
     def held_out_fraction(self) -> float:
@@ -96,7 +108,7 @@ class UpdateConfig:
     strategy: str = "standard"
     rule: str = "adamw"
     # what trains (PERP): all | norms (norm weights, biases) | norms+head | mask_lora | scale_lora (norms, biases and
-    # an adapter on each prunable matrix; see lowmem.adapters). Pruned weights keep their zeros under every choice.
+    # an adapter on each prunable matrix; see lowmem.weights.adapters). Pruned weights keep their zeros under every choice.
     trainable: Literal["all", "norms", "norms+head", "mask_lora", "scale_lora"] = "all"
     lr: float = 1e-5
     weight_decay: float = 0.0
@@ -506,7 +518,7 @@ def _as_written(pattern: str) -> str:
 
 def validate_prune(config: Config) -> None:
     """``prune`` and ``lora``: ranges, the N:M pattern's fixed sparsity, and knobs that would be ignored."""
-    from lowmem.prune import PATTERNS
+    from lowmem.perp.prune import PATTERNS
 
     prune, lora = config.prune, config.lora
     prune.pattern = _as_written(prune.pattern)

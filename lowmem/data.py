@@ -145,43 +145,49 @@ def _turns(row: dict, key: str, index: int, source: str, need: str) -> object:
     return value
 
 
-def to_messages(row: dict, fmt: str, index: int, source: str) -> list[dict[str, str]]:
-    """One row of a chat format as a list of ``{"role", "content"}`` messages."""
+def to_messages(row: dict, fmt: str, index: int, source: str, fields=None) -> list[dict[str, str]]:
+    """One row of a chat format as a list of ``{"role", "content"}`` messages; ``fields`` (``data.fields``) names the
+    row's columns."""
+    from lowmem.config import DataFieldsConfig
+
+    fields = fields or DataFieldsConfig()
     if fmt == "alpaca":
-        need = "alpaca rows need 'instruction' and 'output', optionally 'input'"
-        instruction = _text(row, "instruction", index, source, need)
-        output = _text(row, "output", index, source, need)
-        extra = row.get("input") or ""
+        need = (f"alpaca rows need '{fields.instruction}' and '{fields.output}', optionally '{fields.input}' "
+                "(data.fields.* name other columns)")
+        instruction = _text(row, fields.instruction, index, source, need)
+        output = _text(row, fields.output, index, source, need)
+        extra = row.get(fields.input) or ""
         prompt = f"{instruction}\n\n{extra}" if extra else instruction
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     if fmt == "sharegpt":
-        need = "sharegpt rows need 'conversations': a list of {from, value}"
-        turns = _turns(row, "conversations", index, source, need)
+        need = f"sharegpt rows need '{fields.conversations}': a list of {{from, value}} (data.fields.conversations)"
+        turns = _turns(row, fields.conversations, index, source, need)
         messages = []
         for j, turn in enumerate(turns if isinstance(turns, list) else []):
             if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-                raise DataError(f"data: row {index} of {source}: conversations[{j}] needs 'from' and 'value'")
+                raise DataError(f"data: row {index} of {source}: {fields.conversations}[{j}] needs 'from' and 'value'")
             role = SHAREGPT_ROLES.get(turn["from"])
             if role is None:
                 raise DataError(
-                    f"data: row {index} of {source}: conversations[{j}].from '{turn['from']}' is not one of "
+                    f"data: row {index} of {source}: {fields.conversations}[{j}].from '{turn['from']}' is not one of "
                     f"{', '.join(SHAREGPT_ROLES)}"
                 )
             messages.append({"role": role, "content": str(turn["value"])})
-        return _check_conversation(messages, "conversations", index, source)
+        return _check_conversation(messages, fields.conversations, index, source)
     if fmt == "messages":
-        turns = _turns(row, "messages", index, source, "messages rows need 'messages': a list of {role, content}")
+        turns = _turns(row, fields.messages, index, source,
+                       f"messages rows need '{fields.messages}': a list of {{role, content}} (data.fields.messages)")
         messages = []
         for j, turn in enumerate(turns if isinstance(turns, list) else []):
             if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-                raise DataError(f"data: row {index} of {source}: messages[{j}] needs 'role' and 'content'")
+                raise DataError(f"data: row {index} of {source}: {fields.messages}[{j}] needs 'role' and 'content'")
             if turn["role"] not in MESSAGE_ROLES:
                 raise DataError(
-                    f"data: row {index} of {source}: messages[{j}].role '{turn['role']}' is not one of "
+                    f"data: row {index} of {source}: {fields.messages}[{j}].role '{turn['role']}' is not one of "
                     f"{', '.join(MESSAGE_ROLES)}"
                 )
             messages.append({"role": turn["role"], "content": str(turn["content"])})
-        return _check_conversation(messages, "messages", index, source)
+        return _check_conversation(messages, fields.messages, index, source)
     raise ValueError(f"not a chat format: {fmt}")
 
 
@@ -303,7 +309,7 @@ def build_datasets(data_config, tokenizer, seed: int) -> Datasets:
             need = f"text rows need '{key}' (set data.text_field)"
             examples = tokenize_text([_text(row, key, i, where, need) for i, row in chosen], tokenizer)
         else:
-            conversations = [to_messages(row, data_config.format, i, where) for i, row in chosen]
+            conversations = [to_messages(row, data_config.format, i, where, data_config.fields) for i, row in chosen]
             examples = tokenize_chat(conversations, tokenizer, data_config.mask_prompt)
         if packing:
             return pack(examples, data_config.max_seq_len, keep_short)

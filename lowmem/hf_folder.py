@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from lowmem.adapters import ADAPTER_KEYS, adapted_layers
-from lowmem.int8_weights import int8_weights
+from lowmem.weights.adapters import ADAPTER_KEYS, adapted_layers
+from lowmem.weights.int8 import int8_weights
 
 SHARD_BYTES = 2 * 2**30  # host memory one shard may take (safetensors builds its bytes beside it: twice that at peak)
 WEIGHTS_NAME = "model.safetensors"

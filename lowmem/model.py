@@ -61,7 +61,7 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     except (OSError, ValueError) as err:
         raise UserError(f"model.path '{path}' could not be loaded as a causal LM ({_first_line(err)})") from None
     if int8 is not None:
-        from lowmem.int8_weights import quantize_model
+        from lowmem.weights.int8 import quantize_model
 
         n = quantize_model(model, int8.outlier_fraction, int8.refresh_every, int8.blocksize, seed, int8.stochastic_rounding,
                            include_head=int8.include_head)
@@ -73,7 +73,7 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
-    from lowmem.int8_weights import count_weights
+    from lowmem.weights.int8 import count_weights
 
     n_params = count_weights(model)
     log.info("model: %s, %.2fM parameters, %s on %s", path, n_params / 1e6, dtype, device)

@@ -1,8 +1,8 @@
-"""The training loop, and nothing else: recipe → model + data → strategy(rule) → steps → checkpoints.
+"""The training loop, and nothing else: recipe → model + data → :class:`lowmem.Update` → steps → checkpoints.
 
 Per optimizer step: the lr for this step, ``gradient_accumulation_steps`` micro-batches whose summed
 token losses are divided by the label tokens of the whole step (so 2×2 equals a batch of 4 exactly),
-the strategy's backward per micro-batch and its ``step()`` at the end; then metrics, validation and
+the update's backward per micro-batch and its ``step()`` at the end; then metrics, validation and
 checkpoints at their intervals.
 """
 
@@ -19,20 +19,19 @@ from pathlib import Path
 import torch
 
 from lowmem import checkpoint as ckpt
+from lowmem.api import Update
 from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.errors import UserError
-from lowmem.host_sync import read_all
-from lowmem.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, evaluate, loss_sum
+from lowmem.placement.host_sync import read_all
+from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, evaluate, loss_sum
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes, peak_memory_record
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
-from lowmem.perp import Retraining, calibration_batches, prepare
-from lowmem.rules import make_rule
+from lowmem.perp.retrain import Retraining, calibration_batches, prepare
 from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
-from lowmem.strategies import make_strategy
-from lowmem.tokens import TokenEliminator
+from lowmem.activations.tokens import TokenEliminator
 
 log = logging.getLogger("lowmem")
 
@@ -83,7 +82,7 @@ def check_budget(config: Config, weights: str, device: torch.device, steps: int 
     anything is allocated; refuse it if it needs more than ``memory.budget_gb`` (``auto``: what the device has free)."""
     import dataclasses
 
-    from lowmem.plan import CUDA_CONTEXT_BYTES, GiB, simulate, suggestion_line
+    from lowmem.planner.plan import CUDA_CONTEXT_BYTES, GiB, simulate, suggestion_line
 
     if config.memory.budget_gb == "auto":
         if device.type == "cuda":
@@ -131,7 +130,7 @@ def chunked_loss_tokens(config: Config, model) -> int:
 
 def train(config: Config, step_guard=None) -> TrainResult:
     """Run the recipe ``config``; ``step_guard`` (a context manager factory, e.g.
-    :class:`lowmem.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
+    :class:`lowmem.placement.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
     output_dir = Path(config.checkpoint.output_dir)
     device = pick_device(config.train.device)
     native = ensure_loaded()
@@ -171,8 +170,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
     # Masks (pruning now, on a fresh run with prune.criterion) and what trains: before the strategy hooks anything.
     retraining = prepare(model, config, weights, resume_from,
                          lambda: calibration_batches(config, data.train, tokenizer.pad_token_id))
-    rule = make_rule(config.update)
-    strategy = make_strategy(config.update.strategy, model, rule, config.update, config, device)
+    update = Update.from_config(model, config, device)
     if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
         t = config.tokens
         eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor, t.refresh_every,
@@ -184,7 +182,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
         eliminator = None
     start_step = 0
     if resume_from:
-        strategy.load_state_dict(ckpt.load_strategy_state(resume_from))
+        update.load_state_dict(ckpt.load_strategy_state(resume_from))
         if eliminator is not None:
             eliminator.load_state_dict(ckpt.load_token_state(resume_from))
         stream.load_state_dict(resume_state["data"])
@@ -192,25 +190,23 @@ def train(config: Config, step_guard=None) -> TrainResult:
         start_step = resume_state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
     if streamed:
-        strategy.place(model)
-    log.info("embeddings: %s", getattr(strategy, "embedding_gradient",
+        update.place(model)
+    log.info("embeddings: %s", getattr(update.strategy, "embedding_gradient",
                                        "dense gradient (row-sparse updates run under update.strategy=fused)"))
     # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
     chunk = chunked_loss_tokens(config, model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",
-             strategy.name, rule.name, config.update.lr, config.train.lr_schedule, 100 * config.train.warmup_ratio,
+             update.strategy.name, update.rule.name, config.update.lr, config.train.lr_schedule,
+             100 * config.train.warmup_ratio,
              steps, config.train.batch_size, config.train.gradient_accumulation_steps)
 
     metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
     result = TrainResult(output_dir=output_dir, steps=steps, retraining=retraining)
 
-    flush = getattr(strategy, "flush", lambda: None)  # updates still running on the host (host embeddings)
-    feed = getattr(strategy, "feed", lambda host_batch: None)  # a micro-batch's host ids, for a host lookup
-
     def validate(step: int) -> dict | None:
         if not data.val:
             return None
-        flush()
+        update.flush()  # updates still running on the host (host embeddings)
         scores = evaluate(model, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id,
                                               config.train.eval_max_batches), device, chunk)
         if result.first_eval is None:
@@ -230,10 +226,10 @@ def train(config: Config, step_guard=None) -> TrainResult:
             progress.message(f"step 0: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
 
     def save(step: int) -> None:
-        flush()
+        update.flush()  # the weights' updates still running on the host (host embeddings) land first
         trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
                          "train_sequences": len(data.train), "train_fingerprint": data_fingerprint}
-        ckpt.save_checkpoint(output_dir, step, model, tokenizer, strategy, trainer_state, config.checkpoint.keep_last,
+        ckpt.save_checkpoint(output_dir, step, model, tokenizer, update, trainer_state, config.checkpoint.keep_last,
                              eliminator.state_dict() if eliminator is not None else {})
 
     accum = config.train.gradient_accumulation_steps
@@ -241,7 +237,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
     pending_losses: list[torch.Tensor] = []  # device scalars of the steps since the last log point
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start_step, steps):
-        position, span = strategy.schedule_step(step, steps) if hasattr(strategy, "schedule_step") else (step, steps)
+        position, span = update.schedule_position(step, steps)  # HiFT: the delayed schedule
         lr = learning_rate(position, config.update.lr, span, config.train.warmup_ratio, config.train.lr_schedule)
         host_batches = [stream.next() for _ in range(accum)]
         # Counted on the host batches, before they move: no device value is read inside the step.
@@ -249,19 +245,20 @@ def train(config: Config, step_guard=None) -> TrainResult:
         window_tokens += sum(int(b["attention_mask"].sum()) for b in host_batches)
         with guard():
             micro_batches = [to_device(b, device) for b in host_batches]
-            strategy.prepare(lr)
+            update.set_lr(lr)
+            update.begin()
             if eliminator is not None:
                 eliminator.start_step(step)
             step_loss = None
             activation_bytes = 0
             for host, batch in zip(host_batches, micro_batches):
-                feed(host)
+                update.feed(host)  # a micro-batch's host ids, for a host lookup
                 with SavedTensorBytes(model.parameters()) as saved:
                     loss = loss_sum(model, batch, chunk) / max(step_tokens, 1)
                 activation_bytes = max(activation_bytes, saved.nbytes)
-                strategy.backward(loss)
+                update.backward(loss)
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
-            stats = strategy.step()
+            stats = update.step()
             if eliminator is not None:
                 stats = {**stats, **eliminator.step_stats()}
         pending_losses.append(step_loss)

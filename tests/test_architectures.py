@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from lowmem.data import build_datasets, eval_batches
-from lowmem.loss import evaluate
+from lowmem.activations.loss import evaluate
 from lowmem.model import load_tokenizer
 from lowmem.trainer import train
 from test_trainer import make_config
@@ -44,7 +44,7 @@ def test_architecture_trains_and_its_export_reloads(tmp_path, arch_path, text_da
     if mode.startswith("perp"):  # the export is merged and keeps every pruned zero, in each layer's own layout
         from safetensors.torch import load_file
 
-        from lowmem.masks import MASKS_FILE, unpack_bits
+        from lowmem.weights.masks import MASKS_FILE, unpack_bits
 
         state = reloaded.state_dict()
         masks = load_file(result.final_dir / MASKS_FILE)

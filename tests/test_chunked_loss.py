@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from float_error import RUN64_ADAM_EPS, RUN64_LOSS_RTOL, SUM64, assert_same_grads64
 from lowmem.config import UpdateConfig
 from lowmem.errors import UserError
-from lowmem.loss import check_chunked_head, chunk_tokens_for, loss_sum
+from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, loss_sum
 from lowmem.metrics import SavedTensorBytes
 from lowmem.model import load_model
 from lowmem.rules import make_rule

@@ -211,3 +211,23 @@ def test_an_unsupported_file_type_names_the_supported_ones(tmp_path, tokenizer):
     path.write_text("x")
     with pytest.raises(DataError, match=r"unsupported file type '.xlsx' \(use .json, .jsonl, .txt, .parquet, .csv, "):
         build_datasets(DataConfig(path=str(path)), tokenizer, 0)
+
+
+@pytest.mark.parametrize("fmt,row,fields", [
+    ("alpaca", {"question": "Name a builtin.", "context": "Python", "answer": "len returns a length."},
+     {"instruction": "question", "input": "context", "output": "answer"}),
+    ("sharegpt", {"turns": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello there."}]},
+     {"conversations": "turns"}),
+    ("messages", {"chat": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
+     {"messages": "chat"}),
+])
+def test_field_map_reads_other_column_names_as_the_standard_ones(tmp_path, tokenizer, fmt, row, fields):
+    from lowmem.config import DataFieldsConfig
+
+    renamed = {v: k for k, v in fields.items()}
+    standard = {renamed.get(k, k): v for k, v in row.items()}
+    ours = load(tmp_path, tokenizer, [row], fmt, fields=DataFieldsConfig(**fields)).train
+    reference = load(tmp_path, tokenizer, [standard], fmt).train
+    assert [(e.input_ids, e.labels) for e in ours] == [(e.input_ids, e.labels) for e in reference]
+    with pytest.raises(DataError, match=f"field '{next(iter(fields.values()))}' is missing"):
+        load(tmp_path, tokenizer, [standard], fmt, fields=DataFieldsConfig(**fields))

@@ -1,4 +1,4 @@
-"""Row-sparse embedding updates under the fused strategy (lowmem/embedding_rows.py) against the dense gradient.
+"""Row-sparse embedding updates under the fused strategy (lowmem/strategies/embedding_rows.py) against the dense gradient.
 
 The side compared against is the same strategy with ``memory.row_sparse_embeddings=false``: torch's own embedding
 backward and the dense update. In float32 the whole step is the same bits (the rows are summed as torch sums its
@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem import assets
 from lowmem.config import UpdateConfig, load_config
-from lowmem.embedding_rows import row_gradient
+from lowmem.strategies.embedding_rows import row_gradient
 from lowmem.model import load_model
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy
@@ -216,7 +216,7 @@ def test_offload_embeddings_refuses_what_it_cannot_do_in_one_line():
 
 
 def test_the_plan_counts_the_host_embedding_in_host_memory(tmp_path, micro_model_path, text_data):
-    from lowmem.plan import simulate
+    from lowmem.planner.plan import simulate
     from test_trainer import make_config
 
     common = ["data.max_seq_len=64", "update.strategy=fused", "update.rule=adalomo"]

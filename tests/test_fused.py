@@ -8,7 +8,7 @@ import torch
 from conftest import write_jsonl  # noqa: F401  (fixtures)
 from float_error import assert_same_run64
 from lowmem.config import UpdateConfig
-from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.activations.loss import count_label_tokens, loss_sum
 from lowmem.model import load_model
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy

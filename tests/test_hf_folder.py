@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lowmem import assets
-from lowmem.adapters import adapted_layers, select_trainable
+from lowmem.weights.adapters import adapted_layers, select_trainable
 from lowmem.hf_folder import INDEX_NAME, hf_entries, write_hf_folder
-from lowmem.int8_weights import Int8Weight, int8_weights, quantize_model
-from lowmem.masks import attach_masks, mask_of, mask_rows
+from lowmem.weights.int8 import Int8Weight, int8_weights, quantize_model
+from lowmem.weights.masks import attach_masks, mask_of, mask_rows
 from lowmem.model import load_model
-from lowmem.plan import StorageAccountant
-from lowmem.prune import prune_model
+from lowmem.planner.plan import StorageAccountant
+from lowmem.perp.prune import prune_model
 
 SHARD = 64 * 1024
 
@@ -51,9 +51,9 @@ def export_peak(model, folder, merge):
 def test_export_holds_the_model_one_matrix_and_one_shard(make, merge, micro_model_path, tmp_path, monkeypatch):
     # before: every merged (or dequantized) matrix existed at once beside the model, and the whole folder's tensors
     # in host memory: at 8B, 13 GiB more on the device for a PERP model, 16 GB on the host for an int8 one
-    import lowmem.adapters
+    import lowmem.weights.adapters
 
-    monkeypatch.setattr(lowmem.adapters, "MERGE_CHUNK_VALUES", 512)  # row blocks as small, beside these matrices,
+    monkeypatch.setattr(lowmem.weights.adapters, "MERGE_CHUNK_VALUES", 512)  # row blocks as small, beside these matrices,
     model = make(micro_model_path)  # as 4M values are beside an 8B model's
 
     peak, own = export_peak(model, tmp_path / "out", merge)

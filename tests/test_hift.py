@@ -9,13 +9,13 @@ import torch
 
 from float_error import RUN64_ADAM_EPS, RUN64_LOSS_RTOL, assert_same_run64
 from lowmem.config import Config, HiftConfig, MemoryConfig, UpdateConfig
-from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.activations.loss import count_label_tokens, loss_sum
 from lowmem.metrics import SavedTensorBytes
 from lowmem.model import enable_gradient_checkpointing, load_model
 from lowmem.rules import make_rule
 from lowmem.schedule import learning_rate
 from lowmem.strategies import make_strategy
-from lowmem.units import discover_units, make_groups
+from lowmem.placement.units import discover_units, make_groups
 from test_rules import batches
 from test_trainer import assert_resume_is_exact, make_config, weights
 
@@ -74,7 +74,7 @@ def test_the_trace_leaves_no_fake_tensor_in_the_constant_caches(micro_model_path
     # a fake tensor cached then would make every later real forward fake
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    from lowmem.int8_weights import quantize_model
+    from lowmem.weights.int8 import quantize_model
     from lowmem.ops.int8_update import _empty, _linear_map_on
     from lowmem.ops.quant import _dynamic_map_on
     from lowmem.ops.update import _constant
@@ -86,7 +86,7 @@ def test_the_trace_leaves_no_fake_tensor_in_the_constant_caches(micro_model_path
     discover_units(model)
     batch = batches(1, model.config.vocab_size)[0]
     assert not isinstance(loss_sum(model, batch), FakeTensor)
-    from lowmem.int8_weights import linear_map
+    from lowmem.weights.int8 import linear_map
     from lowmem.ops.int8_update import empty_on
     from lowmem.ops.quant import dynamic_map
     from lowmem.ops.update import device_scalar
@@ -99,12 +99,12 @@ def test_the_trace_leaves_no_fake_tensor_in_the_constant_caches(micro_model_path
 
 def test_a_forward_that_cannot_be_traced_places_stray_weights_lowest_and_unstreamed(arch_path, monkeypatch, caplog):
     # then wpe's use is unknown: with the embeddings (no backward stops above it), and that unit is never streamed
-    import lowmem.units
+    import lowmem.placement.units
 
     def untraceable(model, layers):
         raise RuntimeError("data-dependent op")
 
-    monkeypatch.setattr(lowmem.units, "forward_stages", untraceable)
+    monkeypatch.setattr(lowmem.placement.units, "forward_stages", untraceable)
     units = {u.name: u for u in discover_units(load_model(arch_path("gpt2")))}
     assert sorted(units["embeddings"].params) == ["transformer.ln_f.bias", "transformer.ln_f.weight",
                                                   "transformer.wpe.weight", "transformer.wte.weight"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lowmem.config import Config, HiftConfig, MemoryConfig, UpdateConfig
-from lowmem.host_sync import ForbidHostReads, HostReadError, read
-from lowmem.int8_weights import quantize_model
-from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.placement.host_sync import ForbidHostReads, HostReadError, read
+from lowmem.weights.int8 import quantize_model
+from lowmem.activations.loss import count_label_tokens, loss_sum
 from lowmem.model import load_model
 from lowmem.rules import RULES, make_rule
 from lowmem.strategies import make_strategy
@@ -78,8 +78,8 @@ def test_int8_weights_step_reads_nothing(micro_model_path, strategy, rule):
 @pytest.mark.parametrize("trainable", ["all", "mask_lora", "scale_lora"])
 @pytest.mark.parametrize("strategy,rule", [("standard", "adamw"), ("fused", "adalomo"), ("fused", "lion8bit")])
 def test_a_pruned_model_retraining_step_reads_nothing(micro_model_path, strategy, rule, trainable):
-    from lowmem.adapters import select_trainable
-    from lowmem.prune import prune_model
+    from lowmem.weights.adapters import select_trainable
+    from lowmem.perp.prune import prune_model
 
     model = load_model(micro_model_path, "float32")
     prune_model(model, "magnitude", 0.5, "2:4")  # masks: the gradients and updates are masked in the step
@@ -182,7 +182,7 @@ def meta_steps(model, strategy, n_steps=2):
     every host-to-device copy a step makes then shows, and the guard raises on one from pageable memory. Token counts
     come from the host batches, as the trainer's do; the batches carry no padding mask, whose all-ones check
     transformers makes on the host, and the packed-sequence check is answered as a plan answers it."""
-    from lowmem.plan import _UnpackedPositions
+    from lowmem.planner.plan import _UnpackedPositions
 
     guard = ForbidHostReads()
     host = batches(n_steps, model.config.vocab_size)
@@ -214,8 +214,8 @@ def test_a_step_on_a_device_copies_nothing_from_pageable_host_memory(micro_model
 
 @pytest.mark.parametrize("trainable", ["all", "mask_lora"])
 def test_an_int8_pruned_step_on_a_device_copies_nothing_from_pageable_host_memory(micro_model_path, trainable):
-    from lowmem.adapters import select_trainable
-    from lowmem.prune import prune_model
+    from lowmem.weights.adapters import select_trainable
+    from lowmem.perp.prune import prune_model
 
     model = load_model(micro_model_path, "float32")
     quantize_model(model, refresh_every=2, seed=1, stochastic=False)  # a generator cannot live on meta
@@ -228,7 +228,7 @@ def test_an_int8_pruned_step_on_a_device_copies_nothing_from_pageable_host_memor
 
 
 def test_the_guard_catches_a_pageable_upload_and_lets_a_named_one_through():
-    from lowmem.host_sync import upload
+    from lowmem.placement.host_sync import upload
 
     guard = ForbidHostReads()
     with guard, pytest.raises(HostReadError, match="synchronizing copy between host and device"):

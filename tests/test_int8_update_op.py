@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from float_error import U32
-from lowmem.int8_weights import Int8Weight
+from lowmem.weights.int8 import Int8Weight
 from lowmem.ops import int8_update as iu
 from lowmem.ops.native import ensure_loaded
 from lowmem.ops.quant import dynamic_map, quantize_blockwise_ref
@@ -230,7 +230,7 @@ def test_bad_arguments_get_one_line_errors(change, match):
 @pytest.mark.parametrize("rule", ["sgd", "adalomo", "adafactor", "lion", "lion8bit"])
 def test_an_int8_step_reads_nothing_on_the_host(rule):
     from lowmem.config import UpdateConfig
-    from lowmem.host_sync import ForbidHostReads
+    from lowmem.placement.host_sync import ForbidHostReads
     from lowmem.rules import make_rule
 
     w = Int8Weight(torch.randn(64, 300) * 0.05, outlier_fraction=0.01, refresh_every=2)

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from float_error import SUM64, U32, assert_within, matmul_pair_bound
 from lowmem.checkpoint import save_model
 from lowmem.config import UpdateConfig
-from lowmem.int8_weights import Int8Linear, Int8Weight, int8_weights, quantize_model, trainable_tensors
-from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.weights.int8 import Int8Linear, Int8Weight, int8_weights, quantize_model, trainable_tensors
+from lowmem.activations.loss import count_label_tokens, loss_sum
 from lowmem.model import load_model
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy
@@ -359,7 +359,7 @@ def test_checkpoint_versions_older_resume_newer_and_mismatched_are_refused(tmp_p
 
 
 def test_rounding_resumes_from_the_update_count_alone(micro_model_path):
-    from lowmem.int8_weights import int8_state_dict, load_int8_state_dict
+    from lowmem.weights.int8 import int8_state_dict, load_int8_state_dict
     from lowmem.ops.int8_update import rounding_noise
 
     model = int8_model(micro_model_path)
@@ -408,7 +408,7 @@ def test_hift_trains_only_the_active_groups_int8_weights(micro_model_path):
 def test_include_head_quantizes_the_head_and_refuses_a_tied_one(micro_model_path):
     from lowmem import assets
     from lowmem.errors import UserError
-    from lowmem.int8_weights import matrix_layers
+    from lowmem.weights.int8 import matrix_layers
 
     model = load_model(micro_model_path, "float32")
     n_body = quantize_model(copy.deepcopy(model))
@@ -427,7 +427,7 @@ def test_chunked_loss_with_an_int8_head_equals_the_plain_int8_head(micro_model_p
     handed over once) against the int8 head's own forward and backward on the whole batch: in float64 they differ
     only in the order of sums (head gradient summed over chunks, input gradient over row slices): ≤ n·2⁻⁵³ relative
     each, far below 1e-10."""
-    import lowmem.loss as loss_module
+    import lowmem.activations.loss as loss_module
 
     monkeypatch.setattr(loss_module, "HEAD_SLICE_VALUES", 64 * 100)  # 100 rows: 11 slices of the micro head
     model = load_model(micro_model_path, "float64")

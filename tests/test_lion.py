@@ -69,7 +69,7 @@ def test_lion_equals_the_formula_within_its_float_error(wd):
 def test_lion8bit_with_lossless_quantization_equals_lion(wd):
     # the 8-bit path with its quantization made exact: one value per block, and a code map holding -1, 0 and 1,
     # so every momentum value is stored as ±absmax or 0
-    from lowmem.int8_weights import linear_map
+    from lowmem.weights.int8 import linear_map
 
     theta = torch.randn(64, 129)
     gs = grads(theta.shape, 10, seed=1)
@@ -145,7 +145,7 @@ def test_native_lion8bit_equals_reference(dtype, shape, weight_decay, grad_scale
 
 
 def test_lion8bit_tracks_lion_over_50_steps_on_a_tiny_model(micro_model_path):
-    from lowmem.loss import count_label_tokens, loss_sum
+    from lowmem.activations.loss import count_label_tokens, loss_sum
     from lowmem.model import load_model
     from lowmem.strategies import make_strategy
     from test_rules import batches
@@ -245,7 +245,7 @@ def test_lion8bit_refuses_bad_blocks_in_one_line():
 def test_an_element_wise_update_runs_in_slices_with_the_same_result_and_bounded_temporaries(monkeypatch, dtype, name):
     # the unquantized embeddings under lion8bit (Llama-3: 128256 × 4096) took four float32 temporaries of their size
     import lowmem.ops.update as update
-    from lowmem.plan import StorageAccountant
+    from lowmem.planner.plan import StorageAccountant
 
     theta = torch.randn(300, 70).to(dtype)
     gs = grads(theta.shape, 3, seed=4)

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from float_error import SUM64
-from lowmem.adapters import AdaptedLinear, _AdaptedLinearFunction, select_trainable
+from lowmem.weights.adapters import AdaptedLinear, _AdaptedLinearFunction, select_trainable
 from lowmem.errors import ConfigError, UserError
-from lowmem.masks import MASKS_FILE, attach_masks, mask_of, pack_bits, unpack_bits
-from lowmem.prune import keep_mask, prune_model, wanda_scores
+from lowmem.weights.masks import MASKS_FILE, attach_masks, mask_of, pack_bits, unpack_bits
+from lowmem.perp.prune import keep_mask, prune_model, wanda_scores
 from lowmem.trainer import train
 from test_trainer import EVERY_STRATEGY, assert_resume_is_exact, make_config, weights
 
@@ -77,7 +77,7 @@ def reference_wanda(model, batches, sparsity, layer_by_layer=True):
     inputs of its linear layers captured by a whole forward of the model, whose lower layers are already pruned
     (``layer_by_layer``; otherwise all from the dense model); norms over the real tokens; |W|·‖x‖ per output row, the
     lowest ``sparsity`` of each row pruned (a stable sort: among equal scores the lower index first)."""
-    from lowmem.prune import prunable_layers
+    from lowmem.perp.prune import prunable_layers
 
     layers = prunable_layers(model)
     masks = {}
@@ -134,9 +134,9 @@ def test_wanda_scores_are_the_weight_magnitudes_times_the_input_norms():
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 def test_the_bounded_selection_equals_a_stable_sort(monkeypatch, per_row, ties):
     # blocks of 3 rows (the last shorter) where a matrix took a stable argsort of all its scores (~20 bytes an entry)
-    import lowmem.prune
+    import lowmem.perp.prune
 
-    monkeypatch.setattr(lowmem.prune, "CHUNK_VALUES", 3 * 37)
+    monkeypatch.setattr(lowmem.perp.prune, "CHUNK_VALUES", 3 * 37)
     generator = torch.Generator().manual_seed(4)
     scores = torch.rand(11, 37, generator=generator)
     if ties:  # many equal scores, zeros too: the k-th smallest falls inside a run of equal ones
@@ -238,7 +238,7 @@ def test_adapters_start_as_the_identity_and_leave_int8_weights_frozen(micro_mode
             select_trainable(adapted, kind, 4, 8.0)
             with torch.no_grad():  # exactly: B = 0 makes the LoRA term 0; rank 4 makes A = B = 1/2, so BA = 1
                 assert torch.equal(adapted(input_ids=x).logits, before), kind
-            from lowmem.int8_weights import trainable_tensors
+            from lowmem.weights.int8 import trainable_tensors
 
             names = set(trainable_tensors(adapted))
             assert names and all(n.endswith(("lora_A", "lora_B", "norm.weight", "layernorm.weight")) for n in names)
@@ -318,7 +318,7 @@ def test_every_rule_keeps_the_zeros_of_full_retraining(tmp_path, micro_model_pat
 
 def initial_pruned(config):
     """The weights a run of ``config`` starts retraining from: loaded (int8: quantized) and pruned."""
-    from lowmem.int8_weights import dequantized_state_dict
+    from lowmem.weights.int8 import dequantized_state_dict
     from lowmem.model import load_model
 
     int8 = config.model.int8 if config.model.weight_format == "int8" else None
@@ -423,12 +423,12 @@ def test_pruning_holds_one_mask_and_one_block_of_scores(micro_model_path, text_d
     # entry: ~10 GiB more for Llama-3's 525M-entry head); now the bool mask (1 byte an entry), the packed one (1/8),
     # one block of scores with its temporaries (counted generously at 64 bytes a value), and a whole matrix's
     # threshold's 65536 counts (512 KiB, whatever the matrix's size)
-    import lowmem.masks
-    import lowmem.prune
-    from lowmem.plan import StorageAccountant
+    import lowmem.weights.masks
+    import lowmem.perp.prune
+    from lowmem.planner.plan import StorageAccountant
 
-    monkeypatch.setattr(lowmem.prune, "CHUNK_VALUES", 1024)
-    monkeypatch.setattr(lowmem.masks, "PACK_BLOCK", 1024)
+    monkeypatch.setattr(lowmem.perp.prune, "CHUNK_VALUES", 1024)
+    monkeypatch.setattr(lowmem.weights.masks, "PACK_BLOCK", 1024)
     model = micro(micro_model_path)
     batches = calibration_data(micro_model_path, text_data, tokenizer, n=1) if criterion == "wanda" else None
     accountant = StorageAccountant()
@@ -453,7 +453,7 @@ def test_magnitude_pruning_of_conv1d_layouts_over_the_whole_matrix(arch_path, in
     # GPT-2 stores [in, out]: its output rows are stored columns, read as a transposed view a block at a time
     from lowmem.config import Int8WeightConfig
     from lowmem.model import load_model
-    from lowmem.prune import weight_value
+    from lowmem.perp.prune import weight_value
 
     model = load_model(arch_path("gpt2"), "float32", int8=Int8WeightConfig() if int8 else None)
     before = {name: weight_value(layer).abs() for name, layer in [(n, m) for n, m in model.named_modules()

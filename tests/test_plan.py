@@ -1,4 +1,4 @@
-"""The memory planner (lowmem/plan.py, ``lowmem plan``, ``memory.budget_gb``): the storage accountant against
+"""The memory planner (lowmem/planner/plan.py, ``lowmem plan``, ``memory.budget_gb``): the storage accountant against
 hand counts; the simulated peak against a real CPU run of the same steps for every strategy × rule and each
 memory technique; the CLI's exit codes and its one line; the trainer's refusal; the shipped model configs."""
 
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from lowmem.cli import main
 from lowmem.errors import UserError
-from lowmem.plan import StorageAccountant, parse_bytes, simulate
+from lowmem.planner.plan import StorageAccountant, parse_bytes, simulate
 from test_trainer import make_config
 
 CASES = {
@@ -67,7 +67,7 @@ def trainer_peak(config, monkeypatch) -> int:
     accountant: every weight, buffer and cached constant from the moment the model is loaded, then every storage the
     steps read or make (the step guard wraps each step's work, batch transfer to update)."""
     import lowmem.trainer
-    from lowmem.tensor_cache import cached_tensors
+    from lowmem.placement.tensor_cache import cached_tensors
 
     accountant = StorageAccountant(inputs=True)
     load = lowmem.trainer.load_model
@@ -208,7 +208,7 @@ def test_counted_flops_include_attention_and_recomputation(tmp_path, micro_model
     from torch.utils.flop_counter import FlopCounterMode
 
     from lowmem.model import load_model
-    from lowmem.plan import _register_cpu_attention_flops
+    from lowmem.planner.plan import _register_cpu_attention_flops
 
     args = ["data.max_seq_len=64", "update.strategy=fused", "update.rule=adalomo"]
     flops = simulate(make_config(tmp_path, micro_model_path, text_data, *args), steps=1, target="cpu",
@@ -228,7 +228,7 @@ def test_counted_flops_include_attention_and_recomputation(tmp_path, micro_model
 def test_a_pruned_folder_is_planned_with_its_masks(tmp_path, micro_model_path, text_data, monkeypatch):
     # lowmem prune's folder carries masks.safetensors, which the trainer loads and holds whatever update.trainable is:
     # 1 bit per entry of every pruned matrix (0.8 GiB at 8B, once missing from the plan and the budget check)
-    from lowmem.masks import MASKS_FILE
+    from lowmem.weights.masks import MASKS_FILE
     from safetensors.torch import load_file
 
     recipe = tmp_path / "recipe.yaml"
@@ -248,14 +248,14 @@ def test_a_pruned_folder_is_planned_with_its_masks(tmp_path, micro_model_path, t
 
 def test_int8_weights_streamed_for_their_forward_are_planned_in_flight(tmp_path, micro_model_path, text_data):
     # an int8 weight's codes, scales and outliers are buffers: counting parameters only planned ~0 bytes in flight
-    from lowmem.int8_weights import Int8Weight
+    from lowmem.weights.int8 import Int8Weight
 
     config = make_config(tmp_path, micro_model_path, text_data, "data.max_seq_len=64", "model.weight_format=int8",
                          "update.strategy=hift", "update.rule=lion8bit", "memory.offload_frozen_weights=true",
                          "hift.order=top_down")
     plan = simulate(config)
     in_flight = next(v for k, v in plan.modeled.items() if k.startswith("streamed frozen weights"))
-    from lowmem.int8_weights import quantize_model
+    from lowmem.weights.int8 import quantize_model
     from lowmem.model import load_model
 
     model = load_model(micro_model_path)
@@ -315,7 +315,7 @@ def test_each_candidate_is_planned_as_it_would_be_alone(tmp_path, micro_model_pa
     for name, config in configs.items():
         alone = simulate(config)
         assert alone.device == in_sequence[name].device and alone.modeled == in_sequence[name].modeled, name
-    script = ("import json, sys; from lowmem.config import load_config; from lowmem.plan import simulate; "
+    script = ("import json, sys; from lowmem.config import load_config; from lowmem.planner.plan import simulate; "
               "p = simulate(load_config(sys.argv[1], sys.argv[2:])); print(json.dumps([p.device, p.modeled]))")
     fresh = subprocess.run([sys.executable, "-c", script, str(tmp_path / "recipe.yaml"), *common,
                             *FIT_CANDIDATES["hift-offload"]], capture_output=True, text=True, check=True)
@@ -327,7 +327,7 @@ def test_fit_finds_the_least_saving_level_that_fits_when_a_level_saves_less_than
         tmp_path, micro_model_path, text_data, monkeypatch):
     # token elimination under checkpointing saves nothing and costs bookkeeping: a ladder need not be monotone, and a
     # binary search over it (lowmem until 2026-12-05) skipped the level that fits here and chose the last one
-    import lowmem.plan as plan
+    import lowmem.planner.plan as plan
 
     sizes = [10, 5, 9, 9, 9, 3]  # GiB at each level; level 1 is the least saving one under 6 GiB
     monkeypatch.setattr(plan, "families", lambda config: [["update.strategy=fused", "update.rule=adalomo"]])
@@ -346,7 +346,7 @@ def test_fit_finds_the_least_saving_level_that_fits_when_a_level_saves_less_than
 def test_the_one_line_suggestion_tries_int8_weights_with_the_recipes_own_rule(tmp_path, micro_model_path, text_data):
     # a fused AdaLomo recipe that int8 weights alone make fit (Gemma-2-9B at 24 GB: 27.3 GiB, 20.25 with int8); the
     # suggestion tried int8 only together with lion8bit, a change of rule the recipe did not ask for
-    from lowmem.plan import suggestion_line
+    from lowmem.planner.plan import suggestion_line
 
     args = ["data.max_seq_len=64", "update.strategy=fused", "update.rule=adalomo", "model.gradient_checkpointing=true",
             "memory.loss_chunk_tokens=16"]

@@ -1,4 +1,4 @@
-"""The residency scheduler (lowmem/residency.py): where HiFT's states and frozen weights live, on resume, with tied
+"""The residency scheduler (lowmem/placement/residency.py): where HiFT's states and frozen weights live, on resume, with tied
 embeddings and when the model is placed from host memory; on a GPU, that offloading and weight streaming change
 no weight and keep at most one group's state on the device."""
 
@@ -10,9 +10,9 @@ import torch
 
 from lowmem import assets
 from lowmem.config import Config, HiftConfig, MemoryConfig, UpdateConfig
-from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.activations.loss import count_label_tokens, loss_sum
 from lowmem.model import load_model
-from lowmem.residency import DEVICE, HOST
+from lowmem.placement.residency import DEVICE, HOST
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy
 from test_rules import batches
@@ -161,7 +161,7 @@ def run_cycles(model, strategy, n_steps, seed=0):
 def slow_side_streams(strategy):
     """Every copy on a side stream starts after a ~1 ms spin there, so the default stream, if it did not wait for it,
     would read what the destination held before (the state, or the weights, of another tensor)."""
-    from lowmem.movers import CudaMover
+    from lowmem.placement.movers import CudaMover
 
     class Slow(CudaMover):
         def copy(self, dst, src, stream):
@@ -310,7 +310,7 @@ def test_cuda_a_model_placed_from_host_memory_trains_like_one_loaded_on_the_devi
 @pytest.mark.cuda
 def test_cuda_int8_rounding_resumes_from_the_update_count_while_frozen_weights_sit_in_host_memory():
     from lowmem.config import UpdateConfig
-    from lowmem.int8_weights import int8_state_dict, int8_weights, load_int8_state_dict, quantize_model
+    from lowmem.weights.int8 import int8_state_dict, int8_weights, load_int8_state_dict, quantize_model
     from lowmem.rules import make_rule
 
     def int8_cuda_model():
@@ -341,7 +341,7 @@ def test_cuda_int8_rounding_resumes_from_the_update_count_while_frozen_weights_s
 
 
 class RecordingMover:
-    """A mover (``lowmem.movers``) for a machine without a GPU: it copies host tensors for real, so training goes on,
+    """A mover (``lowmem.placement.movers``) for a machine without a GPU: it copies host tensors for real, so training goes on,
     and records every allocation, copy, wait and event with its stream, so the order rules of DESIGN §4a can be
     checked. Tensors are named by their storage's address; the mover keeps what it made alive, so
     an address names one tensor for the whole run."""
@@ -482,7 +482,7 @@ def test_moves_follow_the_stream_rules_and_train_as_without_offloading(micro_mod
 
 def test_the_order_check_finds_a_missing_wait(micro_model_path, monkeypatch):
     # the check above must be able to fail: without the default stream's wait before backward, it does
-    from lowmem.residency import ResidencyScheduler
+    from lowmem.placement.residency import ResidencyScheduler
 
     monkeypatch.setattr(ResidencyScheduler, "states_ready", lambda self: None)
     model = load_model(micro_model_path, "float32")

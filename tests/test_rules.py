@@ -13,7 +13,7 @@ import torch
 
 from float_error import U32, assert_within, norm_error
 from lowmem.config import UpdateConfig
-from lowmem.loss import count_label_tokens, loss_sum
+from lowmem.activations.loss import count_label_tokens, loss_sum
 from lowmem.model import load_model
 from lowmem.rules import make_rule
 from lowmem.strategies import make_strategy

@@ -1,4 +1,4 @@
-"""LeMo token elimination (lowmem/tokens.py): keep_ratio 1 equals no elimination exactly; eliminated tokens pass
+"""LeMo token elimination (lowmem/activations/tokens.py): keep_ratio 1 equals no elimination exactly; eliminated tokens pass
 through unchanged and every position reaches the loss; kept tokens are computed at their original positions
 (against the layer run by hand on them); a batch of 2 with different patterns equals the two run separately; no
 host reads; the trainer runs it under every strategy; unsupported layers are refused."""
@@ -8,10 +8,10 @@ import torch
 
 from float_error import SUM64, U32, assert_same_grads64, assert_within
 from lowmem.errors import UserError
-from lowmem.loss import loss_sum
+from lowmem.activations.loss import loss_sum
 from lowmem.model import load_model
 from lowmem.ops.blocks import kept_rows
-from lowmem.tokens import TokenEliminator
+from lowmem.activations.tokens import TokenEliminator
 from test_host_sync import guarded_steps
 from test_trainer import EVERY_STRATEGY, make_config
 
@@ -86,14 +86,14 @@ def test_block_scores_are_the_positive_query_key_products_each_key_receives(arch
     scores = eliminator.block_scores(layer, hidden, {"position_embeddings": (cos, sin), "attention_mask": mask})
     bound = (SUM64 + U32) * expected.detach().abs()
     assert_within(scores, expected, bound, "block scores")
-    import lowmem.tokens
+    import lowmem.activations.tokens
 
-    budget = lowmem.tokens.SCORE_BYTES
-    lowmem.tokens.SCORE_BYTES = 4 * 2 * 4 * 40 * 7  # 7 queries a chunk: 6 chunks, the last partial
+    budget = lowmem.activations.tokens.SCORE_BYTES
+    lowmem.activations.tokens.SCORE_BYTES = 4 * 2 * 4 * 40 * 7  # 7 queries a chunk: 6 chunks, the last partial
     try:
         chunked = eliminator.block_scores(layer, hidden, {"position_embeddings": (cos, sin), "attention_mask": mask})
     finally:
-        lowmem.tokens.SCORE_BYTES = budget
+        lowmem.activations.tokens.SCORE_BYTES = budget
     eliminator.remove()
     assert_within(chunked, expected, bound, "block scores, chunked")
 
@@ -273,7 +273,7 @@ def test_weight_streaming_brings_a_layer_in_before_the_scoring_runs(micro_model_
 
 
 def test_recall_counts_the_exact_top_blocks_the_predicted_top_contains():
-    from lowmem.tokens import block_recall
+    from lowmem.activations.tokens import block_recall
 
     exact = torch.tensor([[9.0, 8, 7, 1, 2, 3], [1.0, 2, 3, 4, 5, 6]])  # tops: {0, 1, 2} and {3, 4, 5}
     predicted = torch.tensor([[5.0, 6, 0, 0, 0, 7], [0.0, 0, 0, 1, 3, 2]])  # {0, 1, 5}: 2 of 3; {3, 4, 5}: 3 of 3
@@ -285,7 +285,7 @@ def test_recall_counts_the_exact_top_blocks_the_predicted_top_contains():
 def test_query_counts_are_the_queries_that_may_attend_each_token(arch_path):
     from transformers.masking_utils import create_causal_mask
 
-    from lowmem.tokens import query_counts
+    from lowmem.activations.tokens import query_counts
 
     model = load_model(arch_path("llama"), "float32")
     batch = batch_of(2, 12, model.config.vocab_size, pad_last=3)
@@ -302,7 +302,7 @@ def test_query_counts_are_the_queries_that_may_attend_each_token(arch_path):
 
 
 def test_the_predictor_recovers_a_planted_log_linear_score():
-    from lowmem.tokens import ScorePredictor
+    from lowmem.activations.tokens import ScorePredictor
 
     generator = torch.Generator().manual_seed(0)
     normed = torch.randn(2, 300, 16, generator=generator)
@@ -381,7 +381,7 @@ def checkpoint_with_hooks(layer):
 @pytest.mark.parametrize("checkpointing", ["transformers", "hooks-recomputed"])
 def test_a_predicting_step_is_the_same_under_gradient_checkpointing(arch_path, monkeypatch, checkpointing):
     from lowmem.model import enable_gradient_checkpointing
-    from lowmem.tokens import ScorePredictor
+    from lowmem.activations.tokens import ScorePredictor
 
     # a content rule, so the predicted pattern differs from the exact one (position-driven in a random model)
     monkeypatch.setattr(ScorePredictor, "predict", lambda self, normed, counts: normed.sum(-1) * (counts > 0))

@@ -61,7 +61,7 @@ def stop_after(n_steps):
 
 def initial_weights(config):
     """The weights a run of ``config`` starts from, as its exports write them."""
-    from lowmem.int8_weights import dequantized_state_dict
+    from lowmem.weights.int8 import dequantized_state_dict
     from lowmem.model import load_model
 
     int8 = config.model.int8 if config.model.weight_format == "int8" else None

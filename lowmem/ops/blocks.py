@@ -1,4 +1,4 @@
-"""Token-block ops of LeMo's token elimination (``lowmem/tokens.py``): their schemas, pure-PyTorch references (the
+"""Token-block ops of LeMo's token elimination (``lowmem/activations/tokens.py``): their schemas, pure-PyTorch references (the
 specification and the fallback), fake implementations (shapes without data, for the memory planner) and autograd.
 Native kernels in ``csrc/cpu/blocks.cpp`` and ``csrc/cuda/blocks.cu`` override the references.
 

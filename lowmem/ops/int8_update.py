@@ -2,7 +2,7 @@
 the matrix. Schemas and pure-PyTorch references (the specification and the fallback); native kernels in
 ``csrc/cpu/int8_update.cpp`` and ``csrc/cuda/int8_update.cu`` override them.
 
-``int8_update_``            one step of a rule on an int8 weight (``lowmem.int8_weights``: uint8 codes of the linear
+``int8_update_``            one step of a rule on an int8 weight (``lowmem.weights.int8``: uint8 codes of the linear
                             map, one float32 absmax per block, float32 outliers at sorted int32 positions), in place.
                             Rules (``rule``): SGD, FACTORED (Adafactor/AdaLomo's element-wise part, from the
                             coefficients of ``int8_factored_prepare``), LION (float32 momentum), LION8BIT (momentum as
@@ -31,7 +31,7 @@ import torch
 
 from lowmem.ops.quant import _lib, dequantize_blockwise_ref, quantize_blockwise_ref
 from lowmem.ops.update import factored_statistics_, factored_step_scalars
-from lowmem.tensor_cache import tensor_cache
+from lowmem.placement.tensor_cache import tensor_cache
 
 SGD, FACTORED, LION, LION8BIT, ASSIGN = 0, 1, 2, 3, 4
 RULE_NAMES = {SGD: "sgd", FACTORED: "factored", LION: "lion", LION8BIT: "lion8bit", ASSIGN: "assign"}

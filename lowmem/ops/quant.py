@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.tensor_cache import tensor_cache
+from lowmem.placement.tensor_cache import tensor_cache
 
 BLOCKSIZE = 256
 
@@ -44,7 +44,7 @@ def _dynamic_map_cpu(max_exponent_bits: int = 7) -> torch.Tensor:
 
 @tensor_cache()
 def _dynamic_map_on(device: str) -> torch.Tensor:
-    from lowmem.host_sync import upload
+    from lowmem.placement.host_sync import upload
 
     return upload(_dynamic_map_cpu(), torch.device(device), "dynamic code map")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.ops.quant import _lib  # the one "lowmem" library
-from lowmem.tensor_cache import tensor_cache
+from lowmem.placement.tensor_cache import tensor_cache
 
 _lib.define("sgd_update_(Tensor(a!) param, Tensor grad, float lr, float weight_decay, Tensor grad_scale) -> ()")
 _lib.define(

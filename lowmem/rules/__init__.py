@@ -10,7 +10,7 @@ A rule is an object with
 State tensors live in the strategy's state dict, which checkpoints as safetensors; the per-tensor step
 count is ``state["step"]`` (a float32 scalar tensor on the parameter's device) so it checkpoints with the rest.
 A rule never reads a tensor's value on the host: on a GPU every such read waits for the device, once per
-tensor, inside backward under ``fused`` (see ``lowmem.host_sync``).
+tensor, inside backward under ``fused`` (see ``lowmem.placement.host_sync``).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ class Lion:
     def _code_on(self, device: torch.device) -> torch.Tensor:
         """The custom code map on ``device``, uploaded once (a copy per update would synchronize each time)."""
         if self.code.device != device:
-            from lowmem.host_sync import upload
+            from lowmem.placement.host_sync import upload
 
             self.code = upload(self.code, device, "lion8bit code map")
         return self.code

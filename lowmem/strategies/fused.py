@@ -11,11 +11,11 @@ Clipping (``update.clip_mode``):
         taken), a second applies the updates with the clipping coefficient, as LOMO does (~2× backward).
 Float16 weights use the two-pass mode with dynamic loss scaling: an overflow found in the first pass skips
 the step before any weight changed, then the scale halves; it doubles again after enough good steps. That check
-is the step's one host read (``lowmem.host_sync``); clipping coefficients stay on the device. Without loss
+is the step's one host read (``lowmem.placement.host_sync``); clipping coefficients stay on the device. Without loss
 scaling a non-finite norm is not checked inside the step (that would be a read too): the loss, checked at
 each log step, stops the run.
 Gradient accumulation is refused by the config check: a fused update keeps no gradient to accumulate.
-The input embedding's rows are updated alone where that is exact (``lowmem.embedding_rows``): its lookup's backward
+The input embedding's rows are updated alone where that is exact (``lowmem.strategies.embedding_rows``): its lookup's backward
 hands the batch's rows to :meth:`FusedStrategy._on_rows`, and no vocabulary-sized gradient exists.
 """
 
@@ -25,11 +25,10 @@ import weakref
 
 import torch
 
-from lowmem import embedding_rows
+from lowmem.strategies import embedding_rows
 from lowmem.errors import UserError
-from lowmem.host_embedding import HostEmbedding
-from lowmem.int8_weights import trainable_tensors
-from lowmem.masks import GradientMasks
+from lowmem.weights.int8 import trainable_tensors
+from lowmem.weights.masks import GradientMasks
 from lowmem.ops.update import math_dtype
 from lowmem.strategies.state import (
     LossScaler,
@@ -76,13 +75,15 @@ class FusedStrategy:
 
     def _offload_embedding(self, model: torch.nn.Module) -> None:
         """``memory.offload_embeddings``: the input embedding's weight and rule state in host memory, its rows looked
-        up and updated there (``lowmem.host_embedding``); only where its rows alone can be updated."""
+        up and updated there (``lowmem.placement.host_embedding``); only where its rows alone can be updated."""
         if self._rows_name is None:
             raise UserError(f"memory.offload_embeddings updates the input embedding from its rows on the host, which "
                             f"is not exact here: {self.embedding_gradient}")
         name = self._rows_name
         param = self.params[name]
         device = next((p.device for n, p in self.params.items() if n != name), param.device)
+        from lowmem.placement.host_embedding import HostEmbedding  # it imports this package's embedding_rows
+
         self.host_embedding = HostEmbedding(model.get_input_embeddings(), device, self._rows_for(name, param))
         self.embedding_gradient = "row-sparse updates in host memory (memory.offload_embeddings)"
 
@@ -120,7 +121,7 @@ class FusedStrategy:
         return sink
 
     def _on_rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """The input embedding's gradient as its batch's rows (``lowmem.embedding_rows``): measured and applied as
+        """The input embedding's gradient as its batch's rows (``lowmem.strategies.embedding_rows``): measured and applied as
         :meth:`_on_grad` does a dense gradient (the rows' norm is the dense gradient's). With the embedding in host
         memory the update runs there once the rows have arrived (``HostEmbedding.update_on_host``), with this step's
         lr and the rule state that lives there."""
@@ -143,7 +144,7 @@ class FusedStrategy:
         grad = param.grad
         if name == self._rows_name and grad is None:  # its lookup's backward handed it no gradient: updated by rows
             return
-        # masked before its norm is taken or the rule sees it (see lowmem.masks)
+        # masked before its norm is taken or the rule sees it (see lowmem.weights.masks)
         mask = self.masks.mask_grad_(name, grad) if self.masks else None
         self._measure_and_apply(grad, grad.numel() * grad.element_size(), lambda scale: apply_rule(
             self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask))

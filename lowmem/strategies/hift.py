@@ -1,6 +1,6 @@
 """The HiFT strategy (Liu et al. 2024): each optimizer step trains one group of units; the rest are frozen.
 
-Units are found generically (``lowmem.units``); ``hift.group_size`` units form a group, visited
+Units are found generically (``lowmem.placement.units``); ``hift.group_size`` units form a group, visited
 bottom_up, top_down or in an order drawn once at random. Only the active group has ``requires_grad``:
 
 * its gradients are the only ones that exist, and rule state is needed for it alone (the residency
@@ -26,10 +26,10 @@ import logging
 import torch
 
 from lowmem.errors import UserError
-from lowmem.residency import ResidencyScheduler
+from lowmem.placement.residency import ResidencyScheduler
 from lowmem.strategies.fused import FusedStrategy
 from lowmem.strategies.standard import StandardStrategy
-from lowmem.units import discover_units, make_groups
+from lowmem.placement.units import discover_units, make_groups
 
 POSITION_KEY = "__hift__::position"
 log = logging.getLogger("lowmem")

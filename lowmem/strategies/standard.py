@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from lowmem.int8_weights import trainable_tensors
-from lowmem.masks import GradientMasks
+from lowmem.weights.int8 import trainable_tensors
+from lowmem.weights.masks import GradientMasks
 from lowmem.strategies.state import (
     LossScaler,
     RuleState,

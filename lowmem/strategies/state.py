@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from lowmem.host_sync import read
-from lowmem.int8_weights import Int8Weight
+from lowmem.placement.host_sync import read
+from lowmem.weights.int8 import Int8Weight
 from lowmem.ops.update import math_dtype
 
 STATE_SEPARATOR = "::"
@@ -17,7 +17,7 @@ def apply_rule(rule, param, grad: torch.Tensor, state: dict[str, torch.Tensor], 
                grad_scale: float | torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """One step of ``rule`` on a parameter, or on an int8 weight (dequantize → step → requantize).
 
-    ``mask`` (a pruned weight's bool sparsity mask, ``lowmem.masks``): the weight is multiplied by it after the
+    ``mask`` (a pruned weight's bool sparsity mask, ``lowmem.weights.masks``): the weight is multiplied by it after the
     step, so its pruned entries stay exactly zero whatever the rule computed (int8: before requantizing)."""
     if isinstance(param, Int8Weight):
         param.update_with(rule, grad, state, lr, grad_scale=grad_scale, mask=mask)

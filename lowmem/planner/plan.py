@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem.config import with_overrides
 from lowmem.errors import UserError
-from lowmem.tensor_cache import cached_tensors, clear_tensor_caches
+from lowmem.placement.tensor_cache import cached_tensors, clear_tensor_caches
 
 GiB = 2**30
 MiB = 2**20
@@ -219,7 +219,7 @@ def _prepare(model, config) -> None:
     from lowmem.model import enable_gradient_checkpointing
 
     if config.model.weight_format == "int8":
-        from lowmem.int8_weights import quantize_model
+        from lowmem.weights.int8 import quantize_model
 
         int8 = config.model.int8
         quantize_model(model, int8.outlier_fraction, int8.refresh_every, int8.blocksize, config.train.seed,
@@ -235,7 +235,7 @@ def _retraining(model, config, mode, track) -> None:
     pruning when ``prune.criterion`` is set (wanda on ``prune.calibration_batches`` batches like the step's, each
     counted by ``track`` as it is made), else the masks stored beside the weights; then ``update.trainable``'s subset
     and adapters."""
-    from lowmem.perp import prepare
+    from lowmem.perp.retrain import prepare
 
     def calibration():
         batches = []
@@ -366,10 +366,10 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     (:class:`MatmulFlops`; recomputation, two-pass clipping and HiFT's shorter backward included, as they
     run, attention included). ``peer`` runs a baseline of :data:`PEERS` instead of the recipe's strategy and rule."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from lowmem.loss import check_chunked_head, chunk_tokens_for, loss_sum
+    from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, loss_sum
     from lowmem.rules import make_rule
     from lowmem.strategies import make_strategy
-    from lowmem.tokens import TokenEliminator
+    from lowmem.activations.tokens import TokenEliminator
 
     start = time.perf_counter()
     # The cached constants (code maps, scalars) are made, and counted, by whichever run asks for them first: made
@@ -490,9 +490,9 @@ def _rule_state(strategy):
 
 
 def _weight_labels(model) -> dict[int, str]:
-    from lowmem.adapters import adapted_layers
-    from lowmem.int8_weights import int8_weights
-    from lowmem.masks import MASK_BUFFER, masked_layers
+    from lowmem.weights.adapters import adapted_layers
+    from lowmem.weights.int8 import int8_weights
+    from lowmem.weights.masks import MASK_BUFFER, masked_layers
 
     labels = {}
     for tensor in [*model.parameters(), *model.buffers()]:
@@ -554,7 +554,7 @@ def _host_keys(strategy) -> set[int]:
     residency = getattr(strategy, "residency", None)
     if residency is None:
         return set()
-    from lowmem.residency import HOST, _own_tensors
+    from lowmem.placement.residency import HOST, _own_tensors
 
     keys = set()
     for name, where in residency.state_location.items():
@@ -583,7 +583,7 @@ def _split_host(accountant: StorageAccountant) -> tuple[dict[str, int], dict[str
 def _streamed_piece_bytes(strategy) -> int:
     """Two of the largest modules a HiFT run streams in for their forward (one computing, one prefetched), counted as
     the residency scheduler moves them: parameters and buffers (an int8 weight is buffers: codes, scales, outliers)."""
-    from lowmem.residency import _own_tensors
+    from lowmem.placement.residency import _own_tensors
 
     residency = strategy.residency
     highest = max(residency.lowest_active(group) for group in strategy.groups)  # units below it stream at times

@@ -17,11 +17,11 @@ machine host and device are the same memory: the moves are no-ops, while the pla
 
 A unit whose weights are also used outside its modules stays on the device: a tied output head runs after every
 layer, on the embeddings' weight (Llama-3.2-1B/3B, Gemma, small Qwen models). Units are in forward order and no
-unit's weights are used below it (``lowmem.units``), so backward stops at the lowest active unit. A unit with
+unit's weights are used below it (``lowmem.placement.units``), so backward stops at the lowest active unit. A unit with
 several modules (GPT-2's embeddings: ``wte`` and ``wpe``) streams each module's tensors for that module's forward.
 
-CUDA streams and the caching allocator (DESIGN §4a). The device operations are a mover's (``lowmem.movers``:
-:class:`~lowmem.movers.CudaMover` on a GPU; none on a CPU, where host and device are one memory and the moves are
+CUDA streams and the caching allocator (DESIGN §4a). The device operations are a mover's (``lowmem.placement.movers``:
+:class:`~lowmem.placement.movers.CudaMover` on a GPU; none on a CPU, where host and device are one memory and the moves are
 bookkeeping). Every move follows these rules:
 
 1. Host memory is pinned, and every copy between host and device is non-blocking: from pageable memory a copy is
@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.units import Unit
+from lowmem.placement.units import Unit
 
 log = logging.getLogger("lowmem")
 
@@ -78,7 +78,7 @@ class ResidencyScheduler:
         self.real = False
         self.state_stream = self.weight_stream = None
         if device.type == "cuda":
-            from lowmem.movers import CudaMover
+            from lowmem.placement.movers import CudaMover
 
             self.attach(CudaMover(device))
         self.offload_states = offload_states
@@ -99,7 +99,7 @@ class ResidencyScheduler:
             log.info("residency: unit %s stays on the device: its weights are also used outside it (tied)", name)
 
     def attach(self, mover) -> None:
-        """Move tensors with ``mover`` (``lowmem.movers``), with a side stream each for states and weights."""
+        """Move tensors with ``mover`` (``lowmem.placement.movers``), with a side stream each for states and weights."""
         self.mover, self.real = mover, True
         self.state_stream, self.weight_stream = mover.stream(), mover.stream()
 

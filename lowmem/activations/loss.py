@@ -177,7 +177,7 @@ class _Int8ChunkHead(torch.autograd.Function):
 
 def _int8_head(head: torch.nn.Module) -> bool:
     """An int8 head (``model.int8.include_head``) in nn.Linear's layout."""
-    from lowmem.int8_weights import Int8Linear
+    from lowmem.weights.int8 import Int8Linear
 
     return isinstance(head, Int8Linear) and not head.transposed
 
@@ -191,7 +191,7 @@ def _linear_head(head: torch.nn.Module) -> bool:
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, after_head,
                 summed: _HeadGradient | None = None) -> torch.Tensor:
     if summed is not None and _int8_head(head):
-        from lowmem.int8_weights import backward_anchor
+        from lowmem.weights.int8 import backward_anchor
 
         anchor = backward_anchor(head.weight)
         logits = after_head(_Int8ChunkHead.apply(hidden, anchor, head.weight, head.bias, summed))

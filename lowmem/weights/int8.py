@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lowmem.ops.int8_update import (ASSIGN, FACTORED, LION, LION8BIT, SGD, int8_factored_prepare, int8_update_,
                                     linear_map)
-from lowmem.ops.int8_update import MAX_CODE, ZERO_CODE  # noqa: F401  (the code layout, as lowmem.prune reads it)
+from lowmem.ops.int8_update import MAX_CODE, ZERO_CODE  # noqa: F401  (the code layout, as lowmem.perp.prune reads it)
 from lowmem.ops.quant import dequantize_blockwise, dynamic_map
 from lowmem.rules.factored import Factored
 from lowmem.rules.lion import Lion

@@ -5,7 +5,7 @@ and its rule state beside it:
     forward   the batch's rows are gathered on the host, from the host's own copy of the token ids (handed over
               by the trainer with :meth:`HostEmbedding.feed`, so nothing is read back from the device), straight into
               pinned memory, and copied to the device without blocking;
-    backward  the rows' gradient is summed on the device (``lowmem.embedding_rows.row_gradient``; its norm for
+    backward  the rows' gradient is summed on the device (``lowmem.strategies.embedding_rows.row_gradient``; its norm for
               clipping taken there), copied to pinned host memory without blocking, and the row-sparse update
               (``lowmem.ops.update_rows``, the CPU kernels) runs in a worker thread once the copies are done; the
               next lookup (or a checkpoint, an evaluation) waits for it (:meth:`HostEmbedding.flush`). The
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-from lowmem.embedding_rows import row_gradient
+from lowmem.strategies.embedding_rows import row_gradient
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def read_all(tensors: dict[str, torch.Tensor], reason: str) -> dict[str, float]:
         return {key: float(t.item()) for key, t in tensors.items()}
 
 
-def _caller(frame, skip: tuple[str, ...] = ("/torch/", "lowmem/host_sync.py")) -> str:
+def _caller(frame, skip: tuple[str, ...] = ("/torch/", "lowmem/placement/host_sync.py")) -> str:
     while frame is not None:
         name = frame.f_code.co_filename
         if not any(part in name for part in skip):
@@ -154,7 +154,7 @@ class ForbidHostReads(TorchDispatchMode):
             else:
                 raise HostReadError(f"synchronizing copy between host and device inside a training step at "
                                     f"{_caller(sys._getframe(1))}: make the tensor where it is used, or copy from "
-                                    "pinned memory without blocking (lowmem.host_sync.upload)")
+                                    "pinned memory without blocking (lowmem.placement.host_sync.upload)")
         if func is _LOCAL_SCALAR:
             reasons = _reasons()
             frame = sys._getframe(1)
@@ -164,5 +164,5 @@ class ForbidHostReads(TorchDispatchMode):
                 self.tolerated[where] += 1
             else:
                 raise HostReadError(f"host read of a tensor value inside a training step at {_caller(frame)}: "
-                                    "keep the value on the device, or read it through lowmem.host_sync.read")
+                                    "keep the value on the device, or read it through lowmem.placement.host_sync.read")
         return func(*args, **(kwargs or {}))

@@ -112,7 +112,7 @@ class TokenEliminator:
         loaded in host memory and placed only later."""
         from transformers import AttentionInterface
 
-        from lowmem.units import decoder_layers
+        from lowmem.placement.units import decoder_layers
 
         layers = decoder_layers(model)
         if layers is None or not all(_takes_position_embeddings(layer) for layer in layers):

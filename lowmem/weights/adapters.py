@@ -1,14 +1,14 @@
 """PERP's retraining subsets (Zimmer et al. 2023): after pruning, train a tiny expressive part of the model.
 
 ``update.trainable``:
-    all         every weight; pruned weights keep their zeros (``lowmem.masks``).
+    all         every weight; pruned weights keep their zeros (``lowmem.weights.masks``).
     norms       the normalization layers' weights and every bias.
     norms+head  those and the output head (tied to the input embeddings, that trains the embeddings too).
     mask_lora   norms and biases, and on each prunable matrix W a rank-r adapter whose product is masked by the
                 sparsity pattern:  W' = W + s·(BA ⊙ M),  s = lora.alpha / lora.rank,  B = 0 and A as LoRA's at start.
     scale_lora  norms and biases, and  W' = W ⊙ BA,  A = B = 1/√r at start (BA = 1): pruned entries stay zero.
 As in PERP's code, the adapted layers are the matrices pruning touches (not the head), and their own weights W stay
-frozen. M is the layer's stored mask (``lowmem.masks``), or W ≠ 0 when the model came without one.
+frozen. M is the layer's stored mask (``lowmem.weights.masks``), or W ≠ 0 when the model came without one.
 
 :class:`AdaptedLinear` computes  y = x·W'ᵀ + b  with a custom autograd function that saves only x (and the small
 A, B): W' is rebuilt in backward, so no weight-sized tensor is kept per layer between forward and backward.
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from lowmem.errors import UserError
-from lowmem.int8_weights import Int8Weight, count_weights, int8_weights, matrix_layers, trainable_tensors
-from lowmem.masks import MASK_BUFFER, attach_masks, mask_of, mask_rows
-from lowmem.prune import row_blocks, stored_transposed, weight_value
+from lowmem.weights.int8 import Int8Weight, count_weights, int8_weights, matrix_layers, trainable_tensors
+from lowmem.weights.masks import MASK_BUFFER, attach_masks, mask_of, mask_rows
+from lowmem.perp.prune import row_blocks, stored_transposed, weight_value
 
 log = logging.getLogger("lowmem")
 

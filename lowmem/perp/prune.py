@@ -4,7 +4,7 @@ Criteria (``prune.criterion``):
     magnitude  score |W|; the smallest ``sparsity`` share of each matrix is pruned (one threshold per matrix);
     wanda      score |W_ij|·‖x_j‖₂ (Sun et al. 2023), x_j the layer's input feature j over calibration tokens of the
                recipe's training data, measured layer by layer on the outputs of the already-pruned layers below
-               (``lowmem.calibration``, as Wanda's reference implementation does); pruned per output row.
+               (``lowmem.perp.calibration``, as Wanda's reference implementation does); pruned per output row.
 Patterns (``prune.pattern``): ``unstructured``, or N:M (``2:4``, ``4:8``): in every group of M consecutive entries
 along the input dimension the N highest-scoring are kept (sparsity is then (M−N)/M).
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lowmem.calibration import prune_layer_by_layer
+from lowmem.perp.calibration import prune_layer_by_layer
 from lowmem.errors import UserError
-from lowmem.int8_weights import ZERO_CODE, Int8Weight, count_weights, matrix_layers
-from lowmem.masks import attach_masks
+from lowmem.weights.int8 import ZERO_CODE, Int8Weight, count_weights, matrix_layers
+from lowmem.weights.masks import attach_masks
 
 log = logging.getLogger("lowmem")
 
@@ -272,12 +272,12 @@ def prune_layer(model: torch.nn.Module, name: str, layer: torch.nn.Module, spars
 
 def prune_model(model: torch.nn.Module, criterion: str, sparsity: float, pattern: str = "unstructured",
                 include_head: bool = False, calibration=None) -> dict[str, torch.nn.Module]:
-    """Prune ``model`` in place; returns weight name → its layer, which holds the packed mask (``lowmem.masks``:
+    """Prune ``model`` in place; returns weight name → its layer, which holds the packed mask (``lowmem.weights.masks``:
     ``mask_of(layer)`` unpacks it). Memory: one layer's mask (1 byte an entry; 2 while a Conv1D layout's is
     transposed to its stored layout) and one block of its scores at a time.
 
     ``calibration``: an iterable of batches (``input_ids``, ``attention_mask``) for ``wanda``, which is calibrated layer
-    by layer, each layer on the outputs of the pruned layers below it (``lowmem.calibration``)."""
+    by layer, each layer on the outputs of the pruned layers below it (``lowmem.perp.calibration``)."""
     layers = prunable_layers(model, include_head)
     check_pattern(layers, pattern)
     if criterion == "magnitude":

@@ -1,9 +1,9 @@
 """Prune → retrain → export in one run (PERP): what the trainer, ``lowmem prune`` and the planner call on a loaded
 model before its strategy is built.
 
-1. Masks: a fresh run with ``prune.criterion`` prunes now (``lowmem.prune``); otherwise the masks stored with the
+1. Masks: a fresh run with ``prune.criterion`` prunes now (``lowmem.perp.prune``); otherwise the masks stored with the
    weights are loaded (``masks.safetensors``: written by ``lowmem prune``, by checkpoints and by the final export).
-2. ``update.trainable`` chooses what trains, adding adapters (``lowmem.adapters``); on resume their weights come
+2. ``update.trainable`` chooses what trains, adding adapters (``lowmem.weights.adapters``); on resume their weights come
    from the checkpoint.
 """
 
@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from lowmem import assets
-from lowmem.adapters import ADAPTERS, ADAPTERS_FILE, load_adapter_state_dict, select_trainable
+from lowmem.weights.adapters import ADAPTERS, ADAPTERS_FILE, load_adapter_state_dict, select_trainable
 from lowmem.data import eval_batches
 from lowmem.errors import UserError
-from lowmem.masks import MASKS_FILE, load_masks
-from lowmem.prune import PruneReport, prune_model, sparsity_report
+from lowmem.weights.masks import MASKS_FILE, load_masks
+from lowmem.perp.prune import PruneReport, prune_model, sparsity_report
 
 log = logging.getLogger("lowmem")
 

@@ -25,7 +25,7 @@ import torch
 
 from lowmem.errors import UserError
 from lowmem.ops.update import math_dtype
-from lowmem.units import decoder_layers, forward_stages
+from lowmem.placement.units import decoder_layers, forward_stages
 
 
 class _Stop(Exception):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lowmem.int8_weights import Int8Weight, trainable_tensors
+from lowmem.weights.int8 import Int8Weight, trainable_tensors
 
 log = logging.getLogger("lowmem")
 

@@ -1,0 +1,256 @@
+"""The public Python API: lowmem's model loading, update (rule × strategy), loss and export for any training loop.
+
+    import lowmem
+    model = lowmem.load_model(path, dtype="bfloat16", weight_format="int8", gradient_checkpointing=True)
+    update = lowmem.Update(model, rule="adalomo", strategy="fused", lr=5e-4)
+    for batch in loader:                       # input_ids, attention_mask, labels (-100: not trained on)
+        update.set_lr(schedule(step))
+        loss = lowmem.lm_loss(model, batch)    # chunked when it pays: the full logits never exist
+        update.backward(loss)                  # fused: the update runs inside backward
+        update.step()                          # standard / hift: the step; fused: finishes it
+    lowmem.save_pretrained(model, "out", tokenizer)
+
+Every keyword is a recipe key (the recipe schema is the API's): ``Update(model, rule=..., lr=..., clip_grad_norm=...,
+adalomo={"eps2": 1e-3}, hift={"group_size": 2}, memory={"offload_states": True})`` takes the ``update`` section's
+keys directly and the other sections as dicts, and refuses a bad one with the same one-line error as a recipe
+(:class:`lowmem.errors.ConfigError`, naming the recipe key). ``lowmem train`` runs on these objects.
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import torch
+
+from lowmem.config import Config, _config_from
+
+PLACEHOLDER = "<python>"  # model.path / data.path of a config built from keywords (not read)
+
+
+def config_from(**sections) -> Config:
+    """A validated :class:`Config` from keyword sections (``update={...}``, ``memory={...}``, ...)."""
+    raw = {name: dict(value) for name, value in sections.items() if value is not None}
+    raw.setdefault("model", {}).setdefault("path", PLACEHOLDER)
+    raw.setdefault("data", {}).setdefault("path", PLACEHOLDER)
+    return _config_from(raw, [])
+
+
+def load_model(path: str, dtype: str = "float32", device: str | torch.device = "auto",
+               gradient_checkpointing: bool = False, weight_format: str = "float", seed: int = 0, **int8):
+    """A causal LM from an HF folder, hub id or ``lowmem:NAME``, in training mode on ``device`` (auto: CUDA when
+    there is one). ``weight_format="int8"`` stores its linear weights as int8 blocks with float32 outliers (QFT); the
+    ``model.int8`` options (``outlier_fraction``, ``refresh_every``, ``blocksize``, ``stochastic_rounding``,
+    ``include_head``) are keywords. ``seed`` seeds the int8 weights' stochastic rounding."""
+    from lowmem import model as models
+
+    config = config_from(model={"path": path, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
+                                "weight_format": weight_format, "int8": int8})
+    m = config.model
+    where = models.pick_device(device) if device in ("auto", "cpu", "cuda") else torch.device(device)
+    return models.load_model(m.path, m.dtype, where, m.gradient_checkpointing,
+                             m.int8 if m.weight_format == "int8" else None, seed)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a model folder, hub id or ``lowmem:NAME``."""
+    from lowmem.model import load_tokenizer as load
+
+    return load(path)
+
+
+class Update:
+    """An update rule applied by an update strategy to a model's trainable weights (``requires_grad``).
+
+    Per optimizer step: ``set_lr(lr)`` (optional; the last lr stays), the forward and ``backward(loss)`` of each
+    micro-batch (the loss already divided by the step's label tokens), then ``step()``, which returns the step's
+    statistics (``grad_norm``, ``state_bytes``, ...; values may be device tensors: read them when you log). A step
+    begins at its first forward with gradients (a pre-hook on the model's body; ``begin()`` says it explicitly):
+    HiFT activates its group and brings its state in there. Under ``strategy="fused"`` each gradient is applied
+    inside backward and freed, so there is nothing to accumulate: a second ``backward`` before ``step`` is refused.
+    ``state_dict()`` / ``load_state_dict()`` hold the rule's state (flat name → tensor, safetensors-ready) and
+    resume exactly.
+
+    Arguments: ``rule`` (sgd, adamw, adafactor, adalomo, lion, lion8bit), ``strategy`` (standard, fused, hift),
+    ``lr``, any other ``update`` key (``weight_decay``, ``clip_grad_norm``, ``clip_mode``, ``beta1``, ``adalomo``,
+    ``trainable``: what trains, PERP's subsets, set on the model here), the ``hift``, ``memory`` and ``lora`` sections
+    as dicts, ``seed`` (HiFT's random order), ``device`` (where training
+    runs, when HiFT places a model loaded in host memory).
+    """
+
+    def __init__(self, model: torch.nn.Module, rule: str = "adamw", strategy: str = "standard", lr: float = 1e-5, *,
+                 hift: dict | None = None, memory: dict | None = None, lora: dict | None = None, seed: int = 0,
+                 device: str | torch.device | None = None, **update):
+        config = config_from(update={"rule": rule, "strategy": strategy, "lr": lr, **update}, hift=hift,
+                             memory=memory, lora=lora, train={"seed": seed})
+        if config.update.trainable != "all":  # what trains (PERP): set before the strategy hooks the trainable tensors
+            from lowmem.weights.adapters import select_trainable
+
+            select_trainable(model, config.update.trainable, config.lora.rank, config.lora.alpha)
+        self._setup(model, config, torch.device(device) if device is not None else None)
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, config: Config, device: torch.device | None = None) -> Update:
+        """The update a recipe describes (its ``update``, ``hift``, ``memory`` and ``train.seed``), on a model whose
+        trainable subset (``update.trainable``) the caller has set already, as ``lowmem train`` does with PERP's
+        masks and adapters (``lowmem.perp.retrain.prepare``)."""
+        self = cls.__new__(cls)
+        self._setup(model, config, device)
+        return self
+
+    def _setup(self, model, config: Config, device) -> None:
+        from lowmem.rules import make_rule
+        from lowmem.strategies import make_strategy
+
+        self.config = config
+        self.rule = make_rule(config.update)
+        self.strategy = make_strategy(config.update.strategy, model, self.rule, config.update, config, device)
+        self.lr = config.update.lr
+        self._begun, self._backwards = False, 0
+        body = getattr(model, "base_model", model)  # the chunked loss runs the body alone, never model(...)
+        self._hook = body.register_forward_pre_hook(lambda module, args: self._on_forward())
+
+    def _on_forward(self) -> None:
+        if torch.is_grad_enabled() and not self._begun:
+            self.begin()
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy.name} + {self.rule.name}"
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of this step, if it has not begun, else of the next (the schedule is the caller's)."""
+        self.lr = float(lr)
+
+    def begin(self) -> None:
+        """Begin the step at the current lr (done by the first forward with gradients when not called)."""
+        if not self._begun:
+            self.strategy.prepare(self.lr)
+            self._begun = True
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss; under ``fused`` this also updates the weights."""
+        self.begin()
+        if self._backwards and self.config.update.strategy == "fused":
+            from lowmem.errors import UserError
+
+            raise UserError("Update.backward: a fused update applies each gradient inside backward and keeps none to "
+                            "accumulate; call step() after each backward (or use strategy='standard')")
+        self._backwards += 1
+        self.strategy.backward(loss)
+
+    def step(self) -> dict:
+        """Finish the optimizer step and return its statistics."""
+        self.begin()
+        stats = self.strategy.step()
+        self._begun, self._backwards = False, 0
+        return stats
+
+    def schedule_position(self, step: int, total_steps: int) -> tuple[int, int]:
+        """Where ``step`` of ``total_steps`` is on the lr schedule: itself, except under HiFT's delayed schedule
+        (every group of a cycle at the lr of the cycle's last step)."""
+        schedule_step = getattr(self.strategy, "schedule_step", None)
+        return schedule_step(step, total_steps) if schedule_step else (step, total_steps)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.strategy.load_state_dict(state)
+
+    def state_bytes(self) -> int:
+        return self.strategy.state_bytes()
+
+    def feed(self, host_batch: dict[str, torch.Tensor]) -> None:
+        """A micro-batch's token ids in host memory, before its forward (needed by ``memory.offload_embeddings``)."""
+        getattr(self.strategy, "feed", lambda batch: None)(host_batch)
+
+    def flush(self) -> None:
+        """Wait for updates still running on the host (``memory.offload_embeddings``) before reading the weights."""
+        getattr(self.strategy, "flush", lambda: None)()
+
+    def place(self, model: torch.nn.Module) -> None:
+        """HiFT with ``memory.offload_frozen_weights``: put each unit where its plan keeps it."""
+        self.strategy.place(model)
+
+    def remove(self) -> None:
+        """Detach from the model: its hooks removed (fused: the model trains no more through this update)."""
+        self._hook.remove()
+        getattr(self.strategy, "remove_hooks", lambda: None)()
+
+
+_CHUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over ``batch``'s label tokens (``labels`` as in HF: unshifted, -100 ignored).
+    ``chunk_tokens`` as ``memory.loss_chunk_tokens`` (None: 512 positions at a time from a 32k vocabulary, else the
+    plain loss; 0: plain): chunked, the head and loss run a slice at a time and the full logits never exist."""
+    from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, loss_sum
+
+    chunk = chunk_tokens_for(chunk_tokens, model.config.vocab_size)
+    if chunk and _CHUNKS.get(model) is None:
+        check_chunked_head(model)  # refuses a head that cannot be chunked, once per model
+        _CHUNKS[model] = True
+    return loss_sum(model, batch, chunk) / max(count_label_tokens(batch), 1)
+
+
+def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) -> Path:
+    """``model`` (and ``tokenizer``) as an HF folder that ``from_pretrained`` loads, written atomically: int8 weights
+    dequantized, adapters merged (pruned entries stay zero), pruning masks kept beside."""
+    from lowmem.checkpoint import publish_folder, save_masks, save_model
+
+    def write(tmp: Path) -> None:
+        save_model(model, tmp, merge=True)
+        save_masks(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return publish_folder(write, Path(folder))
+
+
+def plan(model: str, rule: str = "adamw", strategy: str = "standard", *, batch_size: int = 1, seq_len: int = 2048,
+         dtype: str = "bfloat16", weight_format: str = "float", gradient_checkpointing: bool = False,
+         target: str = "cuda", steps: int | None = None, memory: dict | None = None, tokens: dict | None = None,
+         hift: dict | None = None, int8: dict | None = None, **update):
+    """Will it fit? ``lowmem plan`` from Python: the run simulated on fake tensors (no weight is loaded), returned as
+    a :class:`lowmem.planner.plan.Plan` (``device_bytes``, ``fits(budget_bytes)``, its components). ``model`` is an HF
+    folder, hub id or a shipped config (``lowmem:llama-3.1-8b``)."""
+    from lowmem.planner.plan import simulate
+
+    config = config_from(model={"path": model, "dtype": dtype, "weight_format": weight_format,
+                                "gradient_checkpointing": gradient_checkpointing, "int8": int8 or {}},
+                         data={"path": PLACEHOLDER, "max_seq_len": seq_len}, train={"batch_size": batch_size},
+                         update={"rule": rule, "strategy": strategy, **update}, memory=memory, tokens=tokens,
+                         hift=hift)
+    return simulate(config, steps=steps, target=target)
+
+
+def prune(model: torch.nn.Module, criterion: str = "wanda", pattern: str = "unstructured", sparsity: float = 0.5,
+          calibration=None, include_head: bool = False):
+    """PERP's first half: prune ``model`` in place (``magnitude``: |W| per matrix; ``wanda``: |W|·‖x‖ per output row,
+    from ``calibration``, an iterable of batches with ``input_ids`` and ``attention_mask``, layer by layer) to
+    ``pattern`` (unstructured at ``sparsity``, ``"2:4"`` or ``"4:8"``). The masks stay on the layers, so every
+    :class:`Update` afterwards keeps the pruned entries zero, and :func:`save_pretrained` keeps them. Returns the
+    sparsity reached (:class:`lowmem.perp.prune.PruneReport`, read back from the weights). Options are checked as the
+    recipe's ``prune`` section."""
+    from lowmem.perp.prune import prune_model, sparsity_report
+
+    p = config_from(prune={"criterion": criterion, "pattern": pattern, "include_head": include_head,
+                           **({"sparsity": sparsity} if pattern == "unstructured" else {})}).prune
+    return sparsity_report(model, prune_model(model, p.criterion, p.sparsity, p.pattern, p.include_head, calibration))
+
+
+def eliminate_tokens(model: torch.nn.Module, keep_ratio: float = 0.4, dense_layers: int = 2, block_size: int = 64,
+                     predictor: bool = False, refresh_every: int = 50, device: str | torch.device | None = None):
+    """LeMo's token elimination on ``model`` (hooks on its decoder layers, nothing copied): in training mode, layers
+    after the first ``dense_layers`` (the last is always dense) run only the ``keep_ratio`` most informative blocks of
+    ``block_size`` tokens. Returns the eliminator: call its ``start_step(step)`` before each step's forwards (with
+    ``predictor``, it refits every ``refresh_every`` steps), ``remove()`` to detach it. Options are checked as the
+    recipe's ``tokens`` section."""
+    from lowmem.activations.tokens import TokenEliminator
+
+    t = config_from(tokens={"eliminate": True, "keep_ratio": keep_ratio, "dense_layers": dense_layers,
+                            "block_size": block_size, "predictor": predictor, "refresh_every": refresh_every}).tokens
+    where = torch.device(device) if device is not None else next(model.parameters()).device
+    return TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor, t.refresh_every, where)

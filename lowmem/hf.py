@@ -1,0 +1,162 @@
+"""lowmem inside HF Trainer (and TRL's SFTTrainer): any lowmem rule × strategy, int8 weights and the chunked loss.
+
+    import lowmem
+    from lowmem.hf import LowmemTrainer
+    model = lowmem.load_model(path, dtype="bfloat16", weight_format="int8", gradient_checkpointing=True)
+    args = TrainingArguments(output_dir="out", learning_rate=5e-4, max_grad_norm=0, lr_scheduler_type="cosine", ...)
+    trainer = LowmemTrainer(model=model, args=args, train_dataset=data, update={"rule": "adalomo", "strategy": "fused"})
+    trainer.train()
+
+The Trainer keeps its loop, data, lr scheduler, logging, evaluation and checkpoint folders; lowmem supplies the
+update and the loss:
+
+* ``update`` holds :class:`lowmem.Update`'s keywords (``rule``, ``strategy``, ``adalomo``, ``hift``, ``memory``, ...).
+  The learning rate, weight decay and gradient clipping come from ``TrainingArguments`` (``learning_rate``,
+  ``weight_decay``, ``max_grad_norm``: lowmem clips, the Trainer does not) and are refused in ``update``. The lr of
+  each step is the Trainer's scheduler's.
+* The loss is :func:`lowmem.lm_loss`'s, summed over label tokens and divided by the label tokens of all the step's
+  micro-batches (``num_items_in_batch``); ``loss_chunk_tokens`` as ``memory.loss_chunk_tokens``.
+* Gradient accumulation is exact under ``standard`` and ``hift``, and refused under ``fused`` (no gradient is kept).
+* A checkpoint folder holds the model as :func:`lowmem.save_pretrained` writes it (int8 dequantized, adapters
+  merged), the Trainer's own files, and lowmem's rule state in ``lowmem_update.safetensors``; resuming loads it
+  back, exactly. Int8 weights resume from their float export only approximately, so resuming them is refused.
+
+:func:`sft_trainer_class` gives the same for TRL's ``SFTTrainer`` when TRL is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from lowmem.api import Update
+from lowmem.errors import UserError
+
+STATE_FILE = "lowmem_update.safetensors"
+FROM_ARGUMENTS = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm"}
+
+
+class UpdateOptimizer(torch.optim.Optimizer):
+    """The face a Trainer sees of a :class:`lowmem.Update`: the scheduler sets ``param_groups[0]["lr"]``, ``step()``
+    finishes lowmem's step. It holds no state of its own (lowmem's is saved beside it, as safetensors)."""
+
+    def __init__(self, update: Update, params):
+        super().__init__(params, {"lr": update.lr})
+        self.update = update
+        self.last_stats: dict = {}
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise UserError("UpdateOptimizer.step: a closure is not supported (lowmem runs backward itself)")
+        self.last_stats = self.update.step()
+
+
+class LowmemTrainerMixin:
+    """What :class:`LowmemTrainer` adds to a Trainer class; mixed into TRL's SFTTrainer by :func:`sft_trainer_class`."""
+
+    def __init__(self, *args, update: dict | None = None, loss_chunk_tokens: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        options = dict(update or {})
+        given = [key for key in FROM_ARGUMENTS if key in options]
+        if given:
+            raise UserError(f"LowmemTrainer: update['{given[0]}'] comes from TrainingArguments."
+                            f"{FROM_ARGUMENTS[given[0]]}; set it there")
+        accumulation = self.args.gradient_accumulation_steps
+        if options.get("strategy") == "fused" and accumulation > 1:
+            raise UserError(f"LowmemTrainer: gradient_accumulation_steps is {accumulation}, but a fused update applies "
+                            "each gradient inside backward and keeps none to accumulate; set it to 1 and raise "
+                            "per_device_train_batch_size (or use strategy 'standard')")
+        clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
+        self.lowmem_update = Update(self.model, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                    clip_grad_norm=clip, seed=self.args.seed, device=self.args.device, **options)
+        self.lowmem_loss_chunk_tokens = loss_chunk_tokens
+        self.model_accepts_loss_kwargs = True  # so the Trainer counts the step's label tokens (num_items_in_batch)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad] or list(self.model.parameters())[:1]
+            self.optimizer = UpdateOptimizer(self.lowmem_update, params)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:  # evaluation that wants the logits: the model's own forward
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from lowmem.activations.loss import chunk_tokens_for, count_label_tokens, loss_sum
+
+        if "position_ids" in inputs:  # lowmem's loss runs the model on input_ids and attention_mask alone
+            raise UserError("LowmemTrainer: batches with position_ids (padding-free or packed sequences) are not "
+                            "supported yet; use padded batches (TRL: padding_free=False)")
+        chunk = chunk_tokens_for(self.lowmem_loss_chunk_tokens, model.config.vocab_size)
+        total = num_items_in_batch if num_items_in_batch is not None else max(count_label_tokens(inputs), 1)
+        return loss_sum(model, inputs, chunk) / total
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        self.lowmem_update.set_lr(self.optimizer.param_groups[0]["lr"])
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is None:
+            loss = loss / self.current_gradient_accumulation_steps
+        self.lowmem_update.backward(loss)
+        return loss.detach()
+
+    def _clip_grad_norm(self, model):
+        return None  # lowmem clips by update.clip_grad_norm (TrainingArguments.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        from lowmem.checkpoint import save_masks, save_model
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lowmem_update.flush()
+        save_model(self.model, folder, merge=True)
+        save_masks(self.model, folder)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(folder)
+        torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        from safetensors.torch import save_file
+
+        super()._save_optimizer_and_scheduler(output_dir)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.lowmem_update.state_dict().items()}
+        tmp = Path(output_dir) / f".{STATE_FILE}.tmp"
+        save_file(state, tmp)
+        os.replace(tmp, Path(output_dir) / STATE_FILE)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        from lowmem.weights.int8 import int8_weights
+        from safetensors.torch import load_file
+
+        if int8_weights(self.model):
+            raise UserError(f"LowmemTrainer: resuming int8 weights from {checkpoint} is not supported (its model is "
+                            "the float export; requantizing it does not resume exactly); train without "
+                            "resume_from_checkpoint, or use lowmem train, which resumes int8 weights exactly")
+        path = Path(checkpoint) / STATE_FILE
+        if not path.is_file():
+            raise UserError(f"LowmemTrainer: {checkpoint} has no {STATE_FILE} (not written by LowmemTrainer)")
+        self.lowmem_update.load_state_dict(load_file(str(path), device=str(self.args.device)))
+
+
+class LowmemTrainer(LowmemTrainerMixin, Trainer):
+    """``transformers.Trainer`` with a lowmem update and loss (see the module docstring)."""
+
+
+def sft_trainer_class():
+    """TRL's ``SFTTrainer`` with a lowmem update and loss, as :class:`LowmemTrainer` (TRL is optional)."""
+    try:
+        from trl import SFTTrainer
+    except ImportError:
+        raise UserError("lowmem.hf.sft_trainer_class: TRL is not installed (pip install trl)") from None
+    return type("LowmemSFTTrainer", (LowmemTrainerMixin, SFTTrainer), {})
