@@ -31,7 +31,7 @@ def main() -> None:
 
     config = SFTConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=8, learning_rate=3e-2,
                        lr_scheduler_type="cosine", max_grad_norm=0, max_length=256, logging_steps=1,
-                       save_strategy="no", report_to=[], use_cpu=True, seed=0)
+                       save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0)  # float32 on a CPU
     trainer = sft_trainer_class()(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                                   update={"rule": "adalomo", "strategy": "fused"})
     trainer.train()

@@ -1,9 +1,10 @@
 """lowmem: memory-efficient full-parameter fine-tuning of LLMs on one consumer GPU or a CPU.
 
 The public API (``lowmem.api``): :func:`load_model`, :func:`load_tokenizer`, :class:`Update`, :func:`lm_loss`,
-:func:`save_pretrained`, :func:`plan`, :func:`prune`, :func:`eliminate_tokens`; HF Trainer integration in ``lowmem.hf``. They are imported on first use, so
-importing lowmem is cheap, and it never fails because the native extension is missing: the first op that needs it
-loads it (or falls back to the pure-PyTorch reference) and logs which runs.
+:func:`save_pretrained`, :func:`plan`, :func:`prune`, :func:`eliminate_tokens`; HF Trainer integration in
+``lowmem.hf``. They are imported on first use, so importing lowmem is cheap, and it never fails because the native
+extension is missing: the first op that needs it loads it (or falls back to the pure-PyTorch reference) and logs
+which runs.
 """
 
 import importlib

@@ -103,7 +103,8 @@ def test_quick_quality_benchmark_runs_and_resumes(tmp_path, micro_model_path):
     assert rows["AdamW"][3] == "1.0000" and float(rows["AdaLomo (fused)"][3]) > 0
     assert "not run: allocates its state with .cuda()" in table  # a peer that cannot run is said, not dropped
     assert (tmp_path / "quality_val_loss.png").read_bytes()[:4] == b"\x89PNG"
-    curve = [json.loads(line) for line in (tmp_path / "adamw" / "lr0.001-s0" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "adamw" / "lr0.001-s0" / "metrics.jsonl").read_text()
+    curve = [json.loads(line) for line in metrics.splitlines()]
     assert [r["step"] for r in curve if "val_loss" in r] == [0, 1, 2]
     stamp = (tmp_path / "adamw" / "lr0.001-s0" / "bench.json").read_text()
     second = subprocess.run(command, capture_output=True, text=True)
