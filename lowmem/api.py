@@ -83,6 +83,7 @@ class Update:
                  device: str | torch.device | None = None, **update):
         config = config_from(update={"rule": rule, "strategy": strategy, "lr": lr, **update}, hift=hift,
                              memory=memory, lora=lora, train={"seed": seed})
+        self._check_single(model)
         if config.update.trainable != "all":  # what trains (PERP): set before the strategy hooks the trainable tensors
             from lowmem.weights.adapters import select_trainable
 
@@ -102,13 +103,34 @@ class Update:
         from lowmem.rules import make_rule
         from lowmem.strategies import make_strategy
 
+        self._check_single(model)
         self.config = config
         self.rule = make_rule(config.update)
         self.strategy = make_strategy(config.update.strategy, model, self.rule, config.update, config, device)
         self.lr = config.update.lr
         self._begun, self._backwards = False, 0
+        self.fused = config.update.strategy == "fused" or (config.update.strategy == "hift" and config.hift.fused)
+        ref = weakref.ref(self)  # the model's hook must not keep this update alive
+
+        def on_forward(module, args):
+            update = ref()
+            if update is not None:
+                update._on_forward()
+
         body = getattr(model, "base_model", model)  # the chunked loss runs the body alone, never model(...)
-        self._hook = body.register_forward_pre_hook(lambda module, args: self._on_forward())
+        self._hook = body.register_forward_pre_hook(on_forward)
+        self._model = weakref.ref(model)
+        model._lowmem_update = ref
+        # dropped without remove(): its hooks go with it, so no orphaned fused hook keeps updating the model
+        self._detach = weakref.finalize(self, _detach, self._hook, self.strategy)
+
+    @staticmethod
+    def _check_single(model) -> None:
+        from lowmem.errors import UserError
+
+        live = getattr(model, "_lowmem_update", None)
+        if live is not None and live() is not None:  # two updates' hooks would both apply every gradient
+            raise UserError("Update: this model already has a lowmem Update; call its remove() first")
 
     def _on_forward(self) -> None:
         if torch.is_grad_enabled() and not self._begun:
@@ -131,7 +153,7 @@ class Update:
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss; under ``fused`` this also updates the weights."""
         self.begin()
-        if self._backwards and self.config.update.strategy == "fused":
+        if self._backwards and self.fused:
             from lowmem.errors import UserError
 
             raise UserError("Update.backward: a fused update applies each gradient inside backward and keeps none to "
@@ -174,9 +196,19 @@ class Update:
         self.strategy.place(model)
 
     def remove(self) -> None:
-        """Detach from the model: its hooks removed (fused: the model trains no more through this update)."""
-        self._hook.remove()
-        getattr(self.strategy, "remove_hooks", lambda: None)()
+        """Detach from the model: the step hook and the strategy's gradient hooks (fused, or HiFT's inner fused)
+        removed, so the model trains no more through this update and another may be made."""
+        self._detach()
+        model = self._model()
+        if model is not None and getattr(model, "_lowmem_update", None) is not None:
+            del model._lowmem_update
+
+
+def _detach(hook, strategy) -> None:
+    """Remove an update's step hook and its strategy's gradient hooks (fused, or HiFT's inner fused)."""
+    hook.remove()
+    for each in (strategy, getattr(strategy, "inner", None)):
+        getattr(each, "remove_hooks", lambda: None)()
 
 
 _CHUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -184,23 +216,25 @@ _CHUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over ``batch``'s label tokens (``labels`` as in HF: unshifted, -100 ignored).
-    ``chunk_tokens`` as ``memory.loss_chunk_tokens`` (None: 512 positions at a time from a 32k vocabulary, else the
-    plain loss; 0: plain): chunked, the head and loss run a slice at a time and the full logits never exist."""
-    from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, loss_sum
+    ``chunk_tokens`` as ``memory.loss_chunk_tokens`` (None: 512 positions at a time from a 32k vocabulary where the
+    head can be chunked, else the plain loss; 0: plain; a head that cannot be chunked when asked is refused): chunked,
+    the head and loss run a slice at a time and the full logits never exist."""
+    from lowmem.activations.loss import count_label_tokens, loss_sum, resolve_chunk_tokens
 
-    chunk = chunk_tokens_for(chunk_tokens, model.config.vocab_size)
-    if chunk and _CHUNKS.get(model) is None:
-        check_chunked_head(model)  # refuses a head that cannot be chunked, once per model
-        _CHUNKS[model] = True
-    return loss_sum(model, batch, chunk) / max(count_label_tokens(batch), 1)
+    key = (chunk_tokens,)
+    resolved = _CHUNKS.setdefault(model, {})
+    if key not in resolved:  # probed once per model: a head that cannot be chunked is refused, or plain under auto
+        resolved[key] = resolve_chunk_tokens(chunk_tokens, model)
+    return loss_sum(model, batch, resolved[key]) / max(count_label_tokens(batch), 1)
 
 
 def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) -> Path:
     """``model`` (and ``tokenizer``) as an HF folder that ``from_pretrained`` loads, written atomically: int8 weights
     dequantized, adapters merged (pruned entries stay zero), pruning masks kept beside."""
-    from lowmem.checkpoint import publish_folder, save_masks, save_model
+    from lowmem.checkpoint import _settle, publish_folder, save_masks, save_model
 
     def write(tmp: Path) -> None:
+        _settle()  # weights kept in host memory are written by copies that may still be queued
         save_model(model, tmp, merge=True)
         save_masks(model, tmp)
         if tokenizer is not None:

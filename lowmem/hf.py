@@ -19,13 +19,16 @@ update and the loss:
 * Gradient accumulation is exact under ``standard`` and ``hift``, and refused under ``fused`` (no gradient is kept).
 * A checkpoint folder holds the model as :func:`lowmem.save_pretrained` writes it (int8 dequantized, adapters
   merged), the Trainer's own files, and lowmem's rule state in ``lowmem_update.safetensors``; resuming loads it
-  back, exactly. Int8 weights resume from their float export only approximately, so resuming them is refused.
+  back, exactly. Int8 weights and adapters are saved as their float export, which does not load back exactly, so
+  resuming them (and ``load_best_model_at_end``) is refused. Mixed precision (``fp16`` / ``bf16``) is refused: the
+  model trains in the dtype it was loaded in.
 
 :func:`sft_trainer_class` gives the same for TRL's ``SFTTrainer`` when TRL is installed.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from transformers import Trainer
 from lowmem.api import Update
 from lowmem.errors import UserError
 
+log = logging.getLogger("lowmem")
 STATE_FILE = "lowmem_update.safetensors"
 FROM_ARGUMENTS = {"lr": "learning_rate", "weight_decay": "weight_decay", "clip_grad_norm": "max_grad_norm"}
 
@@ -64,15 +68,27 @@ class LowmemTrainerMixin:
         if given:
             raise UserError(f"LowmemTrainer: update['{given[0]}'] comes from TrainingArguments."
                             f"{FROM_ARGUMENTS[given[0]]}; set it there")
+        if self.args.fp16 or self.args.bf16:
+            raise UserError("LowmemTrainer: fp16/bf16 in TrainingArguments turn on mixed precision, which lowmem does "
+                            "not run under; load the model in the dtype to train in (lowmem.load_model(dtype=...)) and "
+                            "set fp16=False, bf16=False")
         accumulation = self.args.gradient_accumulation_steps
-        if options.get("strategy") == "fused" and accumulation > 1:
+        fused = options.get("strategy") == "fused" or (options.get("strategy") == "hift"
+                                                       and (options.get("hift") or {}).get("fused"))
+        if fused and accumulation > 1:
             raise UserError(f"LowmemTrainer: gradient_accumulation_steps is {accumulation}, but a fused update applies "
                             "each gradient inside backward and keeps none to accumulate; set it to 1 and raise "
                             "per_device_train_batch_size (or use strategy 'standard')")
         clip = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else None
         self.lowmem_update = Update(self.model, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
                                     clip_grad_norm=clip, seed=self.args.seed, device=self.args.device, **options)
+        if self.lowmem_update.config.update.strategy == "hift":
+            log.warning("LowmemTrainer: the Trainer's scheduler moves the lr every step; HiFT's delayed schedule (one "
+                        "lr per cycle of groups, as lowmem train runs it) is not applied")
+        if self.args.load_best_model_at_end and self._reload_refusal():
+            raise UserError(f"LowmemTrainer: load_best_model_at_end reloads saved weights, {self._reload_refusal()}")
         self.lowmem_loss_chunk_tokens = loss_chunk_tokens
+        self.lowmem_chunk = None  # resolved at the first loss: the probe that the head can be chunked
         self.model_accepts_loss_kwargs = True  # so the Trainer counts the step's label tokens (num_items_in_batch)
 
     def create_optimizer(self, model=None):
@@ -84,14 +100,19 @@ class LowmemTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:  # evaluation that wants the logits: the model's own forward
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        from lowmem.activations.loss import chunk_tokens_for, count_label_tokens, loss_sum
+        from lowmem.activations.loss import count_label_tokens, loss_sum, resolve_chunk_tokens
 
         if "position_ids" in inputs:  # lowmem's loss runs the model on input_ids and attention_mask alone
             raise UserError("LowmemTrainer: batches with position_ids (padding-free or packed sequences) are not "
                             "supported yet; use padded batches (TRL: padding_free=False)")
-        chunk = chunk_tokens_for(self.lowmem_loss_chunk_tokens, model.config.vocab_size)
-        total = num_items_in_batch if num_items_in_batch is not None else max(count_label_tokens(inputs), 1)
-        return loss_sum(model, inputs, chunk) / total
+        if self.lowmem_chunk is None:
+            self.lowmem_chunk = resolve_chunk_tokens(self.lowmem_loss_chunk_tokens, model)
+        if num_items_in_batch is None:
+            total = max(count_label_tokens(inputs), 1)
+        else:  # a step whose labels are all ignored: a zero loss, not 0/0
+            count = num_items_in_batch
+            total = count.clamp(min=1) if torch.is_tensor(count) else max(count, 1)
+        return loss_sum(model, inputs, self.lowmem_chunk) / total
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -111,12 +132,13 @@ class LowmemTrainerMixin:
         return None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        from lowmem.checkpoint import save_masks, save_model
+        from lowmem.checkpoint import _settle, save_masks, save_model
         from transformers.trainer import TRAINING_ARGS_NAME
 
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.lowmem_update.flush()
+        _settle()  # weights kept in host memory are written by copies that may still be queued
         save_model(self.model, folder, merge=True)
         save_masks(self.model, folder)
         if self.processing_class is not None:
@@ -132,21 +154,37 @@ class LowmemTrainerMixin:
         save_file(state, tmp)
         os.replace(tmp, Path(output_dir) / STATE_FILE)
 
+    def _reload_refusal(self) -> str | None:
+        """Why the weights this trainer saves cannot be loaded back exactly into its model, or None."""
+        from lowmem.weights.adapters import adapted_layers
+        from lowmem.weights.int8 import int8_weights
+
+        if int8_weights(self.model):
+            return ("but int8 weights are saved as their float export and requantizing it does not resume exactly; "
+                    "use lowmem train, which resumes int8 weights exactly")
+        if adapted_layers(self.model):
+            return ("but adapters are saved merged into their weights; use lowmem train, which resumes adapters "
+                    "exactly")
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        why = self._reload_refusal()
+        if why:
+            raise UserError(f"LowmemTrainer: resume_from_checkpoint {resume_from_checkpoint} reloads saved weights, "
+                            f"{why}")
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        from lowmem.weights.int8 import int8_weights
         from safetensors.torch import load_file
 
-        if int8_weights(self.model):
-            raise UserError(f"LowmemTrainer: resuming int8 weights from {checkpoint} is not supported (its model is "
-                            "the float export; requantizing it does not resume exactly); train without "
-                            "resume_from_checkpoint, or use lowmem train, which resumes int8 weights exactly")
         path = Path(checkpoint) / STATE_FILE
         if not path.is_file():
             raise UserError(f"LowmemTrainer: {checkpoint} has no {STATE_FILE} (not written by LowmemTrainer)")
-        self.lowmem_update.load_state_dict(load_file(str(path), device=str(self.args.device)))
+        # in host memory: the strategy places each state where it keeps it (HiFT's offloaded states stay there)
+        self.lowmem_update.load_state_dict(load_file(str(path), device="cpu"))
 
 
 class LowmemTrainer(LowmemTrainerMixin, Trainer):

@@ -24,7 +24,7 @@ from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.errors import UserError
 from lowmem.placement.host_sync import read_all
-from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, count_label_tokens, evaluate, loss_sum
+from lowmem.activations.loss import count_label_tokens, evaluate, loss_sum, resolve_chunk_tokens
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes, peak_memory_record
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
@@ -112,20 +112,8 @@ def available_host_bytes() -> int:
 
 
 def chunked_loss_tokens(config: Config, model) -> int:
-    """``memory.loss_chunk_tokens`` resolved for this model (0: the plain loss), after the probe that the model's head
-    can be chunked: one that cannot is refused when chunking was asked for, and gets the plain loss under auto."""
-    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
-    if not chunk:
-        return 0
-    try:
-        check_chunked_head(model)
-    except UserError as err:
-        if config.memory.loss_chunk_tokens is not None:  # asked for: refuse
-            raise
-        log.warning("loss: not chunked (%s)", str(err).split(": ", 1)[1])  # auto: the plain loss
-        return 0
-    log.info("loss: head and cross-entropy %d positions at a time (the full logits never exist)", chunk)
-    return chunk
+    """``memory.loss_chunk_tokens`` resolved for this model (:func:`lowmem.activations.loss.resolve_chunk_tokens`)."""
+    return resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
 
 
 def train(config: Config, step_guard=None) -> TrainResult:

@@ -85,6 +85,17 @@ def test_update_refuses_what_it_cannot_do(micro_model_path):
     update.backward(lowmem.lm_loss(model, batch))
     with pytest.raises(UserError, match="keeps none to accumulate"):
         update.backward(lowmem.lm_loss(model, batch))
+    with pytest.raises(UserError, match="already has a lowmem Update; call its remove"):
+        lowmem.Update(model, rule="sgd", strategy="fused", lr=0.1)
+    # dropped without remove(): its fused hooks go with it, so the model no longer trains behind a new update's back
+    del update
+    import gc
+
+    gc.collect()
+    before = [p.detach().clone() for p in model.parameters()]
+    lowmem.lm_loss(model, batch).backward()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    lowmem.Update(model, rule="sgd", strategy="fused", lr=0.1)
 
 
 def test_own_loop_resumes_exactly_from_the_update_state(micro_model_path, recipe, tokenizer):
@@ -149,6 +160,8 @@ def test_hf_trainer_refuses_accumulation_under_fused_and_duplicated_knobs(micro_
                    gradient_accumulation_steps=2)
     with pytest.raises(UserError, match=r"update\['lr'\] comes from TrainingArguments.learning_rate"):
         hf_trainer(model, tokenizer, [], tmp_path, {"rule": "adalomo", "lr": 1.0}, max_steps=1)
+    with pytest.raises(UserError, match="fp16/bf16 in TrainingArguments turn on mixed precision"):
+        hf_trainer(model, tokenizer, [], tmp_path, {"rule": "adalomo"}, max_steps=1, bf16=True)
 
 
 def test_save_pretrained_writes_int8_weights_dequantized(micro_model_path, tmp_path):
@@ -217,6 +230,7 @@ def test_prune_keeps_the_largest_two_of_four_and_updates_keep_the_zeros(micro_mo
                                                "labels": ids}))
         update.step()
     saved = lowmem.load_model(str(lowmem.save_pretrained(model, tmp_path / "pruned")), device="cpu")
+    update.remove()  # one live update per model
     for name in before:
         assert (dict(saved.named_parameters())[name] == 0).float().mean() == 0.5, name
     adapted = lowmem.Update(model, rule="adamw", lr=1e-2, trainable="mask_lora", lora={"rank": 2})

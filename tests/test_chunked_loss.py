@@ -174,14 +174,14 @@ def test_live_tensor_bytes_counts_what_a_forward_leaves_alive():
 
 def test_auto_chunking_falls_back_to_the_plain_loss_where_an_explicit_setting_is_refused(
         tmp_path, micro_model_path, text_data, monkeypatch, caplog):
-    import lowmem.trainer
+    import lowmem.activations.loss
     from lowmem.trainer import train
 
     def refuse(model):
         raise UserError("memory.loss_chunk_tokens: Odd computes its logits otherwise (set memory.loss_chunk_tokens=0)")
 
-    monkeypatch.setattr(lowmem.trainer, "check_chunked_head", refuse)
-    monkeypatch.setattr(lowmem.trainer, "chunk_tokens_for", lambda setting, vocab: setting or 16)  # auto: on
+    monkeypatch.setattr(lowmem.activations.loss, "check_chunked_head", refuse)
+    monkeypatch.setattr(lowmem.activations.loss, "chunk_tokens_for", lambda setting, vocab: setting or 16)  # auto: on
     result = train(make_config(tmp_path, micro_model_path, text_data, "train.max_steps=1", name="auto"))
     assert result.losses and "loss: not chunked (Odd computes its logits otherwise" in caplog.text
     with pytest.raises(UserError, match="Odd computes its logits otherwise"):

@@ -334,8 +334,11 @@ def test_with_weight_streaming_the_chunked_loss_probe_runs_after_placement(tmp_p
     from lowmem.strategies.hift import HiftStrategy
 
     calls = []
-    probe, place = lowmem.trainer.check_chunked_head, HiftStrategy.place
-    monkeypatch.setattr(lowmem.trainer, "check_chunked_head", lambda model: calls.append("probe") or probe(model))
+    import lowmem.activations.loss
+
+    probe, place = lowmem.activations.loss.check_chunked_head, HiftStrategy.place
+    monkeypatch.setattr(lowmem.activations.loss, "check_chunked_head",
+                        lambda model: calls.append("probe") or probe(model))
     monkeypatch.setattr(HiftStrategy, "place", lambda self, model: calls.append("place") or place(self, model))
     lowmem.trainer.train(make_config(tmp_path, micro_model_path, text_data, "update.strategy=hift",
                                      "memory.offload_frozen_weights=true", "memory.loss_chunk_tokens=16",

@@ -12,6 +12,7 @@ head is applied the same way: Gemma-2/3's soft-capping, Cohere's ``logit_scale``
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,6 +23,7 @@ from lowmem.data import IGNORE
 from lowmem.errors import UserError
 from lowmem.ops.update import math_dtype
 
+log = logging.getLogger("lowmem")
 AUTO_CHUNK_TOKENS = 512  # positions per chunk when memory.loss_chunk_tokens is null (auto)
 AUTO_MIN_VOCAB = 32_000  # auto turns chunking on from this vocabulary size
 
@@ -31,6 +33,24 @@ def chunk_tokens_for(setting: int | None, vocab_size: int) -> int:
     if setting is None:
         return AUTO_CHUNK_TOKENS if vocab_size >= AUTO_MIN_VOCAB else 0
     return setting
+
+
+def resolve_chunk_tokens(setting: int | None, model: torch.nn.Module) -> int:
+    """``memory.loss_chunk_tokens`` resolved for ``model`` (0: the plain loss), after the probe that its head can be
+    chunked: one that cannot is refused when chunking was asked for (``setting`` > 0), and gets the plain loss under
+    auto (None)."""
+    chunk = chunk_tokens_for(setting, model.config.vocab_size)
+    if not chunk:
+        return 0
+    try:
+        check_chunked_head(model)
+    except UserError as err:
+        if setting is not None:  # asked for: refuse
+            raise
+        log.warning("loss: not chunked (%s)", str(err).split(": ", 1)[1])  # auto: the plain loss
+        return 0
+    log.info("loss: head and cross-entropy %d positions at a time (the full logits never exist)", chunk)
+    return chunk
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
