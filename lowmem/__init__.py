@@ -50,11 +50,11 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         warnings.warn(f"{spec.name} moved to {MOVED[spec.name]}", DeprecationWarning, stacklevel=2)
         module = importlib.import_module(MOVED[spec.name])
-        self._own_spec = module.__spec__
+        spec.loader_state = module.__spec__  # the import system is about to set the alias's spec on the module
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self._own_spec  # the import system set the alias's spec on it
+        module.__spec__ = module.__spec__.loader_state  # its own spec back
 
 
 sys.meta_path.append(_MovedModules())

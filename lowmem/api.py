@@ -95,6 +95,7 @@ class Update:
         """The update a recipe describes (its ``update``, ``hift``, ``memory`` and ``train.seed``), on a model whose
         trainable subset (``update.trainable``) the caller has set already, as ``lowmem train`` does with PERP's
         masks and adapters (``lowmem.perp.retrain.prepare``)."""
+        cls._check_single(model)
         self = cls.__new__(cls)
         self._setup(model, config, device)
         return self
@@ -103,14 +104,15 @@ class Update:
         from lowmem.rules import make_rule
         from lowmem.strategies import make_strategy
 
-        self._check_single(model)
         self.config = config
         self.rule = make_rule(config.update)
         self.strategy = make_strategy(config.update.strategy, model, self.rule, config.update, config, device)
         self.lr = config.update.lr
         self._begun, self._backwards = False, 0
         self.fused = config.update.strategy == "fused" or (config.update.strategy == "hift" and config.hift.fused)
-        ref = weakref.ref(self)  # the model's hook must not keep this update alive
+        # Held weakly, as the fused strategy's gradient hooks hold it: an update dropped without remove() dies with its
+        # strategy, and hooks left on the model do nothing (they would otherwise keep updating it behind a new one)
+        ref = weakref.ref(self)
 
         def on_forward(module, args):
             update = ref()
@@ -121,8 +123,6 @@ class Update:
         self._hook = body.register_forward_pre_hook(on_forward)
         self._model = weakref.ref(model)
         model._lowmem_update = ref
-        # dropped without remove(): its hooks go with it, so no orphaned fused hook keeps updating the model
-        self._detach = weakref.finalize(self, _detach, self._hook, self.strategy)
 
     @staticmethod
     def _check_single(model) -> None:
@@ -198,7 +198,7 @@ class Update:
     def remove(self) -> None:
         """Detach from the model: the step hook and the strategy's gradient hooks (fused, or HiFT's inner fused)
         removed, so the model trains no more through this update and another may be made."""
-        self._detach()
+        _detach(self._hook, self.strategy)
         model = self._model()
         if model is not None and getattr(model, "_lowmem_update", None) is not None:
             del model._lowmem_update

@@ -202,7 +202,8 @@ def stdlib_dataset() -> Path:
 
 def stdlib_model() -> Path:
     """``$LOWMEM_HOME/models/stdlib-llama``: :func:`pretrain_stdlib_model` run once; its metrics are kept beside it."""
-    return _publish(lambda target: pretrain_stdlib_model(target, STDLIB_PRETRAIN_STEPS), home() / "models" / "stdlib-llama")
+    return _publish(lambda target: pretrain_stdlib_model(target, STDLIB_PRETRAIN_STEPS),
+                    home() / "models" / "stdlib-llama")
 
 
 def pretrain_stdlib_model(target: Path, steps: int, shape: str = STDLIB_MODEL) -> None:

@@ -225,7 +225,8 @@ def _settle() -> None:
 def save_model(model, folder: Path, merge: bool = False, shard_bytes: int = SHARD_BYTES) -> None:
     """The model as an HF folder in ``folder``, shard by shard (``lowmem.hf_folder``: the model plus one matrix on its
     device, one shard in host memory); int8 weights are written dequantized, in the model's dtype. Adapters
-    (``lowmem.weights.adapters``) are left out, or with ``merge`` folded into their weights (pruned entries stay zero)."""
+    (``lowmem.weights.adapters``) are left out, or with ``merge`` folded into their weights (pruned entries stay
+    zero)."""
     write_hf_folder(model, folder, merge, shard_bytes)
 
 

@@ -265,7 +265,8 @@ def eval_command(checkpoints, recipe, data_path, fmt, max_seq_len, batch_size, d
     """Loss and perplexity of each model in CHECKPOINTS (HF folders), one JSON line each.
 
     With --recipe, on the recipe's held-out split (data.val_path, or data.val_fraction of its rows drawn by
-    train.seed: the split training validates on), e.g. to compare the dense, pruned and retrained models; with --data, on a whole dataset.
+    train.seed: the split training validates on), e.g. to compare the dense, pruned and retrained models; with --data,
+    on a whole dataset.
 
     \b
     Example:

@@ -59,7 +59,8 @@ class DataConfig:
     val_path: Optional[str] = None  # validation rows of their own: a file, a folder or hub id (its validation split)
     split: str = "train"
     text_field: str = "text"
-    fields: DataFieldsConfig = field(default_factory=DataFieldsConfig)  # chat formats' columns, e.g. fields.output=answer
+    # the chat formats' columns, e.g. fields.output=answer
+    fields: DataFieldsConfig = field(default_factory=DataFieldsConfig)
     mask_prompt: bool = True  # prompt and user tokens are not trained on
 
     def held_out_fraction(self) -> float:
@@ -108,7 +109,8 @@ class UpdateConfig:
     strategy: str = "standard"
     rule: str = "adamw"
     # what trains (PERP): all | norms (norm weights, biases) | norms+head | mask_lora | scale_lora (norms, biases and
-    # an adapter on each prunable matrix; see lowmem.weights.adapters). Pruned weights keep their zeros under every choice.
+    # an adapter on each prunable matrix; see lowmem.weights.adapters). Pruned weights keep their zeros under every
+    # choice.
     trainable: Literal["all", "norms", "norms+head", "mask_lora", "scale_lora"] = "all"
     lr: float = 1e-5
     weight_decay: float = 0.0

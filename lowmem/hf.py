@@ -85,8 +85,8 @@ class LowmemTrainerMixin:
         if self.lowmem_update.config.update.strategy == "hift":
             log.warning("LowmemTrainer: the Trainer's scheduler moves the lr every step; HiFT's delayed schedule (one "
                         "lr per cycle of groups, as lowmem train runs it) is not applied")
-        if self.args.load_best_model_at_end and self._reload_refusal():
-            raise UserError(f"LowmemTrainer: load_best_model_at_end reloads saved weights, {self._reload_refusal()}")
+        if self.args.load_best_model_at_end and (why := self._reload_refusal()):
+            raise UserError(f"LowmemTrainer: load_best_model_at_end reloads saved weights, {why}")
         self.lowmem_loss_chunk_tokens = loss_chunk_tokens
         self.lowmem_chunk = None  # resolved at the first loss: the probe that the head can be chunked
         self.model_accepts_loss_kwargs = True  # so the Trainer counts the step's label tokens (num_items_in_batch)

@@ -111,14 +111,10 @@ def available_host_bytes() -> int:
     raise UserError("memory.budget_gb=auto: /proc/meminfo has no MemAvailable (set a size in GiB)")
 
 
-def chunked_loss_tokens(config: Config, model) -> int:
-    """``memory.loss_chunk_tokens`` resolved for this model (:func:`lowmem.activations.loss.resolve_chunk_tokens`)."""
-    return resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
-
-
 def train(config: Config, step_guard=None) -> TrainResult:
     """Run the recipe ``config``; ``step_guard`` (a context manager factory, e.g.
-    :class:`lowmem.placement.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the update."""
+    :class:`lowmem.placement.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the
+    update."""
     output_dir = Path(config.checkpoint.output_dir)
     device = pick_device(config.train.device)
     native = ensure_loaded()
@@ -182,7 +178,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
     log.info("embeddings: %s", getattr(update.strategy, "embedding_gradient",
                                        "dense gradient (row-sparse updates run under update.strategy=fused)"))
     # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
-    chunk = chunked_loss_tokens(config, model)
+    chunk = resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",
              update.strategy.name, update.rule.name, config.update.lr, config.train.lr_schedule,
              100 * config.train.warmup_ratio,

@@ -1,4 +1,5 @@
-"""Row-sparse embedding updates under the fused strategy (lowmem/strategies/embedding_rows.py) against the dense gradient.
+"""Row-sparse embedding updates under the fused strategy (lowmem/strategies/embedding_rows.py) against the dense
+gradient.
 
 The side compared against is the same strategy with ``memory.row_sparse_embeddings=false``: torch's own embedding
 backward and the dense update. In float32 the whole step is the same bits (the rows are summed as torch sums its
@@ -133,7 +134,8 @@ def test_where_rows_alone_are_not_exact_the_gradient_stays_dense_and_says_why(mo
 
 def test_hift_and_the_knob_keep_the_dense_gradient():
     base = ["model.path=lowmem:micro-llama", "data.path=x.jsonl"]
-    config = load_config(None, [*base, "update.strategy=fused", "update.rule=adalomo", "memory.row_sparse_embeddings=false"])
+    config = load_config(None, [*base, "update.strategy=fused", "update.rule=adalomo",
+                                "memory.row_sparse_embeddings=false"])
     model = micro()
     strategy = make_strategy("fused", model, make_rule(config.update), config.update, config)
     assert "row_sparse_embeddings=false" in strategy.embedding_gradient

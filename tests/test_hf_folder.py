@@ -53,8 +53,9 @@ def test_export_holds_the_model_one_matrix_and_one_shard(make, merge, micro_mode
     # in host memory: at 8B, 13 GiB more on the device for a PERP model, 16 GB on the host for an int8 one
     import lowmem.weights.adapters
 
-    monkeypatch.setattr(lowmem.weights.adapters, "MERGE_CHUNK_VALUES", 512)  # row blocks as small, beside these matrices,
-    model = make(micro_model_path)  # as 4M values are beside an 8B model's
+    # row blocks as small, beside these matrices, as 4M values are beside an 8B model's
+    monkeypatch.setattr(lowmem.weights.adapters, "MERGE_CHUNK_VALUES", 512)
+    model = make(micro_model_path)
 
     peak, own = export_peak(model, tmp_path / "out", merge)
     matrices = [e.nbytes for e in hf_entries(model, merge) if e.key.endswith(".weight") and "layers." in e.key]

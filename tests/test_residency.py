@@ -1,6 +1,6 @@
-"""The residency scheduler (lowmem/placement/residency.py): where HiFT's states and frozen weights live, on resume, with tied
-embeddings and when the model is placed from host memory; on a GPU, that offloading and weight streaming change
-no weight and keep at most one group's state on the device."""
+"""The residency scheduler (lowmem/placement/residency.py): where HiFT's states and frozen weights live, on resume,
+with tied embeddings and when the model is placed from host memory; on a GPU, that offloading and weight streaming
+change no weight and keep at most one group's state on the device."""
 
 import gc
 import json
@@ -341,8 +341,8 @@ def test_cuda_int8_rounding_resumes_from_the_update_count_while_frozen_weights_s
 
 
 class RecordingMover:
-    """A mover (``lowmem.placement.movers``) for a machine without a GPU: it copies host tensors for real, so training goes on,
-    and records every allocation, copy, wait and event with its stream, so the order rules of DESIGN §4a can be
+    """A mover (``lowmem.placement.movers``) for a machine without a GPU: it copies host tensors for real, so training
+    goes on, and records every allocation, copy, wait and event with its stream, so the order rules of DESIGN §4a can be
     checked. Tensors are named by their storage's address; the mover keeps what it made alive, so
     an address names one tensor for the whole run."""
 

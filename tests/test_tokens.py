@@ -1,5 +1,5 @@
-"""LeMo token elimination (lowmem/activations/tokens.py): keep_ratio 1 equals no elimination exactly; eliminated tokens pass
-through unchanged and every position reaches the loss; kept tokens are computed at their original positions
+"""LeMo token elimination (lowmem/activations/tokens.py): keep_ratio 1 equals no elimination exactly; eliminated
+tokens pass through unchanged and every position reaches the loss; kept tokens are computed at their original positions
 (against the layer run by hand on them); a batch of 2 with different patterns equals the two run separately; no
 host reads; the trainer runs it under every strategy; unsupported layers are refused."""
 

@@ -1,5 +1,6 @@
-"""Token-block ops of LeMo's token elimination (``lowmem/activations/tokens.py``): their schemas, pure-PyTorch references (the
-specification and the fallback), fake implementations (shapes without data, for the memory planner) and autograd.
+"""Token-block ops of LeMo's token elimination (``lowmem/activations/tokens.py``): their schemas, pure-PyTorch
+references (the specification and the fallback), fake implementations (shapes without data, for the memory planner)
+and autograd.
 Native kernels in ``csrc/cpu/blocks.cpp`` and ``csrc/cuda/blocks.cu`` override the references.
 
 A sequence of ``seq`` tokens is ``seq // block_size`` whole blocks and a tail shorter than a block. ``blocks`` is a

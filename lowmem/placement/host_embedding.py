@@ -5,8 +5,8 @@ and its rule state beside it:
     forward   the batch's rows are gathered on the host, from the host's own copy of the token ids (handed over
               by the trainer with :meth:`HostEmbedding.feed`, so nothing is read back from the device), straight into
               pinned memory, and copied to the device without blocking;
-    backward  the rows' gradient is summed on the device (``lowmem.strategies.embedding_rows.row_gradient``; its norm for
-              clipping taken there), copied to pinned host memory without blocking, and the row-sparse update
+    backward  the rows' gradient is summed on the device (``lowmem.strategies.embedding_rows.row_gradient``; its
+              norm for clipping taken there), copied to pinned host memory without blocking, and the row-sparse update
               (``lowmem.ops.update_rows``, the CPU kernels) runs in a worker thread once the copies are done; the
               next lookup (or a checkpoint, an evaluation) waits for it (:meth:`HostEmbedding.flush`). The
               embedding's backward is the last of a step's, so the next step's forward waits for that update: what

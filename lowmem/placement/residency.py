@@ -21,8 +21,8 @@ unit's weights are used below it (``lowmem.placement.units``), so backward stops
 several modules (GPT-2's embeddings: ``wte`` and ``wpe``) streams each module's tensors for that module's forward.
 
 CUDA streams and the caching allocator (DESIGN §4a). The device operations are a mover's (``lowmem.placement.movers``:
-:class:`~lowmem.placement.movers.CudaMover` on a GPU; none on a CPU, where host and device are one memory and the moves are
-bookkeeping). Every move follows these rules:
+:class:`~lowmem.placement.movers.CudaMover` on a GPU; none on a CPU, where host and device are one memory and the
+moves are bookkeeping). Every move follows these rules:
 
 1. Host memory is pinned, and every copy between host and device is non-blocking: from pageable memory a copy is
    synchronous, and would wait for everything queued on the device.

@@ -15,8 +15,8 @@ is the step's one host read (``lowmem.placement.host_sync``); clipping coefficie
 scaling a non-finite norm is not checked inside the step (that would be a read too): the loss, checked at
 each log step, stops the run.
 Gradient accumulation is refused by the config check: a fused update keeps no gradient to accumulate.
-The input embedding's rows are updated alone where that is exact (``lowmem.strategies.embedding_rows``): its lookup's backward
-hands the batch's rows to :meth:`FusedStrategy._on_rows`, and no vocabulary-sized gradient exists.
+The input embedding's rows are updated alone where that is exact (``lowmem.strategies.embedding_rows``): its lookup's
+backward hands the batch's rows to :meth:`FusedStrategy._on_rows`, and no vocabulary-sized gradient exists.
 """
 
 from __future__ import annotations
@@ -121,10 +121,10 @@ class FusedStrategy:
         return sink
 
     def _on_rows(self, name: str, param: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """The input embedding's gradient as its batch's rows (``lowmem.strategies.embedding_rows``): measured and applied as
-        :meth:`_on_grad` does a dense gradient (the rows' norm is the dense gradient's). With the embedding in host
-        memory the update runs there once the rows have arrived (``HostEmbedding.update_on_host``), with this step's
-        lr and the rule state that lives there."""
+        """The input embedding's gradient as its batch's rows (``lowmem.strategies.embedding_rows``): measured and
+        applied as :meth:`_on_grad` does a dense gradient (the rows' norm is the dense gradient's). With the embedding
+        in host memory the update runs there once the rows have arrived (``HostEmbedding.update_on_host``), with this
+        step's lr and the rule state that lives there."""
         state, lr = self.state.get(name, param), self.lr
 
         def update(r: torch.Tensor, v: torch.Tensor, scale) -> None:
