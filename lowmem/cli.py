@@ -132,7 +132,7 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
     from lowmem.config import load_config
     from lowmem.data import build_datasets
     from lowmem.model import load_model, load_tokenizer, pick_device
-    from lowmem.perp.retrain import calibration_batches, prune_from_config
+    from lowmem.perp.retrain import calibration_batches, calibration_sequences, prune_from_config
 
     config = load_config(resolve_recipe(recipe), overrides)
     if config.prune.criterion == "none":
@@ -152,8 +152,8 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
     model = load_model(config.model.path, config.model.dtype, device)
 
     def calibration():
-        data = build_datasets(config.data, tokenizer, config.train.seed)
-        return calibration_batches(config, data.train, tokenizer.pad_token_id)
+        train = [] if config.data.streaming else build_datasets(config.data, tokenizer, config.train.seed).train
+        return calibration_batches(config, calibration_sequences(config, tokenizer, train), tokenizer.pad_token_id)
 
     report = prune_from_config(model, config, calibration)
     folder = Path(output) if output else Path(config.checkpoint.output_dir) / "pruned"

@@ -62,12 +62,16 @@ class DataConfig:
     # the chat formats' columns, e.g. fields.output=answer
     fields: DataFieldsConfig = field(default_factory=DataFieldsConfig)
     mask_prompt: bool = True  # prompt and user tokens are not trained on
+    # read data.path lazily (files larger than memory): rows shuffled in a buffer, needs train.max_steps
+    streaming: bool = False
+    shuffle_buffer: int = 10000  # data.streaming: rows the shuffle draws from (1: the file's order)
 
     def held_out_fraction(self) -> float:
-        """data.val_fraction as used: its default is 0.05 of data.path's rows, or none with data.val_path."""
+        """data.val_fraction as used: its default is 0.05 of data.path's rows, or none with data.val_path or
+        data.streaming."""
         if self.val_fraction is not None:
             return self.val_fraction
-        return 0.0 if self.val_path else 0.05
+        return 0.0 if self.val_path or self.streaming else 0.05
 
 
 @dataclass
@@ -410,6 +414,7 @@ def validate(config: Config) -> None:
         )
     positive = {
         "data.max_seq_len": config.data.max_seq_len,
+        "data.shuffle_buffer": config.data.shuffle_buffer,
         "train.batch_size": config.train.batch_size,
         "train.gradient_accumulation_steps": config.train.gradient_accumulation_steps,
         "train.epochs": config.train.epochs,
@@ -439,6 +444,12 @@ def validate(config: Config) -> None:
     if config.data.val_path and config.data.val_fraction:
         raise ConfigError(f"config: data.val_fraction {config.data.val_fraction} and data.val_path both choose the "
                           "validation rows; set one of them (data.val_fraction=null)")
+    if config.data.streaming and config.data.val_fraction:
+        raise ConfigError(f"config: data.val_fraction {config.data.val_fraction} would hold out rows of a stream "
+                          "read once; under data.streaming give validation rows of their own (data.val_path)")
+    if config.data.streaming and config.train.max_steps is None:
+        raise ConfigError("config: data.streaming does not know the stream's length, so train.epochs cannot count "
+                          "steps; set train.max_steps")
     if config.update.weight_decay < 0:
         raise ConfigError(f"config: update.weight_decay must be >= 0, got {config.update.weight_decay}")
     beta1 = config.update.adafactor.beta1

@@ -61,8 +61,9 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": 
                  ".arrow": "arrow"}
 
 
-def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
-    """Rows of a local file/folder or hub dataset, and a short name for error messages."""
+def open_rows(path: str, split: str = "train", streaming: bool = False):
+    """The ``datasets`` dataset of a local file/folder or hub dataset (an ``IterableDataset`` read lazily when
+    ``streaming``), and a short name for error messages."""
     import datasets
 
     local = assets.resolve(path)
@@ -74,20 +75,32 @@ def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
             if builder is None:
                 raise DataError(f"data.path {path}: unsupported file type '{p.suffix}' (use "
                                 f"{', '.join(FILE_BUILDERS)})")
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", streaming=streaming)
         elif p.exists() or not (path.startswith((".", "/", "~")) or p.suffix):
-            ds = datasets.load_dataset(local, split=split)  # a folder, or a hub id
+            ds = datasets.load_dataset(local, split=split, streaming=streaming)  # a folder, or a hub id
         else:
             raise DataError(f"data.path {path} does not exist (a {'/'.join(FILE_BUILDERS)} file, a folder, or a hub id)")
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable files; all mean bad input here
-        if p.is_file() and p.suffix in (".json", ".jsonl"):
-            where = json_error(p)
-            if where:
-                raise DataError(f"data.path {path}: {where}") from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"data.path {path}: could not be read as a dataset ({first})") from None
+        raise unreadable(path, err) from None
+    return ds, name
+
+
+def unreadable(path: str, err: Exception) -> DataError:
+    """The one-line error for a dataset ``datasets`` failed to read: the bad line of a JSON file, else its message."""
+    p = Path(assets.resolve(path))
+    if p.is_file() and p.suffix in (".json", ".jsonl"):
+        where = json_error(p)
+        if where:
+            return DataError(f"data.path {path}: {where}")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DataError(f"data.path {path}: could not be read as a dataset ({first})")
+
+
+def read_rows(path: str, split: str = "train") -> tuple[list[dict], str]:
+    """Rows of a local file/folder or hub dataset, and a short name for error messages."""
+    ds, name = open_rows(path, split)
     return [dict(row) for row in ds], name
 
 
@@ -280,48 +293,70 @@ def truncate(examples: list[Example], max_len: int) -> list[Example]:
     return kept
 
 
+def uses_packing(data_config) -> bool:
+    """data.packing as used: null packs text and not the chat formats."""
+    return data_config.packing if data_config.packing is not None else data_config.format == "text"
+
+
+def tokenize_rows(data_config, tokenizer, chosen: list[tuple[int, dict]], where: str) -> list[Example]:
+    """(row number, row) pairs → one example per row, tokenized by data.format (whole: not packed or truncated)."""
+    if data_config.format == "text":
+        key = data_config.text_field
+        need = f"text rows need '{key}' (set data.text_field)"
+        return tokenize_text([_text(row, key, i, where, need) for i, row in chosen], tokenizer)
+    conversations = [to_messages(row, data_config.format, i, where, data_config.fields) for i, row in chosen]
+    return tokenize_chat(conversations, tokenizer, data_config.mask_prompt)
+
+
+def encode_rows(data_config, tokenizer, chosen: list[tuple[int, dict]], where: str, keep_short: bool = False,
+                packing: bool | None = None) -> list[Example]:
+    """(row number, row) pairs → examples: tokenized by data.format, then packed (``packing``, default
+    :func:`uses_packing`) or truncated to data.max_seq_len; ``keep_short`` as :func:`pack`."""
+    if not chosen:
+        return []
+    examples = tokenize_rows(data_config, tokenizer, chosen, where)
+    if packing is None:
+        packing = uses_packing(data_config)
+    if packing:
+        return pack(examples, data_config.max_seq_len, keep_short)
+    return truncate(examples, data_config.max_seq_len)
+
+
 def build_datasets(data_config, tokenizer, seed: int) -> Datasets:
-    """Read, split (by row, before tokenizing, so no document is in both; or data.val_path's rows), tokenize, pack."""
-    rows, source = read_rows(data_config.path, data_config.split)
-    if not rows:
-        raise DataError(f"data.path {data_config.path}: no rows")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = 0
-    fraction = data_config.held_out_fraction()
-    if fraction > 0 and len(rows) > 1:
-        n_val = max(1, round(fraction * len(rows)))
-    # (row number in its file, row): errors name the row as the file has it
-    val_rows = [(i, rows[i]) for i in sorted(order[:n_val])]
-    train_rows = [(i, rows[i]) for i in sorted(order[n_val:])]
+    """Read, split (by row, before tokenizing, so no document is in both; or data.val_path's rows), tokenize, pack.
+    Under data.streaming only the validation rows (data.val_path) are read: the training rows are streamed by
+    :class:`lowmem.data_stream.StreamingBatches`, and ``train`` is empty."""
+    if data_config.streaming:
+        train_rows, source, n_val = [], data_config.path, 0
+    else:
+        rows, source = read_rows(data_config.path, data_config.split)
+        if not rows:
+            raise DataError(f"data.path {data_config.path}: no rows")
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = 0
+        fraction = data_config.held_out_fraction()
+        if fraction > 0 and len(rows) > 1:
+            n_val = max(1, round(fraction * len(rows)))
+        # (row number in its file, row): errors name the row as the file has it
+        val_rows = [(i, rows[i]) for i in sorted(order[:n_val])]
+        train_rows = [(i, rows[i]) for i in sorted(order[n_val:])]
     val_source = source
     if data_config.val_path:
         held_out, val_source = read_rows(data_config.val_path, "validation")
         val_rows, n_val = list(enumerate(held_out)), len(held_out)
         if not val_rows:
             raise DataError(f"data.val_path {data_config.val_path}: no rows")
-    packing = data_config.packing if data_config.packing is not None else data_config.format == "text"
-
-    def encode(chosen: list[tuple[int, dict]], where: str, keep_short: bool = False) -> list[Example]:
-        if not chosen:
-            return []
-        if data_config.format == "text":
-            key = data_config.text_field
-            need = f"text rows need '{key}' (set data.text_field)"
-            examples = tokenize_text([_text(row, key, i, where, need) for i, row in chosen], tokenizer)
-        else:
-            conversations = [to_messages(row, data_config.format, i, where, data_config.fields) for i, row in chosen]
-            examples = tokenize_chat(conversations, tokenizer, data_config.mask_prompt)
-        if packing:
-            return pack(examples, data_config.max_seq_len, keep_short)
-        return truncate(examples, data_config.max_seq_len)
+    elif data_config.streaming:
+        val_rows = []
 
     # validation rows shorter than one block together still make one (shorter) sequence: asked for, it happens
-    result = Datasets(train=encode(train_rows, source), val=encode(val_rows, val_source, keep_short=True))
+    result = Datasets(train=encode_rows(data_config, tokenizer, train_rows, source),
+                      val=encode_rows(data_config, tokenizer, val_rows, val_source, keep_short=True))
     if n_val and not result.val:
         log.warning("data: the %d validation rows have no label tokens: no validation", n_val)
-    log.info("data: %s (%s): %d train and %d validation sequences of up to %d tokens%s", data_config.path,
-             data_config.format, len(result.train), len(result.val), data_config.max_seq_len,
-             ", packed" if packing else "")
+    log.info("data: %s (%s): %s train and %d validation sequences of up to %d tokens%s", data_config.path,
+             data_config.format, "streamed" if data_config.streaming else len(result.train), len(result.val),
+             data_config.max_seq_len, ", packed" if uses_packing(data_config) else "")
     return result
 
 

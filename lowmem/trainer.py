@@ -22,13 +22,14 @@ from lowmem import checkpoint as ckpt
 from lowmem.api import Update
 from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
+from lowmem.data_stream import StreamingBatches, stream_fingerprint
 from lowmem.errors import UserError
 from lowmem.placement.host_sync import read_all
 from lowmem.activations.loss import count_label_tokens, evaluate, loss_sum, resolve_chunk_tokens
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes, peak_memory_record
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
-from lowmem.perp.retrain import Retraining, calibration_batches, prepare
+from lowmem.perp.retrain import Retraining, calibration_batches, calibration_sequences, prepare
 from lowmem.resume import check_compatible, check_same_data
 from lowmem.schedule import learning_rate
 from lowmem.activations.tokens import TokenEliminator
@@ -47,7 +48,8 @@ class TrainResult:
     retraining: Retraining | None = None  # what trained (update.trainable), and the pruning report of this run
 
 
-def total_steps(config: Config, n_train: int) -> int:
+def total_steps(config: Config, n_train: int | None) -> int:
+    """train.max_steps, or train.epochs over ``n_train`` sequences (None: streamed, and max_steps is required)."""
     per_step = config.train.batch_size * config.train.gradient_accumulation_steps
     if config.train.max_steps is not None:
         return config.train.max_steps
@@ -142,18 +144,24 @@ def train(config: Config, step_guard=None) -> TrainResult:
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)
-    data_fingerprint = fingerprint(data.train)
+    if config.data.streaming:  # read as the steps need it; the resume check sees the files, not every token
+        stream = StreamingBatches(config.data, tokenizer, config.train.batch_size, config.train.seed,
+                                  tokenizer.pad_token_id)
+        n_train, data_fingerprint = None, stream_fingerprint(config.data.path)
+    else:
+        stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
+        n_train, data_fingerprint = len(data.train), fingerprint(data.train)
     if resume_state is not None:
-        check_same_data(resume_from, resume_state, len(data.train), data_fingerprint)
-    stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
-    steps = total_steps(config, len(data.train))
+        check_same_data(resume_from, resume_state, n_train, data_fingerprint)
+    steps = total_steps(config, n_train)
     if resume_state is not None and resume_state["step"] > steps:
         raise UserError(f"resume: {resume_from} is at step {resume_state['step']}, past this run's {steps} steps "
                         f"(train.max_steps / train.epochs); set train.max_steps={resume_state['step']} or more")
 
     # Masks (pruning now, on a fresh run with prune.criterion) and what trains: before the strategy hooks anything.
     retraining = prepare(model, config, weights, resume_from,
-                         lambda: calibration_batches(config, data.train, tokenizer.pad_token_id))
+                         lambda: calibration_batches(config, calibration_sequences(config, tokenizer, data.train),
+                                                     tokenizer.pad_token_id))
     update = Update.from_config(model, config, device)
     if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
         t = config.tokens
@@ -212,7 +220,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
     def save(step: int) -> None:
         update.flush()  # the weights' updates still running on the host (host embeddings) land first
         trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
-                         "train_sequences": len(data.train), "train_fingerprint": data_fingerprint}
+                         "train_sequences": n_train, "train_fingerprint": data_fingerprint}
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, update, trainer_state, config.checkpoint.keep_last,
                              eliminator.state_dict() if eliminator is not None else {})
 

@@ -43,6 +43,16 @@ def calibration_batches(config, train_examples, pad_token_id: int):
     return eval_batches(train_examples, config.train.batch_size, pad_token_id, config.prune.calibration_batches)
 
 
+def calibration_sequences(config, tokenizer, train_examples) -> list:
+    """The training sequences wanda calibrates on: ``train_examples`` (in memory), or under data.streaming the first
+    ``prune.calibration_batches`` batches' worth streamed in the file's order."""
+    if not config.data.streaming:
+        return train_examples
+    from lowmem.data_stream import first_sequences
+
+    return first_sequences(config.data, tokenizer, config.prune.calibration_batches * config.train.batch_size)
+
+
 def prune_from_config(model: torch.nn.Module, config, calibration=None, report: bool = True) -> PruneReport | None:
     """Prune by the recipe's ``prune`` section and report the sparsity reached. ``calibration``: a callable returning
     wanda's batches (:func:`calibration_batches`), called only for wanda. ``report``: read the sparsity back (the
