@@ -18,12 +18,15 @@ keys directly and the other sections as dicts, and refuses a bad one with the sa
 
 from __future__ import annotations
 
+import logging
 import weakref
 from pathlib import Path
 
 import torch
 
 from lowmem.config import Config, _config_from
+
+log = logging.getLogger("lowmem")
 
 PLACEHOLDER = "<python>"  # model.path / data.path of a config built from keywords (not read)
 
@@ -41,15 +44,21 @@ def load_model(path: str, dtype: str = "float32", device: str | torch.device = "
     """A causal LM from an HF folder, hub id or ``lowmem:NAME``, in training mode on ``device`` (auto: CUDA when
     there is one). ``weight_format="int8"`` stores its linear weights as int8 blocks with float32 outliers (QFT); the
     ``model.int8`` options (``outlier_fraction``, ``refresh_every``, ``blocksize``, ``stochastic_rounding``,
-    ``include_head``) are keywords. ``seed`` seeds the int8 weights' stochastic rounding."""
+    ``include_head``) are keywords. ``seed`` seeds the int8 weights' stochastic rounding. Sparsity masks saved beside
+    the weights (``masks.safetensors``, by :func:`save_pretrained` or ``lowmem prune``) are attached, so an
+    :class:`Update` keeps the pruned entries zero."""
     from lowmem import model as models
+    from lowmem.perp.retrain import load_stored_masks
 
     config = config_from(model={"path": path, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing,
                                 "weight_format": weight_format, "int8": int8})
     m = config.model
     where = models.pick_device(device) if device in ("auto", "cpu", "cuda") else torch.device(device)
-    return models.load_model(m.path, m.dtype, where, m.gradient_checkpointing,
-                             m.int8 if m.weight_format == "int8" else None, seed)
+    model = models.load_model(m.path, m.dtype, where, m.gradient_checkpointing,
+                              m.int8 if m.weight_format == "int8" else None, seed)
+    if load_stored_masks(model, m.path):
+        log.info("load_model: sparsity masks attached from %s", m.path)
+    return model
 
 
 def load_tokenizer(path: str):

@@ -18,10 +18,12 @@ update and the loss:
   micro-batches (``num_items_in_batch``); ``loss_chunk_tokens`` as ``memory.loss_chunk_tokens``.
 * Gradient accumulation is exact under ``standard`` and ``hift``, and refused under ``fused`` (no gradient is kept).
 * A checkpoint folder holds the model as :func:`lowmem.save_pretrained` writes it (int8 dequantized, adapters
-  merged), the Trainer's own files, and lowmem's rule state in ``lowmem_update.safetensors``; resuming loads it
-  back, exactly. Int8 weights and adapters are saved as their float export, which does not load back exactly, so
-  resuming them (and ``load_best_model_at_end``) is refused. Mixed precision (``fp16`` / ``bf16``) is refused: the
-  model trains in the dtype it was loaded in.
+  merged, masks beside it), the int8 weights' exact state (``weights_int8.safetensors``), the Trainer's own files,
+  and lowmem's rule state in ``lowmem_update.safetensors``; resuming loads it back, exactly. A checkpoint's masks
+  must be the model's (``lowmem.load_model(checkpoint)`` attaches them). Adapters are saved merged, without their
+  frozen base, so resuming them is refused, as ``load_best_model_at_end`` with int8 weights or adapters. The
+  Trainer's log gets lowmem's ``grad_norm`` (before clipping; with clipping off, the rules do not measure it).
+* Mixed precision (``fp16`` / ``bf16``) is refused: the model trains in the dtype it was loaded in.
 
 :func:`sft_trainer_class` gives the same for TRL's ``SFTTrainer`` when TRL is installed.
 """
@@ -85,7 +87,7 @@ class LowmemTrainerMixin:
         if self.lowmem_update.config.update.strategy == "hift":
             log.warning("LowmemTrainer: the Trainer's scheduler moves the lr every step; HiFT's delayed schedule (one "
                         "lr per cycle of groups, as lowmem train runs it) is not applied")
-        if self.args.load_best_model_at_end and (why := self._reload_refusal()):
+        if self.args.load_best_model_at_end and (why := self._reload_refusal(best=True)):
             raise UserError(f"LowmemTrainer: load_best_model_at_end reloads saved weights, {why}")
         self.lowmem_loss_chunk_tokens = loss_chunk_tokens
         self.lowmem_chunk = None  # resolved at the first loss: the probe that the head can be chunked
@@ -94,7 +96,7 @@ class LowmemTrainerMixin:
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             params = [p for p in self.model.parameters() if p.requires_grad] or list(self.model.parameters())[:1]
-            self.optimizer = UpdateOptimizer(self.lowmem_update, params)
+            self.optimizer = self.lowmem_optimizer = UpdateOptimizer(self.lowmem_update, params)
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -131,9 +133,18 @@ class LowmemTrainerMixin:
     def _get_grad_norm(self, model, grad_norm=None):
         return None
 
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        # the pre-clipping norm lowmem measured in the step (fused: during backward), logged as the Trainer's own
+        optimizer = getattr(self, "lowmem_optimizer", None)  # the Trainer's optimizer may be accelerate's wrapper
+        norm = optimizer.last_stats.get("grad_norm") if optimizer is not None else None
+        return super()._maybe_log_save_evaluate(tr_loss, norm if norm is not None else grad_norm, *args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        from lowmem.checkpoint import _settle, save_masks, save_model
+        from safetensors.torch import save_file
         from transformers.trainer import TRAINING_ARGS_NAME
+
+        from lowmem.checkpoint import INT8_FILE, _settle, save_masks, save_model
+        from lowmem.weights.int8 import int8_state_dict, int8_weights
 
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,6 +152,8 @@ class LowmemTrainerMixin:
         _settle()  # weights kept in host memory are written by copies that may still be queued
         save_model(self.model, folder, merge=True)
         save_masks(self.model, folder)
+        if int8_weights(self.model):  # the exact int8 state beside the float export, for a resume
+            save_file(int8_state_dict(self.model), folder / INT8_FILE)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
         torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))
@@ -154,25 +167,77 @@ class LowmemTrainerMixin:
         save_file(state, tmp)
         os.replace(tmp, Path(output_dir) / STATE_FILE)
 
-    def _reload_refusal(self) -> str | None:
-        """Why the weights this trainer saves cannot be loaded back exactly into its model, or None."""
+    def _reload_refusal(self, best: bool = False) -> str | None:
+        """Why the weights this trainer saves cannot be loaded back exactly into its model, or None. ``best``: by
+        the Trainer's own loader (load_best_model_at_end), which reads the float export only."""
         from lowmem.weights.adapters import adapted_layers
         from lowmem.weights.int8 import int8_weights
 
-        if int8_weights(self.model):
-            return ("but int8 weights are saved as their float export and requantizing it does not resume exactly; "
-                    "use lowmem train, which resumes int8 weights exactly")
+        if best and int8_weights(self.model):
+            return ("but the Trainer's loader reads int8 weights' float export, which does not requantize exactly; "
+                    "set load_best_model_at_end=False (resume_from_checkpoint resumes int8 weights exactly)")
         if adapted_layers(self.model):
-            return ("but adapters are saved merged into their weights; use lowmem train, which resumes adapters "
-                    "exactly")
+            return ("but adapters are saved merged into their weights and their frozen base is not kept; use lowmem "
+                    "train, which resumes adapters exactly")
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from lowmem.weights.int8 import int8_weights
+
         why = self._reload_refusal()
         if why:
             raise UserError(f"LowmemTrainer: resume_from_checkpoint {resume_from_checkpoint} reloads saved weights, "
                             f"{why}")
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        folder = Path(resume_from_checkpoint)
+        self._check_masks(folder)
+        if int8_weights(self.model):
+            self._load_int8_checkpoint(folder)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _check_masks(self, folder: Path) -> None:
+        """The checkpoint's sparsity masks must be the model's: the update was built with the model's, and a mask
+        attached now would not be seen by it."""
+        from safetensors.torch import load_file
+
+        from lowmem.weights.masks import MASKS_FILE, masks_state_dict
+
+        path = folder / MASKS_FILE
+        saved = load_file(str(path)) if path.is_file() else {}
+        mine = masks_state_dict(self.model)
+        if saved.keys() != mine.keys() or any(not torch.equal(saved[k], mine[k]) for k in saved):
+            where = "has no" if not saved else "holds other"
+            raise UserError(f"LowmemTrainer: {folder} holds sparsity masks the model does not have (load the model "
+                            f"with lowmem.load_model('{folder}'), which attaches them, then resume)" if not mine else
+                            f"LowmemTrainer: {folder} {where} sparsity masks than the model's (resume the model it was "
+                            "written from)")
+
+    def _load_int8_checkpoint(self, folder: Path) -> None:
+        """Int8 weights exactly from their saved state; the float ones (norms, embeddings, head) from the export."""
+        from safetensors import safe_open
+
+        from lowmem.checkpoint import INT8_FILE, load_int8_weights
+        from lowmem.weights.int8 import int8_weights
+
+        if not (folder / INT8_FILE).is_file():
+            raise UserError(f"LowmemTrainer: {folder} has no {INT8_FILE}, so its int8 weights cannot resume exactly "
+                            "(it was not written by LowmemTrainer from an int8 model)")
+        prefixes = tuple(f"{name}." for name in int8_weights(self.model))
+        state = self.model.state_dict()
+        wanted = {key for key in state if not key.startswith(prefixes)}
+        loaded = {}
+        for file in sorted(folder.glob("model*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                loaded.update({key: f.get_tensor(key) for key in f.keys() if key in wanted})
+        shared = {state[key].data_ptr() for key in loaded}  # a tied weight is saved once
+        missing = [key for key in wanted - loaded.keys() if state[key].data_ptr() not in shared]
+        if missing:
+            raise UserError(f"LowmemTrainer: {folder} lacks {missing[0]} of the model's float weights (was it written "
+                            "for this model?)")
+        with torch.no_grad():
+            for key, value in loaded.items():
+                state[key].copy_(value)
+        load_int8_weights(folder, self.model)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -153,6 +153,42 @@ def test_hf_trainer_resumes_exactly_from_its_checkpoint(micro_model_path, recipe
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
+def test_hf_trainer_resumes_int8_weights_exactly_and_logs_grad_norm(micro_model_path, recipe, tokenizer, tmp_path):
+    config = load_config(recipe)
+    batches = batches_of(config, tokenizer, 4)
+    common = dict(max_steps=4, learning_rate=0.01, lr_scheduler_type="cosine", seed=3, max_grad_norm=1.0)
+    update = {"rule": "adalomo", "strategy": "fused"}
+
+    def int8_model():
+        return lowmem.load_model(micro_model_path, device="cpu", weight_format="int8", refresh_every=3)
+
+    whole = int8_model()
+    trainer = hf_trainer(whole, tokenizer, batches, tmp_path / "whole", update, **common)
+    trainer.train()
+    norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(norms) == 4 and all(n > 0 for n in norms)
+    assert norms[-1] == pytest.approx(float(trainer.lowmem_optimizer.last_stats["grad_norm"]))
+    hf_trainer(int8_model(), tokenizer, batches, tmp_path / "a", update, save_strategy="steps", save_steps=2,
+               **common).train()
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "weights_int8.safetensors").is_file()
+    resumed = int8_model()
+    hf_trainer(resumed, tokenizer, batches, tmp_path / "b", update, **common).train(
+        resume_from_checkpoint=str(checkpoint))
+    from lowmem.weights.int8 import int8_state_dict
+
+    a, b = int8_state_dict(whole), int8_state_dict(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for (name, x), y in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(y, x, rtol=0, atol=0, msg=name)
+    # a checkpoint with masks the model lacks (pruned in another process) is refused, naming how to load them
+    lowmem.prune(pruned := lowmem.load_model(micro_model_path, device="cpu"), criterion="magnitude", pattern="2:4")
+    lowmem.save_pretrained(pruned, tmp_path / "masked")
+    with pytest.raises(UserError, match="holds sparsity masks the model does not have .*lowmem.load_model"):
+        hf_trainer(lowmem.load_model(micro_model_path, device="cpu"), tokenizer, batches, tmp_path / "c",
+                   {"rule": "adalomo"}, **common).train(resume_from_checkpoint=str(tmp_path / "masked"))
+
+
 def test_hf_trainer_refuses_accumulation_under_fused_and_duplicated_knobs(micro_model_path, tokenizer, tmp_path):
     model = lowmem.load_model(micro_model_path, device="cpu")
     with pytest.raises(UserError, match="gradient_accumulation_steps is 2, but a fused update"):
@@ -233,6 +269,10 @@ def test_prune_keeps_the_largest_two_of_four_and_updates_keep_the_zeros(micro_mo
     update.remove()  # one live update per model
     for name in before:
         assert (dict(saved.named_parameters())[name] == 0).float().mean() == 0.5, name
+    from lowmem.weights.masks import masks_state_dict
+
+    masks, reloaded = masks_state_dict(model), masks_state_dict(saved)  # load_model attaches the saved masks
+    assert masks.keys() == reloaded.keys() and all(torch.equal(masks[k], reloaded[k]) for k in masks)
     adapted = lowmem.Update(model, rule="adamw", lr=1e-2, trainable="mask_lora", lora={"rank": 2})
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n or "norm" in n for n in trainable), trainable  # adapters and norms only
