@@ -91,19 +91,33 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("recipe")
 @click.argument("overrides", nargs=-1)
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train in N processes on FSDP2 (one per GPU; gloo on CPU), launched by torch.distributed.run.")
 @user_errors
-def train(recipe: str, overrides: tuple[str, ...]) -> None:
+def train(recipe: str, overrides: tuple[str, ...], nproc: int | None) -> None:
     """Fine-tune from RECIPE (a YAML file or a shipped recipe name), with section.key=value OVERRIDES.
+
+    With --nproc N the global batch is N × train.batch_size × train.gradient_accumulation_steps; logs, metrics and
+    checkpoints come from rank 0 (see README, "Several GPUs").
 
     \b
     Example:
       lowmem train tiny-llama-pydoc train.max_steps=20 update.lr=1e-3
+      lowmem train tiny-llama-pydoc --nproc 2
     """
     from lowmem.config import load_config
+    from lowmem.distributed.world import launched
     from lowmem.trainer import train as run_training
 
-    config = load_config(resolve_recipe(recipe), overrides)
+    config = load_config(resolve_recipe(recipe), overrides)  # checked before any process starts
+    if nproc is not None and not launched():
+        from lowmem.distributed.launch import launch_train
+
+        launch_train(nproc, recipe, overrides)
+        return
     result = run_training(config)
+    if not result.main:  # a rank other than 0: rank 0 prints the summary
+        return
     summary = {"output_dir": str(result.output_dir), "steps": result.steps, "final": str(result.final_dir)}
     if result.first_eval and result.last_eval:
         summary["val_ppl_before"] = round(result.first_eval["val_ppl"], 3)

@@ -382,16 +382,21 @@ class BatchStream:
     """Micro-batches in a seeded order, reshuffled each epoch; its position checkpoints and resumes.
 
     The order depends only on the seed and the epoch, never on the batch size, so batch 4 and 2×2
-    accumulation see the same examples.
+    accumulation see the same examples. ``part=(rank, nproc)``: the global micro-batch is ``nproc × batch_size``
+    sequences and this process gets its ``rank``-th slice, so 2 processes of batch 2 see what one of batch 4 sees.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
-        if len(examples) < batch_size:
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
+                 part: tuple[int, int] = (0, 1)):
+        self.rank, nproc = part
+        if len(examples) < batch_size * nproc:
             raise DataError(
                 f"data: only {len(examples)} training sequences, fewer than train.batch_size={batch_size}"
+                + (f" × {nproc} processes" if nproc > 1 else "")
             )
         self.examples = examples
-        self.batch_size = batch_size
+        self.local_batch_size = batch_size
+        self.batch_size = batch_size * nproc
         self.seed = seed
         self.pad_id = pad_id
         self.epoch = 0
@@ -410,7 +415,8 @@ class BatchStream:
             self.epoch += 1
             self.position = 0
             self._order = self._permutation(self.epoch)
-        picked = [self.examples[i] for i in self._order[self.position : self.position + self.batch_size]]
+        mine = self.position + self.rank * self.local_batch_size
+        picked = [self.examples[i] for i in self._order[mine : mine + self.local_batch_size]]
         self.position += self.batch_size
         return collate(picked, self.pad_id)
 

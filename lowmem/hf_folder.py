@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
+from lowmem.distributed.shard import is_sharded
 from lowmem.weights.adapters import ADAPTER_KEYS, adapted_layers
 from lowmem.weights.int8 import int8_weights
 
@@ -113,6 +114,8 @@ def write_hf_folder(model, folder: Path, merge: bool = False, shard_bytes: int =
         tensors = {}
         for entry in group:
             value = entry.make()  # on the model's device: one matrix more there, until it is on the host
+            if is_sharded(value):  # FSDP2: gathered whole from every rank (each takes part: lowmem.distributed)
+                value = value.full_tensor()
             tensors[entry.key] = value.detach().to("cpu").contiguous()
             del value
         tensors = revert_weight_conversion(model, tensors)

@@ -42,12 +42,15 @@ class SavedTensorBytes:
 
     This is the activation memory a forward leaves for backward: storages of ``params`` (weights saved by
     reference, or views of them) are excluded. Frozen layers below every trainable one save nothing,
-    which this makes visible.
+    which this makes visible. (FSDP2: a parameter's local shard is excluded; the layers' gathered weights that
+    backward keeps count.)
     """
 
     def __init__(self, params=()):
+        from lowmem.distributed.shard import local
+
         self.nbytes = 0
-        self._seen: set[int] = {p.untyped_storage().data_ptr() for p in params}
+        self._seen: set[int] = {local(p).untyped_storage().data_ptr() for p in params}
         self._hooks = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:

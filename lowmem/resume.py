@@ -62,15 +62,28 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_compatible(checkpoint, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+def check_compatible(checkpoint, saved: dict[str, Any] | None, current: dict[str, Any],
+                     nprocs: tuple[int, int] = (1, 1)) -> None:
     """Raise a one-line error naming the first setting whose change would give the state in ``checkpoint``
     another meaning. ``saved`` and ``current`` are ``Config.to_dict()`` trees; ``saved`` None (a checkpoint
-    without its recipe) checks nothing. Keys the saved recipe lacks (added by a newer lowmem) are not compared."""
+    without its recipe) checks nothing. Keys the saved recipe lacks (added by a newer lowmem) are not compared.
+    ``nprocs``: the processes of the saved run and of this one; train.batch_size may change with them as long as the
+    global micro-batch (processes × train.batch_size), which the data position counts in, stays the same."""
     if saved is None:
         return
     old, new = _flatten(saved), _flatten(current)
+    before, now = nprocs
+    regrouped = before != now  # the same number of processes: train.batch_size is compared as any other key
+    if regrouped and "train.batch_size" in old and old["train.batch_size"] * before != new["train.batch_size"] * now:
+        raise UserError(
+            f"resume: the global micro-batch (processes × train.batch_size) was {before} × {old['train.batch_size']} "
+            f"when {checkpoint} was saved and is {now} × {new['train.batch_size']} now, which changes the meaning of "
+            "the saved data position (keep the product: set train.batch_size="
+            f"{old['train.batch_size'] * before // now if old['train.batch_size'] * before % now == 0 else '…'}, or "
+            "start a new run with checkpoint.resume=never or another checkpoint.output_dir)")
     for key, value in new.items():
-        if key in SAFE_KEYS or key.startswith(SAFE_SECTIONS) or key not in old or old[key] == value:
+        if (regrouped and key == "train.batch_size") or key in SAFE_KEYS or key.startswith(SAFE_SECTIONS) or key not in old \
+                or old[key] == value:
             continue
         if key in SAFE_UNLESS_NULL and None not in (old[key], value):
             continue

@@ -23,6 +23,12 @@ from lowmem.api import Update
 from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.data_stream import StreamingBatches, stream_fingerprint
+from lowmem.distributed.gather import export_final as distributed_export
+from lowmem.distributed.gather import save_checkpoint as distributed_save
+from lowmem.distributed.shard import shard_model, slice_state
+from lowmem.distributed.support import check_supported
+from lowmem.distributed.world import World, teardown
+from lowmem.distributed.world import setup as distributed_setup
 from lowmem.errors import UserError
 from lowmem.placement.host_sync import read_all
 from lowmem.activations.loss import count_label_tokens, evaluate, loss_sum, resolve_chunk_tokens
@@ -46,18 +52,21 @@ class TrainResult:
     last_eval: dict | None = None
     final_dir: Path | None = None
     retraining: Retraining | None = None  # what trained (update.trainable), and the pruning report of this run
+    main: bool = True  # false on the ranks of a distributed run other than 0 (rank 0 reports)
 
 
-def total_steps(config: Config, n_train: int | None) -> int:
-    """train.max_steps, or train.epochs over ``n_train`` sequences (None: streamed, and max_steps is required)."""
-    per_step = config.train.batch_size * config.train.gradient_accumulation_steps
+def total_steps(config: Config, n_train: int | None, nproc: int = 1) -> int:
+    """train.max_steps, or train.epochs over ``n_train`` sequences (None: streamed, and max_steps is required) in
+    global batches of ``nproc`` processes."""
+    per_step = config.train.batch_size * config.train.gradient_accumulation_steps * nproc
     if config.train.max_steps is not None:
         return config.train.max_steps
     steps = config.train.epochs * (n_train // per_step)
     if steps == 0:
         raise UserError(
             f"data: {n_train} training sequences are fewer than one step needs (train.batch_size × "
-            f"train.gradient_accumulation_steps = {per_step}); lower them or set train.max_steps"
+            f"train.gradient_accumulation_steps{' × nproc' if nproc > 1 else ''} = {per_step}); lower them or set "
+            "train.max_steps"
         )
     return steps
 
@@ -118,20 +127,33 @@ def train(config: Config, step_guard=None) -> TrainResult:
     :class:`lowmem.placement.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the
     update."""
     output_dir = Path(config.checkpoint.output_dir)
-    device = pick_device(config.train.device)
+    world, device_name = distributed_setup(config.train.device)
+    try:
+        return _train(config, step_guard, world, pick_device(device_name))
+    finally:
+        teardown(world)
+
+
+def _train(config: Config, step_guard, world: World, device: torch.device) -> TrainResult:
+    output_dir = Path(config.checkpoint.output_dir)
     native = ensure_loaded()
     log.info("native ops: %s", native.source)
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
 
-    ckpt.remove_stale_temporaries(output_dir)
+    if world.is_main:
+        ckpt.remove_stale_temporaries(output_dir)
+    world.barrier()
     resume_from = find_resume_point(config)
     resume_state = ckpt.load_trainer_state(resume_from) if resume_from else None
     if resume_state is not None:
-        check_compatible(resume_from, resume_state.get("config"), config.to_dict())
+        check_compatible(resume_from, resume_state.get("config"), config.to_dict(),
+                         nprocs=(resume_state.get("world_size", 1), world.size))
     # A resumed run loads the weights saved in the checkpoint, which is itself an HF model folder.
     # So does its tokenizer: model.path is not read on resume.
     weights = str(resume_from) if resume_from else config.model.path
+    if world.active:
+        check_supported(config, weights)
     if config.memory.budget_gb is not None:
         check_budget(config, weights, device)
     tokenizer = load_tokenizer(weights)
@@ -139,8 +161,11 @@ def train(config: Config, step_guard=None) -> TrainResult:
     # Streaming frozen weights: the model is loaded in host memory and HiFT's plan places it, so the units it
     # keeps off the device never visit it (the load does not peak at the whole model there).
     streamed = config.update.strategy == "hift" and config.memory.offload_frozen_weights
-    model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed else device,
+    # Distributed: loaded whole in host memory, then each rank keeps its shards on its device
+    model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed or world.active else device,
                        config.model.gradient_checkpointing, int8, config.train.seed)
+    if world.active:
+        shard_model(model, device)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)
@@ -149,11 +174,12 @@ def train(config: Config, step_guard=None) -> TrainResult:
                                   tokenizer.pad_token_id)
         n_train, data_fingerprint = None, stream_fingerprint(config.data.path)
     else:
-        stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id)
+        stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id,
+                             part=(world.rank, world.size))
         n_train, data_fingerprint = len(data.train), fingerprint(data.train)
     if resume_state is not None:
         check_same_data(resume_from, resume_state, n_train, data_fingerprint)
-    steps = total_steps(config, n_train)
+    steps = total_steps(config, n_train, world.size)
     if resume_state is not None and resume_state["step"] > steps:
         raise UserError(f"resume: {resume_from} is at step {resume_state['step']}, past this run's {steps} steps "
                         f"(train.max_steps / train.epochs); set train.max_steps={resume_state['step']} or more")
@@ -174,7 +200,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
         eliminator = None
     start_step = 0
     if resume_from:
-        update.load_state_dict(ckpt.load_strategy_state(resume_from))
+        saved = ckpt.load_strategy_state(resume_from)
+        update.load_state_dict(slice_state(saved, update.strategy.params) if world.active else saved)
         if eliminator is not None:
             eliminator.load_state_dict(ckpt.load_token_state(resume_from))
         stream.load_state_dict(resume_state["data"])
@@ -186,14 +213,16 @@ def train(config: Config, step_guard=None) -> TrainResult:
     log.info("embeddings: %s", getattr(update.strategy, "embedding_gradient",
                                        "dense gradient (row-sparse updates run under update.strategy=fused)"))
     # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
-    chunk = resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
-    log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %d×%d sequences",
+    # distributed: the plain loss (the chunked head would run outside the root's FSDP2 forward)
+    chunk = 0 if world.active else resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
+    log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %s%d×%d sequences",
              update.strategy.name, update.rule.name, config.update.lr, config.train.lr_schedule,
-             100 * config.train.warmup_ratio,
-             steps, config.train.batch_size, config.train.gradient_accumulation_steps)
+             100 * config.train.warmup_ratio, steps, f"{world.size} processes × " if world.active else "",
+             config.train.batch_size, config.train.gradient_accumulation_steps)
 
-    metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
-    result = TrainResult(output_dir=output_dir, steps=steps, retraining=retraining)
+    metrics = (MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
+               if world.is_main else None)
+    result = TrainResult(output_dir=output_dir, steps=steps, retraining=retraining, main=world.is_main)
 
     def validate(step: int) -> dict | None:
         if not data.val:
@@ -206,14 +235,15 @@ def train(config: Config, step_guard=None) -> TrainResult:
         result.last_eval = scores
         return scores
 
-    progress = Progress(steps, start_step, config.log.progress)
+    progress = Progress(steps, start_step, config.log.progress and world.is_main)
     if start_step == 0:
         scores = validate(0)
         # what trains (and the sparsity this run pruned to) heads the metrics, with the starting validation
         first = {"step": 0, "trainable_params": retraining.trainable, "total_params": retraining.total}
         if retraining.report is not None:
             first.update(sparsity=retraining.report.sparsity, model_sparsity=retraining.report.model_sparsity)
-        metrics.write({**first, **(scores or {})})
+        if metrics is not None:
+            metrics.write({**first, **(scores or {})})
         if scores:
             progress.message(f"step 0: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
 
@@ -221,6 +251,10 @@ def train(config: Config, step_guard=None) -> TrainResult:
         update.flush()  # the weights' updates still running on the host (host embeddings) land first
         trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
                          "train_sequences": n_train, "train_fingerprint": data_fingerprint}
+        if world.active:
+            distributed_save(world, output_dir, step, model, tokenizer, update, update.strategy.params, trainer_state,
+                             config.checkpoint.keep_last)
+            return
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, update, trainer_state, config.checkpoint.keep_last,
                              eliminator.state_dict() if eliminator is not None else {})
 
@@ -232,9 +266,11 @@ def train(config: Config, step_guard=None) -> TrainResult:
         position, span = update.schedule_position(step, steps)  # HiFT: the delayed schedule
         lr = learning_rate(position, config.update.lr, span, config.train.warmup_ratio, config.train.lr_schedule)
         host_batches = [stream.next() for _ in range(accum)]
-        # Counted on the host batches, before they move: no device value is read inside the step.
-        step_tokens = sum(count_label_tokens(b) for b in host_batches)
-        window_tokens += sum(int(b["attention_mask"].sum()) for b in host_batches)
+        # Counted on the host batches, before they move: no device value is read inside the step (distributed: summed
+        # over the ranks in host memory, so the loss is divided by the global batch's label tokens)
+        step_tokens, batch_tokens = world.sum_counts(sum(count_label_tokens(b) for b in host_batches),
+                                                     sum(int(b["attention_mask"].sum()) for b in host_batches))
+        window_tokens += batch_tokens
         with guard():
             micro_batches = [to_device(b, device) for b in host_batches]
             update.set_lr(lr)
@@ -253,7 +289,7 @@ def train(config: Config, step_guard=None) -> TrainResult:
             stats = update.step()
             if eliminator is not None:
                 stats = {**stats, **eliminator.step_stats()}
-        pending_losses.append(step_loss)
+        pending_losses.append(world.sum_(step_loss))  # each rank's share of the global batch's loss
 
         done = step + 1
         eval_now = config.train.eval_every_n_steps and done % config.train.eval_every_n_steps == 0 and done < steps
@@ -285,7 +321,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
         if scores:
             record.update(scores)
             progress.message(f"step {done}: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
-        metrics.write(record)
+        if metrics is not None:
+            metrics.write(record)
         progress.update(record)
         if save_now:
             save(done)
@@ -294,7 +331,8 @@ def train(config: Config, step_guard=None) -> TrainResult:
     progress.close()
     if start_step < steps or not (output_dir / "final").exists():
         save(steps)
-        result.final_dir = ckpt.export_final(output_dir, model, tokenizer)
+        result.final_dir = (distributed_export(world, output_dir, model, tokenizer) if world.active
+                            else ckpt.export_final(output_dir, model, tokenizer))
     else:
         result.final_dir = output_dir / "final"
     log.info("done: %d steps; final model in %s; peak memory %s", steps, result.final_dir,

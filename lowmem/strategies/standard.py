@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from lowmem.distributed.shard import is_sharded, local
 from lowmem.weights.int8 import trainable_tensors
 from lowmem.weights.masks import GradientMasks
 from lowmem.strategies.state import (
@@ -27,6 +28,8 @@ class StandardStrategy:
         self.clip_grad_norm = update_config.clip_grad_norm
         # Parameters (a tied weight once, so it is updated once) and int8 weights.
         self.params = trainable_tensors(model)
+        # FSDP2 (lowmem.distributed): the rule steps on each rank's local shard; the norm sums over the ranks
+        self.sharded = any(is_sharded(p) for p in self.params.values())
         self.masks = GradientMasks(model, self.params)  # pruned weights (PERP): updates keep their zeros
         self.state = RuleState(rule)
         self.scaler = LossScaler.for_model(model, update_config)
@@ -45,8 +48,9 @@ class StandardStrategy:
         if self.masks:
             for n, p in with_grad.items():
                 self.masks.mask_grad_(n, p.grad)  # one unpacked mask at a time
-        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in with_grad.values())
-        norm = grad_norm([p.grad for p in with_grad.values()])
+        grads = {n: local(p.grad) for n, p in with_grad.items()}
+        grad_bytes = sum(g.numel() * g.element_size() for g in grads.values())
+        norm = grad_norm(list(grads.values()), across_ranks=self.sharded)
         skipped = False
         if self.scaler.enabled:
             norm = norm / self.scaler.scale
@@ -59,7 +63,8 @@ class StandardStrategy:
         with torch.no_grad():
             for name, param in with_grad.items():
                 if not skipped:
-                    apply_rule(self.rule, param, param.grad, self.state.get(name, param), self.lr, grad_scale,
+                    shard = local(param)
+                    apply_rule(self.rule, shard, grads[name], self.state.get(name, shard), self.lr, grad_scale,
                                self.masks.get(name, param.grad) if self.masks else None)
                 param.grad = None
         self.scaler.update(found_inf=skipped)

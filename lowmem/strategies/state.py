@@ -121,11 +121,17 @@ def load_strategy_state(flat: dict[str, torch.Tensor], rule_state: RuleState, sc
     rule_state.load_state_dict({k: v for k, v in flat.items() if not k.startswith(prefix)}, params, keep_on_host)
 
 
-def grad_norm(grads) -> torch.Tensor:
+def grad_norm(grads, across_ranks: bool = False) -> torch.Tensor:
     """Global L2 norm of ``grads`` in float32 (float64 when one is float64: ``math_dtype``), the norm of per-tensor
-    norms as torch's clip_grad_norm_, on their device: never read on the host here."""
+    norms as torch's clip_grad_norm_, on their device: never read on the host here. ``across_ranks``: ``grads`` are
+    this rank's shards, and the squares are summed over the ranks (an all-reduce of one number)."""
     norms = [torch.linalg.vector_norm(g, 2, dtype=math_dtype(g.dtype)) for g in grads]
-    return torch.linalg.vector_norm(stacked(norms), 2) if norms else torch.zeros(())
+    norm = torch.linalg.vector_norm(stacked(norms), 2) if norms else torch.zeros(())
+    if across_ranks:
+        squares = norm.square()
+        torch.distributed.all_reduce(squares)
+        norm = squares.sqrt()
+    return norm
 
 
 def stacked(scalars: list[torch.Tensor]) -> torch.Tensor:

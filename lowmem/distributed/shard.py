@@ -1,0 +1,82 @@
+"""The model on FSDP2: each decoder layer and the root ``fully_shard``ed (parameters split along dim 0 over the
+ranks, in the recipe's dtype), gradients summed (not averaged) by the reduce-scatter, since lowmem's loss is already
+divided by the global batch's label tokens. The rules step on each rank's local shard of a parameter and of its
+reduced gradient; what they keep per element is sharded the same way."""
+
+from __future__ import annotations
+
+import torch
+
+from lowmem.errors import UserError
+from lowmem.placement.units import decoder_layers
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the storage the rule updates in place), or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, head), onto ``device``; gradients are
+    reduced by a plain sum."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    layers = decoder_layers(model)
+    if layers is None:
+        raise UserError(f"distributed: {type(model).__name__} has no list of decoder layers to shard")
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # a sum: lowmem divides the loss by the global batch's label tokens itself. Sum-only collectives (gloo has
+            # no pre-multiplied sum), and no division after them (the factor 1 is skipped)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def gather_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A strategy's flat state (``name::key`` → local tensor) with each sharded entry gathered whole (on every rank:
+    a collective, entry by entry in sorted order); scalars (a step count) are the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    from lowmem.strategies.state import STATE_SEPARATOR
+
+    out = {}
+    for key in sorted(flat):
+        tensor = flat[key]
+        param = params.get(key.rsplit(STATE_SEPARATOR, 1)[0])
+        if param is not None and is_sharded(param) and tensor.dim() > 0:
+            whole = DTensor.from_local(tensor.to(local(param).device), param.device_mesh, param.placements,
+                                       shape=param.shape, stride=param.stride())
+            tensor = whole.full_tensor()
+        out[key] = tensor.detach().cpu()
+    return out
+
+
+def slice_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`gather_state`: each whole entry of a sharded parameter cut to this rank's shard, as FSDP2
+    cuts the parameter (``torch.chunk`` along dim 0; a rank past the last chunk holds an empty one)."""
+    from lowmem.strategies.state import STATE_SEPARATOR
+
+    rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    out = {}
+    for key, tensor in flat.items():
+        param = params.get(key.rsplit(STATE_SEPARATOR, 1)[0])
+        if param is not None and is_sharded(param) and tensor.dim() > 0:
+            chunks = torch.chunk(tensor, size, dim=0)
+            tensor = chunks[rank] if rank < len(chunks) else tensor[:0]
+            if tensor.shape != local(param).shape:
+                raise UserError(f"resume: the state {key} has shape {tuple(tensor.shape)} on rank {rank}, the shard "
+                                f"is {tuple(local(param).shape)} (was it written for this model?)")
+        out[key] = tensor.clone()
+    return out

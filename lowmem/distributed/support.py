@@ -1,0 +1,42 @@
+"""What a distributed run supports today, and the one-line refusal of the rest (nothing runs unsharded silently)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowmem import assets
+from lowmem.errors import UserError
+
+ELEMENTWISE_RULES = ("sgd", "adamw", "lion")  # exact on shards: each element's update reads only that element
+
+
+def check_supported(config, weights: str) -> None:
+    """Refuse in one line what the FSDP2 path does not run yet."""
+    from lowmem.weights.masks import MASKS_FILE
+
+    u = config.update
+    refusals = [
+        (u.strategy != "standard",
+         f"update.strategy={u.strategy} is not supported on several processes yet (use update.strategy=standard)"),
+        (u.rule not in ELEMENTWISE_RULES,
+         f"update.rule={u.rule} is not supported on several processes yet: only the element-wise rules "
+         f"({', '.join(ELEMENTWISE_RULES)}) step on shards so far (the factored rules need their row and column "
+         "statistics summed across ranks, lion8bit its blocks cut per shard)"),
+        (config.model.weight_format != "float", "model.weight_format=int8 is not supported on several processes"),
+        (config.prune.criterion != "none" or u.trainable != "all" or (Path(assets.resolve(weights)) / MASKS_FILE).is_file(),
+         "pruning, sparsity masks and update.trainable (PERP) are not supported on several processes yet"),
+        (config.tokens.eliminate, "tokens.eliminate is not supported on several processes yet"),
+        (config.data.streaming, "data.streaming is not supported on several processes yet (each rank would read its "
+                                "own rows of the stream)"),
+        (bool(config.memory.loss_chunk_tokens),
+         "memory.loss_chunk_tokens is not supported on several processes yet (the chunked head runs outside the "
+         "root's FSDP2 forward); set memory.loss_chunk_tokens=0"),
+        (config.memory.offload_states or config.memory.offload_frozen_weights or config.memory.offload_embeddings,
+         "memory.offload_* is not supported on several processes (FSDP2 shards the weights and states instead)"),
+        (config.memory.budget_gb is not None,
+         "memory.budget_gb is not checked on several processes yet (the plan is one process's); set "
+         "memory.budget_gb=null"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise UserError(f"distributed: {why}")
