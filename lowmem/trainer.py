@@ -201,7 +201,9 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     start_step = 0
     if resume_from:
         saved = ckpt.load_strategy_state(resume_from)
-        update.load_state_dict(slice_state(saved, update.strategy.params) if world.active else saved)
+        if world.active:
+            saved = slice_state(saved, update.strategy.params, getattr(update.rule, "replicated_state", ()))
+        update.load_state_dict(saved)
         if eliminator is not None:
             eliminator.load_state_dict(ckpt.load_token_state(resume_from))
         stream.load_state_dict(resume_state["data"])

@@ -57,33 +57,47 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert_same_run64(wa[key], wb[key], key)
 
 
-@pytest.mark.parametrize("rule,extra", [("adamw", ["train.gradient_accumulation_steps=2"]),
-                                        ("sgd", ["update.lr=0.3"]), ("lion", ["update.lr=3e-4"])])
-def test_two_processes_train_as_one_with_the_same_global_batch(recipe, tmp_path, rule, extra):
+FUSED = "update.strategy=fused"
+
+
+@pytest.mark.parametrize("rule,extra", [
+    ("adamw", ["train.gradient_accumulation_steps=2"]), ("sgd", ["update.lr=0.3"]), ("lion", ["update.lr=3e-4"]),
+    ("adafactor", ["update.adafactor.beta1=0.9", "update.lr=1e-2"]),
+    ("adalomo", [FUSED, "update.lr=1e-2"]), ("adalomo", [FUSED, "update.lr=1e-2", "update.clip_mode=two_pass"]),
+    ("sgd", [FUSED, "update.lr=0.3"]),
+])
+def test_two_processes_train_as_one_with_the_same_global_batch(recipe, tmp_path, rule, extra, micro_model_path):
+    """Each strategy × rule on shards against the plain one-process run (the fused runs: per-tensor clipping, its
+    norm summed over the ranks, and two-pass global clipping)."""
     one = run(recipe, tmp_path / "one", f"update.rule={rule}", *extra)
     run(recipe, tmp_path / "two", f"update.rule={rule}", "train.batch_size=2", *extra, nproc=2)
     assert losses(tmp_path / "two") == pytest.approx(one.losses, rel=RUN64_LOSS_RTOL)
-    assert one.losses[-1] < one.losses[0]
+    start, end = load_file(Path(micro_model_path) / "model.safetensors"), load_file(one.final_dir / "model.safetensors")
+    assert all(not start[k].double().equal(end[k]) for k in start)  # every tensor trained: the equality means something
     assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")  # the export, gathered to rank 0
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and "val_loss" in records[2]  # rank 0 alone writes
 
 
-def test_a_checkpoint_resumes_on_another_number_of_processes(recipe, tmp_path):
+@pytest.mark.parametrize("rule", [["update.rule=adamw"],
+                                  ["update.rule=adafactor", "update.adafactor.beta1=0.9", "update.lr=1e-2"]])
+def test_a_checkpoint_resumes_on_another_number_of_processes(recipe, tmp_path, rule):
     """Each run saves at step 2; its checkpoint-4 and final are removed and the run resumes from checkpoint-2 on the
-    other number of processes (the same global micro-batch), ending where the uninterrupted run ends."""
+    other number of processes (the same global micro-batch), ending where the uninterrupted run ends. Adafactor's
+    state has entries sharded as the weight (exp_avg), by its rows (the row statistic) and replicated (the column
+    statistic)."""
     import shutil
 
     for first, then in ((2, None), (None, 2)):
         out = tmp_path / f"from{first}"
         size = lambda nproc: "train.batch_size=2" if nproc else "train.batch_size=4"  # noqa: E731
-        run(recipe, out, size(first), "checkpoint.save_every_n_steps=2", nproc=first)
+        run(recipe, out, size(first), "checkpoint.save_every_n_steps=2", *rule, nproc=first)
         whole = losses(out)
         final = tmp_path / f"final{first}"
         shutil.copytree(out / "final", final)
         shutil.rmtree(out / "checkpoint-4")
         shutil.rmtree(out / "final")
-        run(recipe, out, size(then), "checkpoint.save_every_n_steps=2", nproc=then)
+        run(recipe, out, size(then), "checkpoint.save_every_n_steps=2", *rule, nproc=then)
         assert losses(out) == pytest.approx(whole, rel=RUN64_LOSS_RTOL)
         assert_same_weights(final, out / "final")
         state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
@@ -102,8 +116,8 @@ def test_what_is_not_supported_is_refused_in_one_line(recipe, tmp_path):
     from lowmem.distributed.support import check_supported
     from lowmem.errors import UserError
 
-    refused = {"update.strategy=fused": "update.strategy=fused is not supported on several processes yet",
-               "update.rule=adalomo": "only the element-wise rules",
+    refused = {"update.strategy=hift": "update.strategy=hift is not supported on several processes yet",
+               "update.rule=lion8bit": "update.rule=lion8bit is not supported",
                "model.weight_format=int8": "model.weight_format=int8 is not supported",
                "memory.loss_chunk_tokens=64": "set memory.loss_chunk_tokens=0",
                "update.trainable=norms": "update.trainable \\(PERP\\)"}
@@ -111,8 +125,8 @@ def test_what_is_not_supported_is_refused_in_one_line(recipe, tmp_path):
         config = load_config(recipe, [*COMMON, override])
         with pytest.raises(UserError, match=f"distributed: .*{message}"):
             check_supported(config, config.model.path)
-    done = run(recipe, tmp_path / "f", "update.strategy=fused", "update.rule=adalomo", nproc=2, check=False)
-    assert done.returncode != 0 and "distributed: update.strategy=fused is not supported" in done.stderr
+    done = run(recipe, tmp_path / "f", "update.strategy=hift", nproc=2, check=False)
+    assert done.returncode != 0 and "distributed: update.strategy=hift is not supported" in done.stderr
     assert "error: train --nproc 2: rank" in done.stderr
 
 

@@ -34,7 +34,7 @@ def save_checkpoint(world: World, output_dir: Path, step: int, model, tokenizer,
                     keep_last: int) -> None:
     """:func:`lowmem.checkpoint.save_checkpoint` for a distributed run: the rule state and weights gathered whole,
     written by rank 0, atomically as ever."""
-    state = GatheredState(gather_state(update.state_dict(), params))
+    state = GatheredState(gather_state(update.state_dict(), params, getattr(update.rule, "replicated_state", ())))
     if world.is_main:
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, state, {**trainer_state, "world_size": world.size},
                              keep_last)

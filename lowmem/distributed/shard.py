@@ -44,38 +44,47 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     return model
 
 
-def gather_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A strategy's flat state (``name::key`` → local tensor) with each sharded entry gathered whole (on every rank:
-    a collective, entry by entry in sorted order); scalars (a step count) are the same on every rank."""
-    from torch.distributed.tensor import DTensor
-
+def _sharded_entry(key: str, tensor: torch.Tensor, params: dict[str, torch.Tensor], replicated) -> torch.Tensor | None:
+    """The sharded parameter whose rows ``key``'s state follows (sharded along dim 0 as it is), or None when the entry
+    is the same on every rank (a step count; the rule's ``replicated_state``, such as Adafactor's column statistic)."""
     from lowmem.strategies.state import STATE_SEPARATOR
+
+    name, what = key.rsplit(STATE_SEPARATOR, 1)
+    param = params.get(name)
+    if param is None or not is_sharded(param) or tensor.dim() == 0 or what in replicated:
+        return None
+    return param
+
+
+def gather_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=()) -> dict[str, torch.Tensor]:
+    """A strategy's flat state (``name::key`` → local tensor) with each sharded entry gathered whole (on every rank:
+    a collective, entry by entry in sorted order); the ``replicated`` keys and scalars are the same on every rank."""
+    from torch.distributed.tensor import DTensor
 
     out = {}
     for key in sorted(flat):
         tensor = flat[key]
-        param = params.get(key.rsplit(STATE_SEPARATOR, 1)[0])
-        if param is not None and is_sharded(param) and tensor.dim() > 0:
+        param = _sharded_entry(key, tensor, params, replicated)
+        if param is not None:
+            shape = param.shape[: tensor.dim()]  # the parameter's, or its rows' (a row statistic)
             whole = DTensor.from_local(tensor.to(local(param).device), param.device_mesh, param.placements,
-                                       shape=param.shape, stride=param.stride())
+                                       shape=shape, stride=torch.empty(shape, device="meta").stride())
             tensor = whole.full_tensor()
         out[key] = tensor.detach().cpu()
     return out
 
 
-def slice_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def slice_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=()) -> dict[str, torch.Tensor]:
     """Inverse of :func:`gather_state`: each whole entry of a sharded parameter cut to this rank's shard, as FSDP2
     cuts the parameter (``torch.chunk`` along dim 0; a rank past the last chunk holds an empty one)."""
-    from lowmem.strategies.state import STATE_SEPARATOR
-
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out = {}
     for key, tensor in flat.items():
-        param = params.get(key.rsplit(STATE_SEPARATOR, 1)[0])
-        if param is not None and is_sharded(param) and tensor.dim() > 0:
+        param = _sharded_entry(key, tensor, params, replicated)
+        if param is not None:
             chunks = torch.chunk(tensor, size, dim=0)
             tensor = chunks[rank] if rank < len(chunks) else tensor[:0]
-            if tensor.shape != local(param).shape:
+            if tensor.shape != local(param).shape[: tensor.dim()]:
                 raise UserError(f"resume: the state {key} has shape {tuple(tensor.shape)} on rank {rank}, the shard "
                                 f"is {tuple(local(param).shape)} (was it written for this model?)")
         out[key] = tensor.clone()

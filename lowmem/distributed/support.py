@@ -7,7 +7,9 @@ from pathlib import Path
 from lowmem import assets
 from lowmem.errors import UserError
 
-ELEMENTWISE_RULES = ("sgd", "adamw", "lion")  # exact on shards: each element's update reads only that element
+# on shards: the element-wise rules alone, the factored ones with their whole-tensor statistics summed over the ranks
+SHARDED_RULES = ("sgd", "adamw", "lion", "adafactor", "adalomo")
+SHARDED_STRATEGIES = ("standard", "fused")
 
 
 def check_supported(config, weights: str) -> None:
@@ -16,12 +18,12 @@ def check_supported(config, weights: str) -> None:
 
     u = config.update
     refusals = [
-        (u.strategy != "standard",
-         f"update.strategy={u.strategy} is not supported on several processes yet (use update.strategy=standard)"),
-        (u.rule not in ELEMENTWISE_RULES,
-         f"update.rule={u.rule} is not supported on several processes yet: only the element-wise rules "
-         f"({', '.join(ELEMENTWISE_RULES)}) step on shards so far (the factored rules need their row and column "
-         "statistics summed across ranks, lion8bit its blocks cut per shard)"),
+        (u.strategy not in SHARDED_STRATEGIES,
+         f"update.strategy={u.strategy} is not supported on several processes yet (use "
+         f"{' or '.join(SHARDED_STRATEGIES)})"),
+        (u.rule not in SHARDED_RULES,
+         f"update.rule={u.rule} is not supported on several processes yet (its int8 blocks would be cut per shard); "
+         f"use one of {', '.join(SHARDED_RULES)}"),
         (config.model.weight_format != "float", "model.weight_format=int8 is not supported on several processes"),
         (config.prune.criterion != "none" or u.trainable != "all" or (Path(assets.resolve(weights)) / MASKS_FILE).is_file(),
          "pruning, sparsity masks and update.trainable (PERP) are not supported on several processes yet"),

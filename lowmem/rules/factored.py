@@ -65,6 +65,17 @@ class Factored:
         )
 
 
+    # what is the same on every rank when the parameter is sharded by rows (lowmem.distributed): the rest is sharded
+    replicated_state = ("step", "exp_avg_sq_col")
+
+    def update_sharded(self, param, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: float,
+                       grad_scale: float | torch.Tensor = 1.0) -> None:
+        """:meth:`update` of a DTensor parameter sharded by rows, from this rank's shard of the reduced gradient:
+        the whole-tensor statistics summed over the ranks (``lowmem.distributed.factored``)."""
+        from lowmem.distributed.factored import sharded_factored_update_
+
+        sharded_factored_update_(self, param, grad, state, lr, grad_scale)
+
     @property
     def row_sparse_exact(self) -> bool:
         """Without a first moment a zero gradient row only decays (and adds ε₁ to the statistics): the update from

@@ -25,6 +25,7 @@ import weakref
 
 import torch
 
+from lowmem.distributed.shard import is_sharded, local
 from lowmem.strategies import embedding_rows
 from lowmem.errors import UserError
 from lowmem.weights.int8 import trainable_tensors
@@ -52,6 +53,8 @@ class FusedStrategy:
         self.scaler = LossScaler.for_model(model, update_config)
         self.two_pass = self.scaler.enabled or (update_config.clip_mode == "two_pass" and self.clip_grad_norm is not None)
         self.params = trainable_tensors(model)
+        # FSDP2 (lowmem.distributed): the hooks fire on each rank's shard of the reduced gradient; norms sum over ranks
+        self.sharded = any(is_sharded(p) for p in self.params.values())
         self.masks = GradientMasks(model, self.params)  # pruned weights (PERP): updates keep their zeros
         self.state = RuleState(rule)
         self.lr = 0.0
@@ -64,7 +67,9 @@ class FusedStrategy:
         self._handles = [p.register_post_accumulate_grad_hook(self._hook_for(n)) for n, p in self.params.items()]
         self._model = weakref.ref(model)
         self._rows_name = None  # the parameter updated from its rows, whose (empty) gradient hook is passed over
-        if row_sparse_embeddings:
+        if self.sharded:
+            self.embedding_gradient = "dense gradient, sharded (FSDP2: the row-sparse lookup is not sharded)"
+        elif row_sparse_embeddings:
             self._rows_name, self.embedding_gradient = embedding_rows.install(model, self.params, rule, self.masks,
                                                                               self._rows_for)
         else:
@@ -146,8 +151,9 @@ class FusedStrategy:
             return
         # masked before its norm is taken or the rule sees it (see lowmem.weights.masks)
         mask = self.masks.mask_grad_(name, grad) if self.masks else None
+        grad = local(grad)
         self._measure_and_apply(grad, grad.numel() * grad.element_size(), lambda scale: apply_rule(
-            self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask))
+            self.rule, param, grad, self.state.get(name, local(param)), self.lr, scale, mask))
         param.grad = None
 
     def _measure_and_apply(self, grad: torch.Tensor, nbytes: int, apply) -> None:
@@ -159,10 +165,14 @@ class FusedStrategy:
         norm = None
         if self._measuring or self.clip_grad_norm is not None:
             norm = torch.linalg.vector_norm(grad, 2, dtype=math_dtype(grad.dtype))
-            self._sq_norms.append(norm.square())
+            self._sq_norms.append(norm.square())  # this rank's share (sharded): summed over the ranks once a step
         if not self._measuring:
             scale = self._grad_scale
             if not self.two_pass and self.clip_grad_norm is not None:
+                if self.sharded:  # the tensor's own norm: its shards' squares summed over the ranks
+                    square = norm.square()
+                    torch.distributed.all_reduce(square)
+                    norm = square.sqrt()
                 scale = clip_coefficient(norm, self.clip_grad_norm)
             with torch.no_grad():
                 apply(scale)
@@ -199,7 +209,10 @@ class FusedStrategy:
         self.scaler.update(found_inf=False)
 
     def _global_norm(self) -> torch.Tensor:
-        return stacked(self._sq_norms).sum().sqrt() if self._sq_norms else torch.zeros(())
+        total = stacked(self._sq_norms).sum() if self._sq_norms else torch.zeros(())
+        if self.sharded:
+            torch.distributed.all_reduce(total)
+        return total.sqrt()
 
     def step(self) -> dict[str, float | torch.Tensor]:
         stats = {"grad_bytes_peak": self._peak_grad_bytes, "state_bytes": self.state.nbytes()}

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from lowmem.distributed.shard import is_sharded
 from lowmem.placement.host_sync import read
 from lowmem.weights.int8 import Int8Weight
 from lowmem.ops.update import math_dtype
@@ -17,10 +18,17 @@ def apply_rule(rule, param, grad: torch.Tensor, state: dict[str, torch.Tensor], 
                grad_scale: float | torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """One step of ``rule`` on a parameter, or on an int8 weight (dequantize → step → requantize).
 
+    ``param`` may be an FSDP2 DTensor, with ``grad`` this rank's shard of its reduced gradient.
     ``mask`` (a pruned weight's bool sparsity mask, ``lowmem.weights.masks``): the weight is multiplied by it after the
     step, so its pruned entries stay exactly zero whatever the rule computed (int8: before requantizing)."""
     if isinstance(param, Int8Weight):
         param.update_with(rule, grad, state, lr, grad_scale=grad_scale, mask=mask)
+        return
+    if is_sharded(param):  # FSDP2: ``grad`` is this rank's shard (lowmem.distributed)
+        if hasattr(rule, "update_sharded"):  # whole-tensor statistics, summed over the ranks
+            rule.update_sharded(param, grad, state, lr, grad_scale=grad_scale)
+        else:  # element-wise: exact on the shard alone
+            rule.update(param.to_local(), grad, state, lr, grad_scale=grad_scale)
         return
     rule.update(param, grad, state, lr, grad_scale=grad_scale)
     if mask is not None:
