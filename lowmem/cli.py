@@ -196,9 +196,11 @@ def prune_command(recipe: str, overrides: tuple[str, ...], output: str | None) -
 @click.option("--fit", "search", is_flag=True, help="Search the knobs for plans that fit, rank them, write the best.")
 @click.option("--write", "write_to", type=click.Path(dir_okay=False), default=None,
               help="With --fit: where to write the chosen recipe (default: RECIPE-fit.yaml here).")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Plan one rank of a run in N processes (FSDP2 shards, gathered layers in flight).")
 @user_errors
 def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: int | None, target: str, search: bool,
-                 write_to: str | None) -> None:
+                 write_to: str | None, nproc: int) -> None:
     """Predict the peak memory of RECIPE's training step by running it on fake tensors (no data, no GPU).
 
     Prints the peak by component. Exit 0 if it fits --budget, 3 if not, with one line naming the change that
@@ -210,6 +212,7 @@ def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: in
     Example:
       lowmem plan llama3-8b-adalomo-24gb model.path=lowmem:llama-3.1-8b --budget 24GB
       lowmem plan tiny-llama-pydoc --fit --budget 200MB --device cpu
+      lowmem plan llama3-8b-adalomo-24gb model.path=lowmem:llama-3.1-8b --nproc 2 --budget 16GB
     """
     from lowmem.config import load_config
     from lowmem.planner.plan import parse_bytes, simulate, suggestion_line
@@ -217,12 +220,15 @@ def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: in
     config = load_config(resolve_recipe(recipe), overrides)
     limit = parse_bytes(budget)
     if search:
+        if nproc > 1:
+            raise UserError("plan: --fit searches one process's knobs; plan several processes without --fit")
         fit_command(config, recipe, limit, target, write_to)
         return
-    plan = simulate(config, steps, target=target)
+    plan = simulate(config, steps, target=target, nproc=nproc)
     click.echo(f"plan: {config.model.path}, {config.model.dtype}, {config.update.strategy} + {config.update.rule}, "
                f"{config.train.batch_size} x {config.data.max_seq_len} tokens x {config.train.gradient_accumulation_steps}"
-               f", {plan.steps} steps simulated in {plan.seconds:.1f} s")
+               + (f", per rank of {nproc} processes (FSDP2)" if nproc > 1 else "")
+               + f", {plan.steps} steps simulated in {plan.seconds:.1f} s")
     click.echo(plan.table())
     for note in plan.notes:
         click.echo(f"note: {note}")

@@ -1,31 +1,49 @@
 """Several processes on FSDP2 (gloo, CPU): a 2-process run equals the plain 1-process run with the same global batch,
 loss for loss and weight for weight (float64: the same math summed in another order, bounded in float_error.py);
-checkpoints resume on another number of processes; what is not supported yet is refused in one line; a rank that
-fails stops the others."""
+checkpoints resume on another number of processes; the plan of a rank counts what the run holds; what is not
+supported yet is refused in one line; a rank that fails stops the others.
+
+The 2-process runs share one pair of processes (``distributed_runs.py``, started once by the module's fixture): a
+start-up costs more than a run of the micro model."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from float_error import RUN64_ADAM_EPS, RUN64_LOSS_RTOL, assert_same_run64
 from lowmem.config import load_config
+from lowmem.errors import UserError
 from lowmem.trainer import train
 
 TESTS = Path(__file__).resolve().parent
 COMMON = ["model.dtype=float64", *RUN64_ADAM_EPS, "train.device=cpu", "train.max_steps=4"]
+FUSED = "update.strategy=fused"
+# strategy × rule on shards: element-wise rules (standard, with accumulation), factored ones with their statistics
+# summed over the ranks (Adafactor with its first moment; fused AdaLomo with per-tensor clipping), two-pass clipping
+CASES = {
+    "adamw": ["update.rule=adamw", "train.gradient_accumulation_steps=2"],
+    "lion": ["update.rule=lion", "update.lr=3e-4"],
+    "adafactor": ["update.rule=adafactor", "update.adafactor.beta1=0.9", "update.lr=1e-2"],
+    "fused-adalomo": [FUSED, "update.rule=adalomo", "update.lr=1e-2"],
+    "fused-sgd-two-pass": [FUSED, "update.rule=sgd", "update.lr=0.3", "update.clip_mode=two_pass"],
+}
+RESUMED = {"adamw": ["update.rule=adamw"],
+           "adafactor": ["update.rule=adafactor", "update.adafactor.beta1=0.9", "update.lr=1e-2"]}
+SAVE_AT_2 = "checkpoint.save_every_n_steps=2"
 
 
-@pytest.fixture
-def recipe(tmp_path, micro_model_path, text_data):
-    path = tmp_path / "recipe.yaml"
+def write_recipe(folder: Path, model_path: str, data_path: str) -> Path:
+    path = folder / "recipe.yaml"
     path.write_text(
-        f"model: {{path: {micro_model_path}}}\n"
-        f"data: {{path: {text_data}, max_seq_len: 48, val_fraction: 0.1}}\n"
+        f"model: {{path: {model_path}}}\n"
+        f"data: {{path: {data_path}, max_seq_len: 48, val_fraction: 0.1}}\n"
         "update: {rule: adamw, lr: 3.0e-3, weight_decay: 0.01, clip_grad_norm: 1.0}\n"
         "train: {batch_size: 4, lr_schedule: cosine, warmup_ratio: 0.25, seed: 7, eval_every_n_steps: 2}\n"
         "log: {progress: false}\n"
@@ -33,17 +51,46 @@ def recipe(tmp_path, micro_model_path, text_data):
     return path
 
 
-def run(recipe, out: Path, *overrides, nproc: int | None = None, check: bool = True):
-    """``lowmem train`` of ``recipe`` into ``out``: in this process, or in ``nproc`` processes (subprocesses)."""
-    args = [*COMMON, f"checkpoint.output_dir={out}", *overrides]
-    if nproc is None:
-        return train(load_config(recipe, args))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "lowmem", "train", str(recipe), *args, "--nproc", str(nproc)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
+def overrides(out: Path, nproc: int, *extra: str) -> list[str]:
+    """The recipe's overrides for a run into ``out`` on ``nproc`` processes with the global micro-batch 4."""
+    return [*COMMON, f"checkpoint.output_dir={out}", f"train.batch_size={4 // nproc}", *extra]
+
+
+def one_process(recipe: Path, out: Path, *extra: str):
+    return train(load_config(recipe, overrides(out, 1, *extra)))
+
+
+def launch_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def two_processes(runs: list[tuple[Path, Path, list[str]]], folder: Path) -> None:
+    """``(recipe, out, extra overrides)`` runs, in order, in one pair of processes."""
+    spec = folder / "runs.json"
+    spec.write_text(json.dumps([[str(recipe), overrides(out, 2, *extra)] for recipe, out, extra in runs]))
+    done = subprocess.run([sys.executable, "-c", "from lowmem.distributed.launch import launch; "
+                           f"launch(2, ['{spec}'], module='distributed_runs')"],
+                          capture_output=True, text=True, env=launch_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, micro_model_path, text_data):
+    """Every 2-process run of this module. Resumes: each rule's 1-process run saved at step 2 (its checkpoint-4 and
+    final removed, the final kept aside) resumes in 2 processes, and a 2-process run saved at step 2 is left for the
+    1-process resume of its test."""
+    folder = tmp_path_factory.mktemp("distributed")
+    recipe = write_recipe(folder, micro_model_path, text_data)
+    batch = [(recipe, folder / f"two-{name}", extra) for name, extra in CASES.items()]
+    for name, extra in RESUMED.items():
+        out = folder / f"resume-1to2-{name}"
+        one_process(recipe, out, *extra, SAVE_AT_2)
+        shutil.copytree(out, folder / f"whole-1-{name}")
+        shutil.rmtree(out / "checkpoint-4")
+        shutil.rmtree(out / "final")
+        batch += [(recipe, out, [*extra, SAVE_AT_2]), (recipe, folder / f"resume-2to1-{name}", [*extra, SAVE_AT_2])]
+    two_processes(batch, folder)
+    return folder, recipe
 
 
 def losses(out: Path) -> list[float]:
@@ -57,65 +104,66 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert_same_run64(wa[key], wb[key], key)
 
 
-FUSED = "update.strategy=fused"
-
-
-@pytest.mark.parametrize("rule,extra", [
-    ("adamw", ["train.gradient_accumulation_steps=2"]), ("sgd", ["update.lr=0.3"]), ("lion", ["update.lr=3e-4"]),
-    ("adafactor", ["update.adafactor.beta1=0.9", "update.lr=1e-2"]),
-    ("adalomo", [FUSED, "update.lr=1e-2"]), ("adalomo", [FUSED, "update.lr=1e-2", "update.clip_mode=two_pass"]),
-    ("sgd", [FUSED, "update.lr=0.3"]),
-])
-def test_two_processes_train_as_one_with_the_same_global_batch(recipe, tmp_path, rule, extra, micro_model_path):
-    """Each strategy × rule on shards against the plain one-process run (the fused runs: per-tensor clipping, its
-    norm summed over the ranks, and two-pass global clipping)."""
-    one = run(recipe, tmp_path / "one", f"update.rule={rule}", *extra)
-    run(recipe, tmp_path / "two", f"update.rule={rule}", "train.batch_size=2", *extra, nproc=2)
-    assert losses(tmp_path / "two") == pytest.approx(one.losses, rel=RUN64_LOSS_RTOL)
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_train_as_one_with_the_same_global_batch(runs, case, micro_model_path):
+    """Each strategy × rule on shards against the plain one-process run; the export is gathered to rank 0."""
+    folder, recipe = runs
+    one = one_process(recipe, folder / f"one-{case}", *CASES[case])
+    two = folder / f"two-{case}"
+    assert losses(two) == pytest.approx(one.losses, rel=RUN64_LOSS_RTOL)
     start, end = load_file(Path(micro_model_path) / "model.safetensors"), load_file(one.final_dir / "model.safetensors")
     assert all(not start[k].double().equal(end[k]) for k in start)  # every tensor trained: the equality means something
-    assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")  # the export, gathered to rank 0
-    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert_same_weights(one.final_dir, two / "final")
+    records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and "val_loss" in records[2]  # rank 0 alone writes
 
 
-@pytest.mark.parametrize("rule", [["update.rule=adamw"],
-                                  ["update.rule=adafactor", "update.adafactor.beta1=0.9", "update.lr=1e-2"]])
-def test_a_checkpoint_resumes_on_another_number_of_processes(recipe, tmp_path, rule):
-    """Each run saves at step 2; its checkpoint-4 and final are removed and the run resumes from checkpoint-2 on the
-    other number of processes (the same global micro-batch), ending where the uninterrupted run ends. Adafactor's
-    state has entries sharded as the weight (exp_avg), by its rows (the row statistic) and replicated (the column
-    statistic)."""
-    import shutil
+@pytest.mark.parametrize("rule", list(RESUMED))
+def test_a_checkpoint_resumes_on_another_number_of_processes(runs, rule):
+    """1 → 2: the fixture's 1-process run resumed from its checkpoint-2 in 2 processes ends where it ended whole.
+    2 → 1: a 2-process run's checkpoint-2 resumed in this process ends where the 2-process run ended whole.
+    Adafactor's state has entries sharded as the weight (exp_avg), by its rows (the row statistic) and replicated
+    (the column statistic)."""
+    folder, recipe = runs
+    whole, resumed = folder / f"whole-1-{rule}", folder / f"resume-1to2-{rule}"
+    assert losses(resumed) == pytest.approx(losses(whole), rel=RUN64_LOSS_RTOL)
+    assert_same_weights(whole / "final", resumed / "final")
+    assert json.loads((resumed / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
 
-    for first, then in ((2, None), (None, 2)):
-        out = tmp_path / f"from{first}"
-        size = lambda nproc: "train.batch_size=2" if nproc else "train.batch_size=4"  # noqa: E731
-        run(recipe, out, size(first), "checkpoint.save_every_n_steps=2", *rule, nproc=first)
-        whole = losses(out)
-        final = tmp_path / f"final{first}"
-        shutil.copytree(out / "final", final)
-        shutil.rmtree(out / "checkpoint-4")
-        shutil.rmtree(out / "final")
-        run(recipe, out, size(then), "checkpoint.save_every_n_steps=2", *rule, nproc=then)
-        assert losses(out) == pytest.approx(whole, rel=RUN64_LOSS_RTOL)
-        assert_same_weights(final, out / "final")
-        state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
-        assert state.get("world_size", 1) == (then or 1)
-
-
-def test_a_changed_global_batch_is_refused_on_resume(recipe, tmp_path):
-    run(recipe, tmp_path / "r", "train.batch_size=2", "train.max_steps=2", nproc=2)
-    done = run(recipe, tmp_path / "r", "train.batch_size=2", check=False, nproc=1)
-    assert done.returncode != 0
-    assert "global micro-batch (processes × train.batch_size) was 2 × 2 when" in done.stderr
-    assert "is 1 × 2 now" in done.stderr and "set train.batch_size=4" in done.stderr
+    out = folder / f"resume-2to1-{rule}"
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
+    shutil.copytree(out, folder / f"whole-2-{rule}")
+    shutil.rmtree(out / "checkpoint-4")
+    shutil.rmtree(out / "final")
+    with pytest.raises(UserError, match=r"global micro-batch \(processes × train.batch_size\) was 2 × 2 when .* is "
+                                        r"1 × 2 now.* set train.batch_size=4"):
+        train(load_config(recipe, [*overrides(out, 1, *RESUMED[rule], SAVE_AT_2), "train.batch_size=2"]))
+    one_process(recipe, out, *RESUMED[rule], SAVE_AT_2)
+    assert losses(out) == pytest.approx(losses(folder / f"whole-2-{rule}"), rel=RUN64_LOSS_RTOL)
+    assert_same_weights(folder / f"whole-2-{rule}" / "final", out / "final")
 
 
-def test_what_is_not_supported_is_refused_in_one_line(recipe, tmp_path):
+def test_plan_of_a_rank_counts_its_shards_as_the_run_holds_them(runs, micro_model_path):
+    """``lowmem plan --nproc 2`` shards the fake model with FSDP2 itself: rank 0's weights are its torch.chunk rows of
+    each parameter (counted independently here), and its rule state is what the real 2-process run reports."""
+    from lowmem.model import load_model
+    from lowmem.planner.plan import simulate
+
+    folder, recipe = runs
+    config = load_config(recipe, overrides(folder / "plan", 2, *CASES["lion"]))
+    plan = simulate(config, target="cpu", nproc=2)
+    model = load_model(micro_model_path, "float64", torch.device("cpu"))
+    shards = sum(torch.chunk(p, 2, dim=0)[0].nbytes for p in model.parameters())
+    assert plan.device["weights float64"] == shards
+    assert simulate(config, target="cpu").device["weights float64"] == sum(p.nbytes for p in model.parameters())
+    record = [json.loads(line) for line in (folder / "two-lion" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert plan.device["rule state"] == record["state_bytes"]  # Lion's momentum of the shards
+
+
+def test_what_is_not_supported_is_refused_in_one_line(runs, tmp_path):
     from lowmem.distributed.support import check_supported
-    from lowmem.errors import UserError
 
+    _folder, recipe = runs
     refused = {"update.strategy=hift": "update.strategy=hift is not supported on several processes yet",
                "update.rule=lion8bit": "update.rule=lion8bit is not supported",
                "model.weight_format=int8": "model.weight_format=int8 is not supported",
@@ -125,18 +173,20 @@ def test_what_is_not_supported_is_refused_in_one_line(recipe, tmp_path):
         config = load_config(recipe, [*COMMON, override])
         with pytest.raises(UserError, match=f"distributed: .*{message}"):
             check_supported(config, config.model.path)
-    done = run(recipe, tmp_path / "f", "update.strategy=hift", nproc=2, check=False)
+    done = subprocess.run([sys.executable, "-m", "lowmem", "train", str(recipe),
+                           *overrides(tmp_path / "h", 2, "update.strategy=hift"), "--nproc", "2"],
+                          capture_output=True, text=True, env=launch_env(), timeout=300)
     assert done.returncode != 0 and "distributed: update.strategy=hift is not supported" in done.stderr
     assert "error: train --nproc 2: rank" in done.stderr
 
 
-def test_a_failing_rank_stops_the_others(recipe, tmp_path):
+def test_a_failing_rank_stops_the_others(runs, tmp_path):
     """Rank 1 fails after joining the group; rank 0 waits in the step's first collective: torchrun stops it, and the
     launcher names the rank (no hang: the subprocess's timeout would fail the test)."""
+    _folder, recipe = runs
     done = subprocess.run([sys.executable, "-c", "from lowmem.distributed.launch import launch; "
                            f"launch(2, ['{recipe}', '{tmp_path / 'x'}'], module='distributed_fault')"],
-                          capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])})
+                          capture_output=True, text=True, timeout=240, env=launch_env())
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
     assert "rank 1 failed" in done.stderr

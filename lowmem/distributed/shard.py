@@ -22,18 +22,31 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, head), onto ``device``; gradients are
-    reduced by a plain sum."""
+def device_mesh(device: torch.device):
+    """The 1-D mesh of every rank on ``device``'s type."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+
+
+def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torch.nn.Module:
+    """``fully_shard`` each decoder layer, the input embedding and the head (untied), then the root (the rest: the
+    final norm; a tied embedding), onto ``device`` (``mesh``: made here unless given); gradients are reduced by a
+    plain sum."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     layers = decoder_layers(model)
     if layers is None:
         raise UserError(f"distributed: {type(model).__name__} has no list of decoder layers to shard")
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    mesh = mesh if mesh is not None else device_mesh(device)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is not embedding.weight:
+        # untied: each its own unit, so neither vocabulary-sized matrix stays gathered through the whole step (the
+        # root's would); the head is used last in forward and first in backward, so it stays gathered in between
+        fully_shard(embedding, mesh=mesh)
+        fully_shard(head, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh)
     for module in model.modules():
         if isinstance(module, FSDPModule):

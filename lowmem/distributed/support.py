@@ -12,8 +12,9 @@ SHARDED_RULES = ("sgd", "adamw", "lion", "adafactor", "adalomo")
 SHARDED_STRATEGIES = ("standard", "fused")
 
 
-def check_supported(config, weights: str) -> None:
-    """Refuse in one line what the FSDP2 path does not run yet."""
+def check_supported(config, weights: str, planning: bool = False) -> None:
+    """Refuse in one line what the FSDP2 path does not run yet (``planning``: for ``lowmem plan --nproc``, which
+    checks no budget of a run)."""
     from lowmem.weights.masks import MASKS_FILE
 
     u = config.update
@@ -35,9 +36,9 @@ def check_supported(config, weights: str) -> None:
          "root's FSDP2 forward); set memory.loss_chunk_tokens=0"),
         (config.memory.offload_states or config.memory.offload_frozen_weights or config.memory.offload_embeddings,
          "memory.offload_* is not supported on several processes (FSDP2 shards the weights and states instead)"),
-        (config.memory.budget_gb is not None,
-         "memory.budget_gb is not checked on several processes yet (the plan is one process's); set "
-         "memory.budget_gb=null"),
+        (config.memory.budget_gb is not None and not planning,
+         "memory.budget_gb is not checked before a run on several processes yet (plan it with lowmem plan --nproc "
+         "N); set memory.budget_gb=null"),
     ]
     for refused, why in refusals:
         if refused:

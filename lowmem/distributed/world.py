@@ -20,6 +20,7 @@ class World:
     local_rank: int = 0
     active: bool = False
     host_group: object = None  # gloo, for host integers (None: the default group, gloo itself on CPU)
+    owns_group: bool = False  # joined by setup (and left by teardown), not by a caller that runs several trainings
 
     @property
     def is_main(self) -> bool:
@@ -63,9 +64,10 @@ def setup(device_name: str) -> tuple[World, str]:
         device_name = f"cuda:{local}"
     else:
         device_name = "cpu"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if cuda else "gloo")
-    world = World(rank, size, local, True, dist.new_group(backend="gloo") if cuda else None)
+    world = World(rank, size, local, True, dist.new_group(backend="gloo") if cuda else None, owns)
     if not world.is_main:  # one process speaks: the others log errors only
         logging.getLogger("lowmem").setLevel(logging.ERROR)
     log.info("distributed: %d processes (%s), FSDP2", size, "nccl" if cuda else "gloo")
@@ -73,5 +75,5 @@ def setup(device_name: str) -> tuple[World, str]:
 
 
 def teardown(world: World) -> None:
-    if world.active and torch.distributed.is_initialized():
+    if world.owns_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

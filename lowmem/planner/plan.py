@@ -35,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lowmem.config import with_overrides
+from lowmem.distributed.shard import device_mesh, local, shard_model
 from lowmem.errors import UserError
 from lowmem.placement.tensor_cache import cached_tensors, clear_tensor_caches
 
@@ -99,6 +100,21 @@ class StorageAccountant(TorchDispatchMode):
         self._refs[key] = weakref.ref(storage, freed)
         self._note_peak()
         return nbytes
+
+    def resized(self, tensor: torch.Tensor) -> None:
+        """``tensor``'s storage was resized in place (FSDP2 frees and re-allocates its gathered parameters so):
+        count its bytes now."""
+        storage = tensor.untyped_storage()
+        entry = self.live.get(id(storage))
+        if entry is None:
+            self.track(tensor)
+            return
+        nbytes = storage.nbytes()
+        self.live[id(storage)] = (nbytes, entry[1] if nbytes else self.phase)
+        self.current += nbytes - entry[0]
+        if id(storage) in self.host_keys:
+            self.host_bytes += nbytes - entry[0]
+        self._note_peak()
 
     def _note_peak(self) -> None:
         device = self.current - self.host_bytes
@@ -359,12 +375,64 @@ PEERS = {"bnb-adamw8bit": PeerAdamW8bit}
 
 
 def simulate(config, steps: int | None = None, fake: bool = True, model=None, target: str = "cuda",
-             count_flops: bool = False, peer: str | None = None) -> Plan:
+             count_flops: bool = False, peer: str | None = None, nproc: int = 1) -> Plan:
     """Run ``steps`` training steps of ``config`` (on fake tensors unless ``fake`` is False, for comparison; then
     ``model`` is the real model to run, or it is loaded from ``model.path``) and return the plan for a ``target``
     device (``cuda`` adds the modeled terms). ``count_flops`` also counts the matrix FLOPs the steps run
     (:class:`MatmulFlops`; recomputation, two-pass clipping and HiFT's shorter backward included, as they
-    run, attention included). ``peer`` runs a baseline of :data:`PEERS` instead of the recipe's strategy and rule."""
+    run, attention included). ``peer`` runs a baseline of :data:`PEERS` instead of the recipe's strategy and rule.
+    ``nproc`` > 1: the plan of rank 0 of a distributed run (``lowmem train --nproc``): the model is sharded by FSDP2
+    itself over a fake process group of ``nproc`` ranks (collectives do nothing, shapes are as in the run), so its
+    shards, its gathered layers in flight and its buffers are counted as the run makes them."""
+    if nproc > 1:
+        if not fake or peer:
+            raise UserError("plan: several processes are planned on fake tensors, with lowmem's strategies only")
+        with fake_process_group(nproc):
+            return _simulate(config, steps, fake, model, target, count_flops, peer, nproc)
+    return _simulate(config, steps, fake, model, target, count_flops, peer, 1)
+
+
+@contextlib.contextmanager
+def counted_resizes(accountant: StorageAccountant):
+    """FSDP2 gathers a layer into storages it keeps and resizes (to the whole parameter, then to nothing): report
+    each resize to ``accountant``, which otherwise sees a storage's bytes only when it is made."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    alloc, free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def counted(resize):
+        def run(tensor: torch.Tensor) -> None:
+            resize(tensor)
+            accountant.resized(tensor)
+
+        return run
+
+    _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = counted(alloc)
+    _fsdp_param.free_storage = counted(free)
+    try:
+        yield
+    finally:
+        _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc
+        _fsdp_param.free_storage = free
+
+
+@contextlib.contextmanager
+def fake_process_group(nproc: int):
+    """A process group of ``nproc`` ranks in this one process, as rank 0 (torch's fake backend: collectives return at
+    once); a run's own group, when one exists, is refused."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise UserError("plan: several processes are planned outside a distributed run (call it before joining one)")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=nproc)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _simulate(config, steps, fake, model, target, count_flops, peer, nproc) -> Plan:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from lowmem.activations.loss import check_chunked_head, chunk_tokens_for, loss_sum
     from lowmem.rules import make_rule
@@ -379,8 +447,14 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     prepared = model is not None  # a model handed in is ready; one built here gets PERP's part in the count below
     if fake:
         model = _fake_model(config, mode)
+        mesh = device_mesh(torch.device("cpu")) if nproc > 1 else None  # made outside: it reads its ranks' ids
         with mode:
             _prepare(model, config)
+            if nproc > 1:  # as the trainer does it: sharded before anything else is made
+                from lowmem.distributed.support import check_supported
+
+                check_supported(config, config.model.path, planning=True)
+                shard_model(model, torch.device("cpu"), mesh)
     elif model is None:
         from lowmem.model import load_model
 
@@ -388,7 +462,8 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
         model = load_model(config.model.path, config.model.dtype, "cpu", config.model.gradient_checkpointing, int8,
                            config.train.seed)
     notes = []
-    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
+    # several processes: the plain loss, as the trainer runs it there
+    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size) if nproc == 1 else 0
     if chunk and not fake:  # the trainer's probe compares values, which fake tensors do not have
         try:
             check_chunked_head(model)
@@ -399,7 +474,7 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
     state_holder: dict = {}
     accountant = StorageAccountant(lambda live, host: _components(live, host, model, state_holder))
     for tensor in [*model.parameters(), *model.buffers(), *cached_tensors()]:  # and constants its making left
-        accountant.track(tensor, "weights")
+        accountant.track(local(tensor), "weights")  # a sharded parameter: this rank's shard
     context = mode if fake else contextlib.nullcontext()
     unpacked = _UnpackedPositions() if fake else contextlib.nullcontext()
     device = torch.device("cpu")
@@ -415,12 +490,13 @@ def simulate(config, steps: int | None = None, fake: bool = True, model=None, ta
         _register_cpu_attention_flops()
     flops = MatmulFlops() if count_flops else contextlib.nullcontext()
     baseline = PEERS[peer](model, config.update.lr) if peer else None
-    with unpacked, context, accountant, flops:
+    resizes = counted_resizes(accountant) if nproc > 1 else contextlib.nullcontext()
+    with unpacked, context, accountant, flops, resizes:
         if not prepared:  # pruning runs on the device before the first step: its peak is part of the run's
             accountant.phase = "prune"
             _retraining(model, config, mode, accountant.track)
             for tensor in [*model.parameters(), *model.buffers()]:  # adapters; masks loaded from a file
-                accountant.track(tensor, "weights")
+                accountant.track(local(tensor), "weights")
         if baseline is None:
             strategy = make_strategy(config.update.strategy, model, make_rule(config.update), config.update, config,
                                      device)
@@ -496,7 +572,12 @@ def _weight_labels(model) -> dict[int, str]:
 
     labels = {}
     for tensor in [*model.parameters(), *model.buffers()]:
-        labels[id(tensor.untyped_storage())] = f"weights {str(tensor.dtype).removeprefix('torch.')}"
+        labels[id(local(tensor).untyped_storage())] = f"weights {str(tensor.dtype).removeprefix('torch.')}"
+    for fsdp_param in _fsdp_params(model):  # a gathered module's parameters are its whole ones: its shards are here
+        tensor = fsdp_param.sharded_param
+        labels[id(local(tensor).untyped_storage())] = f"weights {str(tensor.dtype).removeprefix('torch.')}"
+    for tensor in _gathered_weights(model):
+        labels[id(tensor.untyped_storage())] = "gathered layers (FSDP2)"
     for weight in int8_weights(model).values():
         for tensor in weight.buffers(recurse=False):
             labels[id(tensor.untyped_storage())] = "weights int8"
@@ -509,10 +590,34 @@ def _weight_labels(model) -> dict[int, str]:
 
 
 
+def _fsdp_params(model) -> list:
+    """FSDP2's records of the model's parameters (each with its shard and, while gathered, its whole tensor)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    out = []
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            out.extend(group.fsdp_params if group is not None else ())
+    return out
+
+
+def _gathered_weights(model) -> list[torch.Tensor]:
+    """FSDP2's whole parameters and all-gather buffers of the layers gathered now (lowmem.distributed)."""
+    out = []
+    for fsdp_param in _fsdp_params(model):
+        for name in ("_unsharded_param", "_unsharded_inner_tensors", "all_gather_outputs"):
+            value = getattr(fsdp_param, name, None)
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes():
+                    out.append(tensor)
+    return out
+
+
 def _components(live: dict[int, tuple[int, str]], host: set[int], model, holder: dict) -> dict[str, int]:
     """The live storages by component (the module docstring's names); those in ``host`` marked as in host memory."""
     weights = _weight_labels(model)
-    grads = {id(p.grad.untyped_storage()) for p in model.parameters() if p.grad is not None}
+    grads = {id(local(p.grad).untyped_storage()) for p in model.parameters() if p.grad is not None}
     state = set()
     strategy = holder.get("strategy")
     rule_state = _rule_state(strategy) if strategy is not None else None
