@@ -235,7 +235,11 @@ def plan_command(recipe: str, overrides: tuple[str, ...], budget: str, steps: in
     if plan.fits(limit):
         click.echo(f"fits: {plan.device_bytes / 2**30:.2f} GiB of {limit / 2**30:.2f} GiB")
         return
-    click.echo(suggestion_line(config, plan, limit, target), err=True)
+    if nproc > 1:  # the knob search simulates one process
+        click.echo(f"plan: needs {plan.device_bytes / 2**30:.2f} GiB per rank, over the {limit / 2**30:.2f} GiB budget "
+                   "(more processes shard more; the knob search, --fit, plans one process)", err=True)
+    else:
+        click.echo(suggestion_line(config, plan, limit, target), err=True)
     sys.exit(3)
 
 

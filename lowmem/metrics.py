@@ -42,8 +42,8 @@ class SavedTensorBytes:
 
     This is the activation memory a forward leaves for backward: storages of ``params`` (weights saved by
     reference, or views of them) are excluded. Frozen layers below every trainable one save nothing,
-    which this makes visible. (FSDP2: a parameter's local shard is excluded; the layers' gathered weights that
-    backward keeps count.)
+    which this makes visible. (FSDP2: a parameter's local shard is excluded, and so is any parameter saved by
+    reference: its gathered whole parameters.)
     """
 
     def __init__(self, params=()):
@@ -54,7 +54,10 @@ class SavedTensorBytes:
         self._hooks = None
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type != "meta":
+        # a parameter (or a view of one) saved by reference: FSDP2's gathered whole parameters, which it frees after
+        # the layer's forward and gathers again for its backward, are weights, not activations
+        gathered = isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter)
+        if tensor.device.type != "meta" and not gathered:
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             if key not in self._seen:

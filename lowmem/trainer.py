@@ -71,6 +71,13 @@ def total_steps(config: Config, n_train: int | None, nproc: int = 1) -> int:
     return steps
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers this process holds (distributed: its shards)."""
+    from lowmem.distributed.shard import local
+
+    return sum(local(t).nbytes for t in [*model.parameters(), *model.buffers()])
+
+
 def find_resume_point(config: Config) -> Path | None:
     resume = config.checkpoint.resume
     if resume == "never":
@@ -241,7 +248,8 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     if start_step == 0:
         scores = validate(0)
         # what trains (and the sparsity this run pruned to) heads the metrics, with the starting validation
-        first = {"step": 0, "trainable_params": retraining.trainable, "total_params": retraining.total}
+        first = {"step": 0, "trainable_params": retraining.trainable, "total_params": retraining.total,
+                 "weight_bytes": weight_bytes(model)}
         if retraining.report is not None:
             first.update(sparsity=retraining.report.sparsity, model_sparsity=retraining.report.model_sparsity)
         if metrics is not None:
