@@ -79,7 +79,8 @@ def open_rows(path: str, split: str = "train", streaming: bool = False):
         elif p.exists() or not (path.startswith((".", "/", "~")) or p.suffix):
             ds = datasets.load_dataset(local, split=split, streaming=streaming)  # a folder, or a hub id
         else:
-            raise DataError(f"data.path {path} does not exist (a {'/'.join(FILE_BUILDERS)} file, a folder, or a hub id)")
+            raise DataError(f"data.path {path} does not exist (a {'/'.join(FILE_BUILDERS)} file, a folder, or a hub "
+                            "id)")
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for unreadable files; all mean bad input here

@@ -66,6 +66,7 @@ class StreamingBatches:
         self._offset = 0  # tokens of the first pending row already in a sequence
         self._pending_tokens = 0  # tokens in _pending past _offset
         self._epoch_sequences = 0
+        self._epoch_tokens = 0  # tokens drawn this epoch (a file whose rows are all empty is refused, not looped on)
         self._skipped = 0
 
     # -- rows ----------------------------------------------------------------------------------------
@@ -110,11 +111,13 @@ class StreamingBatches:
         if self._epoch_sequences == 0 and not self.packing:
             raise DataError(f"data.path {self.data.path}: no row has label tokens within data.max_seq_len="
                             f"{self.data.max_seq_len}")
+        if self._epoch_tokens == 0:
+            raise DataError(f"data.path {self.data.path}: its rows make no tokens")
         if self._skipped:
             log.warning("data: %d rows of epoch %d have no label tokens within data.max_seq_len and were skipped",
                         self._skipped, self.epoch)
         self.epoch += 1
-        self.rows_read = self.draws = self._epoch_sequences = self._skipped = 0
+        self.rows_read = self.draws = self._epoch_sequences = self._epoch_tokens = self._skipped = 0
         self._reader = None
 
     def _fill(self) -> bool:
@@ -135,6 +138,7 @@ class StreamingBatches:
         for (index, _row), example in zip(rows, examples):
             self._pending.append((index, example))
             self._pending_tokens += len(example.input_ids)
+            self._epoch_tokens += len(example.input_ids)
 
     # -- sequences -----------------------------------------------------------------------------------
 
@@ -181,7 +185,8 @@ class StreamingBatches:
     def state_dict(self) -> dict:
         return {"streaming": True, "epoch": self.epoch, "rows_read": self.rows_read, "draws": self.draws,
                 "buffer": [index for index, _ in self._buffer], "pending": [index for index, _ in self._pending],
-                "offset": self._offset, "epoch_sequences": self._epoch_sequences, "skipped": self._skipped}
+                "offset": self._offset, "epoch_sequences": self._epoch_sequences, "skipped": self._skipped,
+                "epoch_tokens": self._epoch_tokens}
 
     def load_state_dict(self, state: dict) -> None:
         if not state.get("streaming"):
@@ -209,6 +214,7 @@ class StreamingBatches:
             self._add_pending([(index, rows[index]) for index in state["pending"]])
         self._offset = int(state["offset"])
         self._pending_tokens -= self._offset
+        self._epoch_tokens = int(state.get("epoch_tokens", 1))
         self._reader = None
 
 

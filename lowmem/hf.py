@@ -206,11 +206,12 @@ class LowmemTrainerMixin:
         saved = load_file(str(path)) if path.is_file() else {}
         mine = masks_state_dict(self.model)
         if saved.keys() != mine.keys() or any(not torch.equal(saved[k], mine[k]) for k in saved):
-            where = "has no" if not saved else "holds other"
-            raise UserError(f"LowmemTrainer: {folder} holds sparsity masks the model does not have (load the model "
-                            f"with lowmem.load_model('{folder}'), which attaches them, then resume)" if not mine else
-                            f"LowmemTrainer: {folder} {where} sparsity masks than the model's (resume the model it was "
-                            "written from)")
+            if not mine:
+                raise UserError(f"LowmemTrainer: {folder} holds sparsity masks the model does not have (load the "
+                                f"model with lowmem.load_model('{folder}'), which attaches them, then resume)")
+            what = ("has no sparsity masks, but the model has some" if not saved
+                    else "holds other sparsity masks than the model's")
+            raise UserError(f"LowmemTrainer: {folder} {what} (resume the model it was written from)")
 
     def _load_int8_checkpoint(self, folder: Path) -> None:
         """Int8 weights exactly from their saved state; the float ones (norms, embeddings, head) from the export."""

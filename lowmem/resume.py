@@ -82,8 +82,8 @@ def check_compatible(checkpoint, saved: dict[str, Any] | None, current: dict[str
             f"{old['train.batch_size'] * before // now if old['train.batch_size'] * before % now == 0 else '…'}, or "
             "start a new run with checkpoint.resume=never or another checkpoint.output_dir)")
     for key, value in new.items():
-        if (regrouped and key == "train.batch_size") or key in SAFE_KEYS or key.startswith(SAFE_SECTIONS) or key not in old \
-                or old[key] == value:
+        regrouped_batch = regrouped and key == "train.batch_size"  # checked above, as the global micro-batch
+        if regrouped_batch or key in SAFE_KEYS or key.startswith(SAFE_SECTIONS) or key not in old or old[key] == value:
             continue
         if key in SAFE_UNLESS_NULL and None not in (old[key], value):
             continue

@@ -25,7 +25,7 @@ from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.data_stream import StreamingBatches, stream_fingerprint
 from lowmem.distributed.gather import export_final as distributed_export
 from lowmem.distributed.gather import save_checkpoint as distributed_save
-from lowmem.distributed.shard import shard_model, slice_state
+from lowmem.distributed.shard import load_state_shards, shard_model
 from lowmem.distributed.support import check_supported
 from lowmem.distributed.world import World, teardown
 from lowmem.distributed.world import setup as distributed_setup
@@ -207,9 +207,11 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         eliminator = None
     start_step = 0
     if resume_from:
-        saved = ckpt.load_strategy_state(resume_from)
-        if world.active:
-            saved = slice_state(saved, update.strategy.params, getattr(update.rule, "replicated_state", ()))
+        if world.active:  # each rank reads its own rows of the saved state
+            saved = load_state_shards(resume_from / "optimizer.safetensors", update.strategy.params,
+                                      getattr(update.rule, "replicated_state", ()))
+        else:
+            saved = ckpt.load_strategy_state(resume_from)
         update.load_state_dict(saved)
         if eliminator is not None:
             eliminator.load_state_dict(ckpt.load_token_state(resume_from))
@@ -245,11 +247,12 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         return scores
 
     progress = Progress(steps, start_step, config.log.progress and world.is_main)
+    held_bytes = weight_bytes(model)  # before validation: FSDP2 keeps the root and the head gathered after a forward
     if start_step == 0:
         scores = validate(0)
         # what trains (and the sparsity this run pruned to) heads the metrics, with the starting validation
         first = {"step": 0, "trainable_params": retraining.trainable, "total_params": retraining.total,
-                 "weight_bytes": weight_bytes(model)}
+                 "weight_bytes": held_bytes}
         if retraining.report is not None:
             first.update(sparsity=retraining.report.sparsity, model_sparsity=retraining.report.model_sparsity)
         if metrics is not None:

@@ -28,6 +28,11 @@ def sharded_factored_update_(rule, param, grad: torch.Tensor, state: dict[str, t
                              grad_scale=1.0) -> None:
     """One step of the factored ``rule`` on the DTensor ``param`` (Shard(0)), from this rank's shard ``grad`` of the
     reduced gradient; ``state`` holds this rank's share (see the module docstring)."""
+    if param.dim() > 2:
+        from lowmem.errors import UserError
+
+        raise UserError(f"distributed: {rule.name} on a {param.dim()}-D parameter sharded by rows is not supported "
+                        "(its column statistic would span more than one dimension); use update.rule=adamw")
     shard = param.to_local()
     rows_total, numel = param.shape[0], param.numel()
     state["step"] += 1

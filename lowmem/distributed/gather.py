@@ -1,6 +1,7 @@
 """Checkpoints and the final export of a distributed run: rank 0 writes the one-process format (full tensors), and
 every rank takes part in gathering each tensor, one at a time in the writer's order (``lowmem.hf_folder``'s entries;
-the rule state in sorted order), so memory holds one whole tensor beyond the shards."""
+the rule state in sorted order). The other ranks drop each whole tensor at once; rank 0 holds one shard of the weights
+at a time, but the whole rule state while it writes ``optimizer.safetensors`` (one file, as a one-process run)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def save_checkpoint(world: World, output_dir: Path, step: int, model, tokenizer,
                     keep_last: int) -> None:
     """:func:`lowmem.checkpoint.save_checkpoint` for a distributed run: the rule state and weights gathered whole,
     written by rank 0, atomically as ever."""
-    state = GatheredState(gather_state(update.state_dict(), params, getattr(update.rule, "replicated_state", ())))
+    state = GatheredState(gather_state(update.state_dict(), params, getattr(update.rule, "replicated_state", ()),
+                                       keep=world.is_main))
     if world.is_main:
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, state, {**trainer_state, "world_size": world.size},
                              keep_last)

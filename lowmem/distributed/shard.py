@@ -57,48 +57,63 @@ def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torc
     return model
 
 
-def _sharded_entry(key: str, tensor: torch.Tensor, params: dict[str, torch.Tensor], replicated) -> torch.Tensor | None:
+def _sharded_entry(key: str, ndim: int, params: dict[str, torch.Tensor], replicated) -> torch.Tensor | None:
     """The sharded parameter whose rows ``key``'s state follows (sharded along dim 0 as it is), or None when the entry
     is the same on every rank (a step count; the rule's ``replicated_state``, such as Adafactor's column statistic)."""
     from lowmem.strategies.state import STATE_SEPARATOR
 
     name, what = key.rsplit(STATE_SEPARATOR, 1)
     param = params.get(name)
-    if param is None or not is_sharded(param) or tensor.dim() == 0 or what in replicated:
+    if param is None or not is_sharded(param) or ndim == 0 or what in replicated:
         return None
     return param
 
 
-def gather_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=()) -> dict[str, torch.Tensor]:
+def gather_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=(),
+                 keep: bool = True) -> dict[str, torch.Tensor]:
     """A strategy's flat state (``name::key`` → local tensor) with each sharded entry gathered whole (on every rank:
-    a collective, entry by entry in sorted order); the ``replicated`` keys and scalars are the same on every rank."""
+    a collective, entry by entry in sorted order); the ``replicated`` keys and scalars are the same on every rank.
+    ``keep``: false on the ranks that only take part (each gathered entry is dropped at once): {} comes back."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for key in sorted(flat):
         tensor = flat[key]
-        param = _sharded_entry(key, tensor, params, replicated)
+        param = _sharded_entry(key, tensor.dim(), params, replicated)
         if param is not None:
             shape = param.shape[: tensor.dim()]  # the parameter's, or its rows' (a row statistic)
             whole = DTensor.from_local(tensor.to(local(param).device), param.device_mesh, param.placements,
                                        shape=shape, stride=torch.empty(shape, device="meta").stride())
             tensor = whole.full_tensor()
-        out[key] = tensor.detach().cpu()
+        if keep:
+            out[key] = tensor.detach().cpu()
     return out
 
 
-def slice_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=()) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`gather_state`: each whole entry of a sharded parameter cut to this rank's shard, as FSDP2
-    cuts the parameter (``torch.chunk`` along dim 0; a rank past the last chunk holds an empty one)."""
+def load_state_shards(path, params: dict[str, torch.Tensor], replicated=()) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`gather_state`, from a saved file: each whole entry of a sharded parameter read only in this
+    rank's rows, as FSDP2 cuts the parameter (``torch.chunk`` along dim 0: chunks of ⌈rows / ranks⌉, a rank past the
+    last one holds none), so no rank holds the whole state in memory."""
+    from safetensors import safe_open
+
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out = {}
-    for key, tensor in flat.items():
-        param = _sharded_entry(key, tensor, params, replicated)
-        if param is not None:
-            chunks = torch.chunk(tensor, size, dim=0)
-            tensor = chunks[rank] if rank < len(chunks) else tensor[:0]
-            if tensor.shape != local(param).shape[: tensor.dim()]:
+    if not path.exists():
+        return out
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            entry = f.get_slice(key)
+            shape = entry.get_shape()
+            param = _sharded_entry(key, len(shape), params, replicated)
+            if param is None:
+                out[key] = f.get_tensor(key)
+                continue
+            rows = shape[0]
+            chunk = -(-rows // size)
+            start = min(rank * chunk, rows)
+            tensor = entry[start:min(start + chunk, rows)]
+            if tuple(tensor.shape) != tuple(local(param).shape[: len(shape)]):
                 raise UserError(f"resume: the state {key} has shape {tuple(tensor.shape)} on rank {rank}, the shard "
                                 f"is {tuple(local(param).shape)} (was it written for this model?)")
-        out[key] = tensor.clone()
+            out[key] = tensor
     return out

@@ -18,6 +18,7 @@ def check_supported(config, weights: str, planning: bool = False) -> None:
     from lowmem.weights.masks import MASKS_FILE
 
     u = config.update
+    masks = (Path(assets.resolve(weights)) / MASKS_FILE).is_file()
     refusals = [
         (u.strategy not in SHARDED_STRATEGIES,
          f"update.strategy={u.strategy} is not supported on several processes yet (use "
@@ -26,7 +27,7 @@ def check_supported(config, weights: str, planning: bool = False) -> None:
          f"update.rule={u.rule} is not supported on several processes yet (its int8 blocks would be cut per shard); "
          f"use one of {', '.join(SHARDED_RULES)}"),
         (config.model.weight_format != "float", "model.weight_format=int8 is not supported on several processes"),
-        (config.prune.criterion != "none" or u.trainable != "all" or (Path(assets.resolve(weights)) / MASKS_FILE).is_file(),
+        (config.prune.criterion != "none" or u.trainable != "all" or masks,
          "pruning, sparsity masks and update.trainable (PERP) are not supported on several processes yet"),
         (config.tokens.eliminate, "tokens.eliminate is not supported on several processes yet"),
         (config.data.streaming, "data.streaming is not supported on several processes yet (each rank would read its "

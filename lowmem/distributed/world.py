@@ -57,8 +57,15 @@ def setup(device_name: str) -> tuple[World, str]:
         return World(), device_name
     import torch.distributed as dist
 
+    from lowmem.errors import UserError
+
     rank, size, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but torch sees no CUDA GPU (use train.device=cpu or auto)")
     cuda = device_name != "cpu" and torch.cuda.is_available()
+    if cuda and local >= torch.cuda.device_count():
+        raise UserError(f"distributed: process {local} on this machine has no GPU of its own (it has "
+                        f"{torch.cuda.device_count()}); use at most --nproc {torch.cuda.device_count()}")
     if cuda:
         torch.cuda.set_device(local)
         device_name = f"cuda:{local}"
@@ -75,5 +82,10 @@ def setup(device_name: str) -> tuple[World, str]:
 
 
 def teardown(world: World) -> None:
-    if world.owns_group and torch.distributed.is_initialized():
+    """Leave what :func:`setup` joined: the host-count group always, the default group when setup made it."""
+    if not (world.active and torch.distributed.is_initialized()):
+        return
+    if world.host_group is not None:
+        torch.distributed.destroy_process_group(world.host_group)
+    if world.owns_group:
         torch.distributed.destroy_process_group()
