@@ -46,13 +46,16 @@ def draw_slot(seed: int, epoch: int, draw: int, size: int) -> int:
 
 class StreamingBatches:
     """Micro-batches of ``batch_size`` sequences streamed from data.path; the interface of
-    :class:`lowmem.data.BatchStream` (``next``, ``epoch``, ``state_dict``, ``load_state_dict``)."""
+    :class:`lowmem.data.BatchStream` (``next``, ``epoch``, ``state_dict``, ``load_state_dict``). ``part=(rank,
+    nproc)``: every process reads the same stream and keeps its ``rank``-th slice of each global micro-batch of
+    ``nproc × batch_size`` sequences (each reads and tokenizes the whole stream: simple and exact)."""
 
     def __init__(self, data_config, tokenizer, batch_size: int, seed: int, pad_id: int,
-                 shuffle_buffer: int | None = None):
+                 shuffle_buffer: int | None = None, part: tuple[int, int] = (0, 1)):
         self.data = data_config
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.rank, self.nproc = part
         self.seed = seed
         self.pad_id = pad_id
         self.buffer_size = shuffle_buffer if shuffle_buffer is not None else data_config.shuffle_buffer
@@ -178,7 +181,8 @@ class StreamingBatches:
         return Example(ids, labels)
 
     def next(self):
-        return collate([self._next_sequence() for _ in range(self.batch_size)], self.pad_id)
+        sequences = [self._next_sequence() for _ in range(self.batch_size * self.nproc)]
+        return collate(sequences[self.rank * self.batch_size:(self.rank + 1) * self.batch_size], self.pad_id)
 
     # -- position ------------------------------------------------------------------------------------
 

@@ -178,7 +178,7 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     data = build_datasets(config.data, tokenizer, config.train.seed)
     if config.data.streaming:  # read as the steps need it; the resume check sees the files, not every token
         stream = StreamingBatches(config.data, tokenizer, config.train.batch_size, config.train.seed,
-                                  tokenizer.pad_token_id)
+                                  tokenizer.pad_token_id, part=(world.rank, world.size))
         n_train, data_fingerprint = None, stream_fingerprint(config.data.path)
     else:
         stream = BatchStream(data.train, config.train.batch_size, config.train.seed, tokenizer.pad_token_id,

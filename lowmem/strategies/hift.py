@@ -64,6 +64,11 @@ class HiftStrategy:
         self._activate(self.groups[0])
 
     @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """Every unit's trainable tensors, by name (the inner strategy's)."""
+        return self.inner.params
+
+    @property
     def n_groups(self) -> int:
         return len(self.groups)
 
