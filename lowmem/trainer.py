@@ -25,10 +25,11 @@ from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.data_stream import StreamingBatches, stream_fingerprint
 from lowmem.distributed.gather import export_final as distributed_export
 from lowmem.distributed.gather import save_checkpoint as distributed_save
-from lowmem.distributed.shard import load_state_shards, shard_model
+from lowmem.distributed.shard import load_state_shards, reshard, shard_model
 from lowmem.distributed.support import check_supported
 from lowmem.distributed.world import World, teardown
 from lowmem.distributed.world import setup as distributed_setup
+from lowmem.placement.units import trace_forward_stages
 from lowmem.errors import UserError
 from lowmem.placement.host_sync import read_all
 from lowmem.activations.loss import count_label_tokens, evaluate, loss_sum, resolve_chunk_tokens
@@ -172,6 +173,8 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed or world.active else device,
                        config.model.gradient_checkpointing, int8, config.train.seed)
     if world.active:
+        if config.update.strategy == "hift":  # its units are found by a fake forward, which a sharded model cannot run
+            trace_forward_stages(model)
         shard_model(model, device)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
@@ -241,6 +244,8 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         update.flush()  # updates still running on the host (host embeddings)
         scores = evaluate(model, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id,
                                               config.train.eval_max_batches), device, chunk)
+        if world.active:
+            reshard(model)
         if result.first_eval is None:
             result.first_eval = scores
         result.last_eval = scores

@@ -26,13 +26,17 @@ TESTS = Path(__file__).resolve().parent
 COMMON = ["model.dtype=float64", *RUN64_ADAM_EPS, "train.device=cpu", "train.max_steps=4"]
 FUSED = "update.strategy=fused"
 # strategy × rule on shards: element-wise rules (standard, with accumulation), factored ones with their statistics
-# summed over the ranks (Adafactor with its first moment; fused AdaLomo with per-tensor clipping), two-pass clipping
+# summed over the ranks (Adafactor with its first moment; fused AdaLomo with per-tensor clipping), two-pass clipping,
+# HiFT (standard and fused inside), and a streamed run
 CASES = {
     "adamw": ["update.rule=adamw", "train.gradient_accumulation_steps=2"],
     "lion": ["update.rule=lion", "update.lr=3e-4"],
     "adafactor": ["update.rule=adafactor", "update.adafactor.beta1=0.9", "update.lr=1e-2"],
     "fused-adalomo": [FUSED, "update.rule=adalomo", "update.lr=1e-2"],
     "fused-sgd-two-pass": [FUSED, "update.rule=sgd", "update.lr=0.3", "update.clip_mode=two_pass"],
+    "hift": ["update.strategy=hift", "hift.group_size=2", "update.rule=adamw"],
+    "hift-fused-adalomo": ["update.strategy=hift", "hift.group_size=2", "hift.fused=true", "update.rule=adalomo",
+                           "update.lr=1e-2"],
     "streaming": ["data.streaming=true", "data.val_fraction=null", "data.shuffle_buffer=8"],
 }
 RESUMED = {"adamw": ["update.rule=adamw"],
@@ -167,7 +171,7 @@ def test_what_is_not_supported_is_refused_in_one_line(runs, tmp_path):
 
     _folder, recipe = runs
     refused = {("update.rule=lion8bit",): "update.rule=lion8bit is not supported",
-               ("update.strategy=hift",): "update.strategy=hift is not supported",
+               ("update.strategy=hift", "memory.offload_states=true"): "memory.offload_\\* is not supported",
                ("model.weight_format=int8",): "model.weight_format=int8 is not supported",
                ("memory.loss_chunk_tokens=64",): "set memory.loss_chunk_tokens=0",
                ("update.trainable=norms",): "update.trainable \\(PERP\\)"}

@@ -69,6 +69,17 @@ def _sharded_entry(key: str, ndim: int, params: dict[str, torch.Tensor], replica
     return param
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free every gathered parameter. A forward without backward (validation) leaves the root and the head gathered:
+    that holds their memory, and a gathered parameter keeps the ``requires_grad`` it was gathered with (HiFT changes
+    it between steps; FSDP2 copies it from the shard only when it gathers)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def gather_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=(),
                  keep: bool = True) -> dict[str, torch.Tensor]:
     """A strategy's flat state (``name::key`` → local tensor) with each sharded entry gathered whole (on every rank:

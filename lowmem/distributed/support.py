@@ -9,7 +9,7 @@ from lowmem.errors import UserError
 
 # on shards: the element-wise rules alone, the factored ones with their whole-tensor statistics summed over the ranks
 SHARDED_RULES = ("sgd", "adamw", "lion", "adafactor", "adalomo")
-SHARDED_STRATEGIES = ("standard", "fused")  # hift: its unit discovery runs a fake forward, which FSDP2's hooks break
+SHARDED_STRATEGIES = ("standard", "fused", "hift")
 
 
 def check_supported(config, weights: str, planning: bool = False) -> None:

@@ -36,8 +36,10 @@ class Unit:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stored_bytes() if isinstance(p, Int8Weight) else p.numel() * p.element_size()
-                   for p in self.params.values())
+        """Bytes of its weights this process holds (FSDP2: its shards)."""
+        from lowmem.distributed.shard import local
+
+        return sum(p.stored_bytes() if isinstance(p, Int8Weight) else local(p).nbytes for p in self.params.values())
 
 
 def _weights_of(module: torch.nn.Module):
@@ -66,8 +68,17 @@ def forward_stages(model: torch.nn.Module, layers) -> dict[str, tuple[float, int
     """Module name → (where the forward first calls it: ``i`` inside decoder layer i, ``i + 0.5`` after layer i
     and before the next, ``-0.5`` before the first; the order of that first call among all modules). One forward
     of two tokens under ``FakeTensorMode``: shapes only, nothing computed or allocated; in eval mode, so no
-    dropout draws from the real generator."""
+    dropout draws from the real generator. A model sharded by FSDP2 cannot run that forward (its hooks would gather
+    fake shards): its stages are the ones :func:`trace_forward_stages` kept before it was sharded."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kept = getattr(model, STAGES_ATTRIBUTE, None)
+    if kept is not None:
+        return kept
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise RuntimeError("the model is sharded by FSDP2 and its forward was not traced before")
 
     stage = [BEFORE_LAYERS]
     first: dict[str, tuple[float, int]] = {}
@@ -94,6 +105,14 @@ def forward_stages(model: torch.nn.Module, layers) -> dict[str, tuple[float, int
         for handle in handles:
             handle.remove()
     return first
+
+
+STAGES_ATTRIBUTE = "_lowmem_forward_stages"
+
+
+def trace_forward_stages(model: torch.nn.Module) -> None:
+    """Trace :func:`forward_stages` now and keep it on the model, for HiFT on a model about to be sharded."""
+    setattr(model, STAGES_ATTRIBUTE, forward_stages(model, decoder_layers(model)))
 
 
 def discover_units(model: torch.nn.Module) -> list[Unit]:
