@@ -135,8 +135,7 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, tra
     def write(tmp: Path) -> None:
         _settle()
         save_model(model, tmp)
-        if int8_weights(model):
-            save_file(int8_state_dict(model), tmp / INT8_FILE)
+        save_int8_weights(model, tmp)
         tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in strategy.state_dict().items()},
                   tmp / "optimizer.safetensors")
@@ -235,6 +234,13 @@ def save_masks(model, folder: Path) -> None:
     masks = masks_state_dict(model)
     if masks:
         save_file(masks, folder / MASKS_FILE)
+
+
+def save_int8_weights(model, folder: Path) -> None:
+    """``weights_int8.safetensors``, the int8 weights' exact state, when the model has int8 weights (their float export
+    beside it does not requantize exactly)."""
+    if int8_weights(model):
+        save_file(int8_state_dict(model), folder / INT8_FILE)
 
 
 def load_int8_weights(checkpoint: Path, model) -> bool:

@@ -140,11 +140,9 @@ class LowmemTrainerMixin:
         return super()._maybe_log_save_evaluate(tr_loss, norm if norm is not None else grad_norm, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        from safetensors.torch import save_file
         from transformers.trainer import TRAINING_ARGS_NAME
 
-        from lowmem.checkpoint import INT8_FILE, _settle, save_masks, save_model
-        from lowmem.weights.int8 import int8_state_dict, int8_weights
+        from lowmem.checkpoint import _settle, save_int8_weights, save_masks, save_model
 
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -152,8 +150,7 @@ class LowmemTrainerMixin:
         _settle()  # weights kept in host memory are written by copies that may still be queued
         save_model(self.model, folder, merge=True)
         save_masks(self.model, folder)
-        if int8_weights(self.model):  # the exact int8 state beside the float export, for a resume
-            save_file(int8_state_dict(self.model), folder / INT8_FILE)
+        save_int8_weights(self.model, folder)  # the exact int8 state beside the float export, for a resume
         if self.processing_class is not None:
             self.processing_class.save_pretrained(folder)
         torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))

@@ -25,11 +25,10 @@ from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.data_stream import StreamingBatches, stream_fingerprint
 from lowmem.distributed.gather import export_final as distributed_export
 from lowmem.distributed.gather import save_checkpoint as distributed_save
-from lowmem.distributed.shard import load_state_shards, reshard, shard_model
+from lowmem.distributed.shard import load_state_shards, reshard, shard_model, state_layout
 from lowmem.distributed.support import check_supported
 from lowmem.distributed.world import World, teardown
 from lowmem.distributed.world import setup as distributed_setup
-from lowmem.placement.units import trace_forward_stages
 from lowmem.errors import UserError
 from lowmem.placement.host_sync import read_all
 from lowmem.activations.loss import count_label_tokens, evaluate, loss_sum, resolve_chunk_tokens
@@ -134,7 +133,6 @@ def train(config: Config, step_guard=None) -> TrainResult:
     """Run the recipe ``config``; ``step_guard`` (a context manager factory, e.g.
     :class:`lowmem.placement.host_sync.ForbidHostReads`) wraps each step's work, from the batch transfer to the
     update."""
-    output_dir = Path(config.checkpoint.output_dir)
     world, device_name = distributed_setup(config.train.device)
     try:
         return _train(config, step_guard, world, pick_device(device_name))
@@ -173,8 +171,6 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed or world.active else device,
                        config.model.gradient_checkpointing, int8, config.train.seed)
     if world.active:
-        if config.update.strategy == "hift":  # its units are found by a fake forward, which a sharded model cannot run
-            trace_forward_stages(model)
         shard_model(model, device)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
@@ -211,8 +207,7 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     start_step = 0
     if resume_from:
         if world.active:  # each rank reads its own rows of the saved state
-            saved = load_state_shards(resume_from / "optimizer.safetensors", update.strategy.params,
-                                      getattr(update.rule, "replicated_state", ()))
+            saved = load_state_shards(resume_from / "optimizer.safetensors", *state_layout(update))
         else:
             saved = ckpt.load_strategy_state(resume_from)
         update.load_state_dict(saved)
@@ -234,8 +229,11 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
              100 * config.train.warmup_ratio, steps, f"{world.size} processes × " if world.active else "",
              config.train.batch_size, config.train.gradient_accumulation_steps)
 
-    metrics = (MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None)
-               if world.is_main else None)
+    if world.is_main:
+        write_metrics = MetricsLog(output_dir / "metrics.jsonl", resume_step=start_step if resume_from else None).write
+    else:  # rank 0 alone writes metrics.jsonl
+        def write_metrics(record: dict) -> None:
+            pass
     result = TrainResult(output_dir=output_dir, steps=steps, retraining=retraining, main=world.is_main)
 
     def validate(step: int) -> dict | None:
@@ -252,16 +250,14 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         return scores
 
     progress = Progress(steps, start_step, config.log.progress and world.is_main)
-    held_bytes = weight_bytes(model)  # before validation: FSDP2 keeps the root and the head gathered after a forward
     if start_step == 0:
         scores = validate(0)
         # what trains (and the sparsity this run pruned to) heads the metrics, with the starting validation
         first = {"step": 0, "trainable_params": retraining.trainable, "total_params": retraining.total,
-                 "weight_bytes": held_bytes}
+                 "weight_bytes": weight_bytes(model)}
         if retraining.report is not None:
             first.update(sparsity=retraining.report.sparsity, model_sparsity=retraining.report.model_sparsity)
-        if metrics is not None:
-            metrics.write({**first, **(scores or {})})
+        write_metrics({**first, **(scores or {})})
         if scores:
             progress.message(f"step 0: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
 
@@ -270,7 +266,7 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         trainer_state = {"data": stream.state_dict(), "total_steps": steps, "config": config.to_dict(),
                          "train_sequences": n_train, "train_fingerprint": data_fingerprint}
         if world.active:
-            distributed_save(world, output_dir, step, model, tokenizer, update, update.strategy.params, trainer_state,
+            distributed_save(world, output_dir, step, model, tokenizer, update, trainer_state,
                              config.checkpoint.keep_last)
             return
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, update, trainer_state, config.checkpoint.keep_last,
@@ -339,8 +335,7 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         if scores:
             record.update(scores)
             progress.message(f"step {done}: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
-        if metrics is not None:
-            metrics.write(record)
+        write_metrics(record)
         progress.update(record)
         if save_now:
             save(done)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowmem import checkpoint as ckpt
-from lowmem.distributed.shard import gather_state, is_sharded
+from lowmem.distributed.shard import gather_state, is_sharded, state_layout
 from lowmem.distributed.world import World
 from lowmem.hf_folder import hf_entries
 
@@ -31,12 +31,11 @@ def take_part_in_hf_write(model, merge: bool = False) -> None:
             value.full_tensor()
 
 
-def save_checkpoint(world: World, output_dir: Path, step: int, model, tokenizer, update, params, trainer_state,
+def save_checkpoint(world: World, output_dir: Path, step: int, model, tokenizer, update, trainer_state,
                     keep_last: int) -> None:
     """:func:`lowmem.checkpoint.save_checkpoint` for a distributed run: the rule state and weights gathered whole,
     written by rank 0, atomically as ever."""
-    state = GatheredState(gather_state(update.state_dict(), params, getattr(update.rule, "replicated_state", ()),
-                                       keep=world.is_main))
+    state = GatheredState(gather_state(update.state_dict(), *state_layout(update), keep=world.is_main))
     if world.is_main:
         ckpt.save_checkpoint(output_dir, step, model, tokenizer, state, {**trainer_state, "world_size": world.size},
                              keep_last)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from lowmem.errors import UserError
-from lowmem.placement.units import decoder_layers
+from lowmem.placement.units import decoder_layers, trace_forward_stages
 
 
 def is_sharded(tensor) -> bool:
@@ -39,6 +39,8 @@ def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torc
     if layers is None:
         raise UserError(f"distributed: {type(model).__name__} has no list of decoder layers to shard")
     mesh = mesh if mesh is not None else device_mesh(device)
+    # HiFT finds its units by a fake forward, which a sharded model cannot run (its hooks would gather fake shards)
+    trace_forward_stages(model)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -55,6 +57,12 @@ def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torc
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def state_layout(update) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """What an :class:`lowmem.Update`'s flat state follows: its parameters by name, and the state keys its rule keeps
+    the same on every rank (the rest is sharded as the parameter)."""
+    return update.strategy.params, getattr(update.rule, "replicated_state", ())
 
 
 def _sharded_entry(key: str, ndim: int, params: dict[str, torch.Tensor], replicated) -> torch.Tensor | None:

@@ -111,8 +111,14 @@ STAGES_ATTRIBUTE = "_lowmem_forward_stages"
 
 
 def trace_forward_stages(model: torch.nn.Module) -> None:
-    """Trace :func:`forward_stages` now and keep it on the model, for HiFT on a model about to be sharded."""
-    setattr(model, STAGES_ATTRIBUTE, forward_stages(model, decoder_layers(model)))
+    """Trace :func:`forward_stages` now and keep it on the model, for HiFT on a model about to be sharded. A model the
+    fake mode cannot run keeps nothing: :func:`discover_units` then places its weights conservatively, as it does
+    unsharded."""
+    try:
+        stages = forward_stages(model, decoder_layers(model))
+    except Exception:  # noqa: BLE001 — discover_units warns when it needs the stages
+        return
+    setattr(model, STAGES_ATTRIBUTE, stages)
 
 
 def discover_units(model: torch.nn.Module) -> list[Unit]:

@@ -454,10 +454,6 @@ def _simulate(config, steps, fake, model, target, count_flops, peer, nproc) -> P
                 from lowmem.distributed.support import check_supported
 
                 check_supported(config, config.model.path, planning=True)
-                if config.update.strategy == "hift":
-                    from lowmem.placement.units import trace_forward_stages
-
-                    trace_forward_stages(model)
                 shard_model(model, torch.device("cpu"), mesh)
     elif model is None:
         from lowmem.model import load_model

@@ -37,6 +37,7 @@ from lowmem.strategies.state import (
     apply_rule,
     clip_coefficient,
     load_strategy_state,
+    norm_over_ranks,
     overflowed,
     stacked,
     strategy_state_dict,
@@ -169,10 +170,8 @@ class FusedStrategy:
         if not self._measuring:
             scale = self._grad_scale
             if not self.two_pass and self.clip_grad_norm is not None:
-                if self.sharded:  # the tensor's own norm: its shards' squares summed over the ranks
-                    square = norm.square()
-                    torch.distributed.all_reduce(square)
-                    norm = square.sqrt()
+                if self.sharded:  # the tensor's own norm, from its shards on every rank
+                    norm = norm_over_ranks(norm)
                 scale = clip_coefficient(norm, self.clip_grad_norm)
             with torch.no_grad():
                 apply(scale)

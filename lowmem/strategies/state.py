@@ -135,11 +135,15 @@ def grad_norm(grads, across_ranks: bool = False) -> torch.Tensor:
     this rank's shards, and the squares are summed over the ranks (an all-reduce of one number)."""
     norms = [torch.linalg.vector_norm(g, 2, dtype=math_dtype(g.dtype)) for g in grads]
     norm = torch.linalg.vector_norm(stacked(norms), 2) if norms else torch.zeros(())
-    if across_ranks:
-        squares = norm.square()
-        torch.distributed.all_reduce(squares)
-        norm = squares.sqrt()
-    return norm
+    return norm_over_ranks(norm) if across_ranks else norm
+
+
+def norm_over_ranks(norm: torch.Tensor) -> torch.Tensor:
+    """The norm of a tensor sharded over the ranks, from this rank's shard's ``norm``: the squares summed over the
+    ranks (an all-reduce of one number)."""
+    squares = norm.square()
+    torch.distributed.all_reduce(squares)
+    return squares.sqrt()
 
 
 def stacked(scalars: list[torch.Tensor]) -> torch.Tensor:
