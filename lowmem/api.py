@@ -240,10 +240,10 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens
 def save_pretrained(model: torch.nn.Module, folder: str | Path, tokenizer=None) -> Path:
     """``model`` (and ``tokenizer``) as an HF folder that ``from_pretrained`` loads, written atomically: int8 weights
     dequantized, adapters merged (pruned entries stay zero), pruning masks kept beside."""
-    from lowmem.checkpoint import _settle, publish_folder, save_masks, save_model
+    from lowmem.checkpoint import settle, publish_folder, save_masks, save_model
 
     def write(tmp: Path) -> None:
-        _settle()  # weights kept in host memory are written by copies that may still be queued
+        settle()  # weights kept in host memory are written by copies that may still be queued
         save_model(model, tmp, merge=True)
         save_masks(model, tmp)
         if tokenizer is not None:

@@ -11,6 +11,9 @@ weights, config, tokenizer) plus
     ``masks.safetensors``      (pruned models only) each pruned weight's sparsity mask, packed bits,
     ``adapters.safetensors``   (``update.trainable`` mask_lora / scale_lora) the adapters; the HF weights beside
                                them are the base weights, unmerged.
+A distributed run's checkpoint (``lowmem.distributed.sharded_checkpoint``) holds the config, tokenizer, RNG and
+trainer state the same way, but its weights and rule state as each rank's shards (``model/``, ``optimizer/``);
+:func:`lowmem.model.load_model` and :func:`load_strategy_state` read either kind.
 The final export (``final/``) holds the merged weights (adapters folded in, pruned entries exactly zero) and the
 masks, so a later run on it keeps them.
 Everything is written to a hidden temporary folder, fsynced, and renamed into place, so a crash never
@@ -64,23 +67,44 @@ def _fsync_dir(folder: Path) -> None:
 
 def publish_folder(write, dest: Path) -> Path:
     """Call ``write(tmp_folder)``, then atomically put the folder at ``dest`` (replacing an old one)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = new_temporary(dest)
     try:
         write(tmp)
-        _fsync_tree(tmp)
-        if dest.exists():
-            old = dest.parent / f".old-{dest.name}-{os.getpid()}"
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        put_in_place(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def new_temporary(dest: Path, name: str | None = None) -> Path:
+    """An empty hidden folder beside ``dest`` to write it in (``.tmp-DEST-NAME``, or a fresh random name), which
+    :func:`remove_stale_temporaries` removes if the run dies before :func:`put_in_place`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if name is None:
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    tmp = named_temporary(dest, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def named_temporary(dest: Path, name: str) -> Path:
+    """The path of :func:`new_temporary`'s folder ``name`` for ``dest``."""
+    return dest.parent / f".tmp-{dest.name}-{name}"
+
+
+def put_in_place(tmp: Path, dest: Path) -> None:
+    """fsync everything in ``tmp``, then rename it to ``dest`` (an old ``dest`` is moved aside first, then deleted)."""
+    _fsync_tree(tmp)
+    if dest.exists():
+        old = dest.parent / f".old-{dest.name}-{os.getpid()}"
+        os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dest)
+    _fsync_dir(dest.parent)
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
@@ -133,27 +157,36 @@ def save_checkpoint(output_dir: Path, step: int, model, tokenizer, strategy, tra
     ``token_state``: the token eliminator's predictor weights, if it has any."""
 
     def write(tmp: Path) -> None:
-        _settle()
+        settle()
         save_model(model, tmp)
         save_int8_weights(model, tmp)
         tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().contiguous().cpu() for k, v in strategy.state_dict().items()},
                   tmp / "optimizer.safetensors")
-        save_file(rng_tensors(), tmp / "rng.safetensors")
+        save_file(rng_tensors(), tmp / rng_file())
         if token_state:
             save_file({k: v.detach().contiguous().cpu() for k, v in token_state.items()}, tmp / TOKENS_FILE)
         save_masks(model, tmp)
         if adapted_layers(model):
             save_file(adapter_state_dict(model), tmp / ADAPTERS_FILE)
-        state = {**trainer_state, "format_version": FORMAT_VERSION, "step": step,
-                 "python_rng": list(random.getstate())}
-        # Written last: a folder holding it is complete (and the rename makes that atomic anyway).
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        write_trainer_state(tmp, trainer_state, step)
 
     path = publish_folder(write, output_dir / f"checkpoint-{step}")
+    keep_newest(output_dir, keep_last)
+    return path
+
+
+def write_trainer_state(folder: Path, trainer_state: dict, step: int) -> None:
+    """``trainer_state.json``: the trainer's state with the step, the format version and Python's RNG state. Written
+    last: a folder holding it is complete (and the rename makes that atomic anyway)."""
+    state = {**trainer_state, "format_version": FORMAT_VERSION, "step": step, "python_rng": list(random.getstate())}
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def keep_newest(output_dir: Path, keep_last: int) -> None:
+    """Delete all checkpoints in ``output_dir`` but the newest ``keep_last``."""
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -189,6 +222,11 @@ def load_trainer_state(checkpoint: Path) -> dict:
 
 
 def load_strategy_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The rule state, whole (a distributed run's shards read together)."""
+    from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, load_rule_state
+
+    if is_sharded_checkpoint(checkpoint):
+        return load_rule_state(checkpoint)
     path = checkpoint / "optimizer.safetensors"
     return load_file(path) if path.exists() else {}
 
@@ -198,15 +236,22 @@ def load_token_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(path) if path.exists() else {}
 
 
-def load_rng(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return load_file(checkpoint / "rng.safetensors")
+def rng_file(rank: int = 0) -> str:
+    """Where a rank's generator states are saved: ``rng.safetensors`` for rank 0 (and a one-process run)."""
+    return "rng.safetensors" if rank == 0 else f"rng-rank{rank}.safetensors"
+
+
+def load_rng(checkpoint: Path, rank: int = 0) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s generator states, or rank 0's when the checkpoint was saved by fewer processes."""
+    path = checkpoint / rng_file(rank)
+    return load_file(path if path.exists() else checkpoint / rng_file(0))
 
 
 def export_final(output_dir: Path, model, tokenizer) -> Path:
     """``output_dir/final``: an HF folder that ``from_pretrained`` loads, written atomically."""
 
     def write(tmp: Path) -> None:
-        _settle()
+        settle()
         save_model(model, tmp, merge=True)
         save_masks(model, tmp)
         tokenizer.save_pretrained(tmp)
@@ -214,7 +259,7 @@ def export_final(output_dir: Path, model, tokenizer) -> Path:
     return publish_folder(write, output_dir / "final")
 
 
-def _settle() -> None:
+def settle() -> None:
     """Wait for copies still queued on the GPU: weights and states kept in host memory are written by non-blocking
     copies (``lowmem.placement.residency``) and must have landed before they are saved."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -142,12 +142,12 @@ class LowmemTrainerMixin:
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         from transformers.trainer import TRAINING_ARGS_NAME
 
-        from lowmem.checkpoint import _settle, save_int8_weights, save_masks, save_model
+        from lowmem.checkpoint import settle, save_int8_weights, save_masks, save_model
 
         folder = Path(output_dir if output_dir is not None else self.args.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         self.lowmem_update.flush()
-        _settle()  # weights kept in host memory are written by copies that may still be queued
+        settle()  # weights kept in host memory are written by copies that may still be queued
         save_model(self.model, folder, merge=True)
         save_masks(self.model, folder)
         save_int8_weights(self.model, folder)  # the exact int8 state beside the float export, for a resume

@@ -39,7 +39,7 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, dtype: str = "float32", device: torch.device | str = "cpu", gradient_checkpointing: bool = False,
-               int8=None, seed: int = 0):
+               int8=None, seed: int = 0, shards_later: bool = False):
     """Load a causal LM in ``dtype`` on ``device``, in training mode.
 
     Args:
@@ -50,14 +50,24 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
         int8: a ``model.int8`` config section to store linear weights as int8 (quantized on the host, layer
             by layer, before the model moves to ``device``); None keeps float weights.
         seed: seeds the int8 weights' stochastic rounding.
+        shards_later: ``path`` being a distributed run's checkpoint, its weights are left unread (uninitialized), for
+            a sharded model's ranks to read their rows once sharded
+            (:func:`lowmem.distributed.sharded_checkpoint.load_weights`).
     """
     from transformers import AutoModelForCausalLM
+
+    from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, load_weights
 
     local = assets.resolve(path)
     if not Path(local).exists() and _looks_like_path(path):
         raise UserError(f"model.path '{path}' does not exist (a local HF folder or a hub id like org/name)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype])
+        if is_sharded_checkpoint(local):
+            model = _uninitialized(local, dtype)
+            if not shards_later:
+                load_weights(model, Path(local))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
         raise UserError(f"model.path '{path}' could not be loaded as a causal LM ({_first_line(err)})") from None
     if int8 is not None:
@@ -78,6 +88,16 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     n_params = count_weights(model)
     log.info("model: %s, %.2fM parameters, %s on %s", path, n_params / 1e6, dtype, device)
     return model
+
+
+def _uninitialized(folder: str, dtype: str):
+    """The model of ``folder``'s config.json in ``dtype``, its weights allocated but not initialized (they are read
+    next); buffers computed from the config (rotary frequencies) are."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=DTYPES[dtype])
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -24,8 +24,9 @@ from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.data_stream import StreamingBatches, stream_fingerprint
 from lowmem.distributed.gather import export_final as distributed_export
-from lowmem.distributed.gather import save_checkpoint as distributed_save
 from lowmem.distributed.shard import load_state_shards, reshard, shard_model, state_layout
+from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, load_rule_state, load_weights
+from lowmem.distributed.sharded_checkpoint import save_checkpoint as distributed_save
 from lowmem.distributed.support import check_supported
 from lowmem.distributed.world import World, teardown
 from lowmem.distributed.world import setup as distributed_setup
@@ -155,9 +156,10 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     if resume_state is not None:
         check_compatible(resume_from, resume_state.get("config"), config.to_dict(),
                          nprocs=(resume_state.get("world_size", 1), world.size))
-    # A resumed run loads the weights saved in the checkpoint, which is itself an HF model folder.
-    # So does its tokenizer: model.path is not read on resume.
+    # A resumed run loads the weights saved in the checkpoint, an HF model folder (a distributed run's: its config and
+    # its weights' shards). So does its tokenizer: model.path is not read on resume.
     weights = str(resume_from) if resume_from else config.model.path
+    sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
     if world.active:
         check_supported(config, weights)
     if config.memory.budget_gb is not None:
@@ -167,11 +169,14 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     # Streaming frozen weights: the model is loaded in host memory and HiFT's plan places it, so the units it
     # keeps off the device never visit it (the load does not peak at the whole model there).
     streamed = config.update.strategy == "hift" and config.memory.offload_frozen_weights
-    # Distributed: loaded whole in host memory, then each rank keeps its shards on its device
+    # Distributed: loaded whole in host memory, then each rank keeps its shards on its device (from a sharded
+    # checkpoint: allocated whole, sharded, then each rank reads its rows)
     model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed or world.active else device,
-                       config.model.gradient_checkpointing, int8, config.train.seed)
+                       config.model.gradient_checkpointing, int8, config.train.seed, shards_later=world.active)
     if world.active:
         shard_model(model, device)
+        if sharded:
+            load_weights(model, resume_from)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)
@@ -206,7 +211,9 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         eliminator = None
     start_step = 0
     if resume_from:
-        if world.active:  # each rank reads its own rows of the saved state
+        if world.active and sharded:  # each rank reads its own rows of the saved state
+            saved = load_rule_state(resume_from, update)
+        elif world.active:
             saved = load_state_shards(resume_from / "optimizer.safetensors", *state_layout(update))
         else:
             saved = ckpt.load_strategy_state(resume_from)
@@ -214,7 +221,7 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         if eliminator is not None:
             eliminator.load_state_dict(ckpt.load_token_state(resume_from))
         stream.load_state_dict(resume_state["data"])
-        ckpt.restore_rng(ckpt.load_rng(resume_from), resume_state.get("python_rng"))
+        ckpt.restore_rng(ckpt.load_rng(resume_from, world.rank), resume_state.get("python_rng"))
         start_step = resume_state["step"]
         log.info("resumed from %s at step %d", resume_from, start_step)
     if streamed:

@@ -82,8 +82,8 @@ def two_processes(runs: list[tuple[Path, Path, list[str]]], folder: Path) -> Non
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, micro_model_path, text_data):
     """Every 2-process run of this module. Resumes: each rule's 1-process run saved at step 2 (its checkpoint-4 and
-    final removed, the final kept aside) resumes in 2 processes, and a 2-process run saved at step 2 is left for the
-    1-process resume of its test."""
+    final removed, the final kept aside) resumes in 2 processes; a 2-process run saved at step 2 (kept aside whole) is
+    left for the 1-process resume of its test, and its checkpoint-2 resumes in 2 processes into another folder."""
     folder = tmp_path_factory.mktemp("distributed")
     recipe = write_recipe(folder, micro_model_path, text_data)
     batch = [(recipe, folder / f"two-{name}", extra) for name, extra in CASES.items()]
@@ -93,8 +93,12 @@ def runs(tmp_path_factory, micro_model_path, text_data):
         shutil.copytree(out, folder / f"whole-1-{name}")
         shutil.rmtree(out / "checkpoint-4")
         shutil.rmtree(out / "final")
-        batch += [(recipe, out, [*extra, SAVE_AT_2]), (recipe, folder / f"resume-2to1-{name}", [*extra, SAVE_AT_2])]
+        two = folder / f"resume-2to1-{name}"
+        batch += [(recipe, out, [*extra, SAVE_AT_2]), (recipe, two, [*extra, SAVE_AT_2]),
+                  (recipe, folder / f"resume-2to2-{name}", [*extra, f"checkpoint.resume={two / 'checkpoint-2'}"])]
     two_processes(batch, folder)
+    for name in RESUMED:
+        shutil.copytree(folder / f"resume-2to1-{name}", folder / f"whole-2-{name}")
     return folder, recipe
 
 
@@ -138,7 +142,6 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, rule):
 
     out = folder / f"resume-2to1-{rule}"
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
-    shutil.copytree(out, folder / f"whole-2-{rule}")
     shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "final")
     with pytest.raises(UserError, match=r"global micro-batch \(processes × train.batch_size\) was 2 × 2 when .* is "
@@ -147,6 +150,28 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, rule):
     one_process(recipe, out, *RESUMED[rule], SAVE_AT_2)
     assert losses(out) == pytest.approx(losses(folder / f"whole-2-{rule}"), rel=RUN64_LOSS_RTOL)
     assert_same_weights(folder / f"whole-2-{rule}" / "final", out / "final")
+
+
+@pytest.mark.parametrize("rule", list(RESUMED))
+def test_a_sharded_checkpoint_holds_each_ranks_rows_and_resumes_in_as_many(runs, rule):
+    """A 2-process checkpoint is sharded (torch.distributed.checkpoint, safetensors): each rank's file holds its rows of
+    every weight and state entry, none holds a whole one, and a run resumed from it in 2 processes ends where the
+    uninterrupted one ended."""
+    folder, _ = runs
+    saved = folder / f"whole-2-{rule}" / "checkpoint-2"
+    assert not (saved / "model.safetensors").exists() and not (saved / "optimizer.safetensors").exists()
+    assert (saved / "rng.safetensors").exists() and (saved / "rng-rank1.safetensors").exists()
+    whole = load_file(folder / f"whole-2-{rule}" / "final" / "model.safetensors")
+    for part in ("model", "optimizer"):
+        files = sorted((saved / part).glob("*.safetensors"))
+        assert len(files) == 2
+        ranks = [load_file(f) for f in files]
+        weight = "model.layers.0.mlp.down_proj.weight" + ("::exp_avg" if part == "optimizer" else "")
+        rows = [r[weight].shape[0] for r in ranks if weight in r]
+        assert rows == [whole["model.layers.0.mlp.down_proj.weight"].shape[0] // 2] * 2
+    resumed = folder / f"resume-2to2-{rule}"
+    assert losses(resumed) == pytest.approx(losses(folder / f"whole-2-{rule}")[2:], rel=RUN64_LOSS_RTOL)
+    assert_same_weights(folder / f"whole-2-{rule}" / "final", resumed / "final")
 
 
 def test_plan_of_a_rank_counts_its_shards_as_the_run_holds_them(runs, micro_model_path):

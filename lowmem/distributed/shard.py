@@ -65,7 +65,7 @@ def state_layout(update) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     return update.strategy.params, getattr(update.rule, "replicated_state", ())
 
 
-def _sharded_entry(key: str, ndim: int, params: dict[str, torch.Tensor], replicated) -> torch.Tensor | None:
+def sharded_entry(key: str, ndim: int, params: dict[str, torch.Tensor], replicated) -> torch.Tensor | None:
     """The sharded parameter whose rows ``key``'s state follows (sharded along dim 0 as it is), or None when the entry
     is the same on every rank (a step count; the rule's ``replicated_state``, such as Adafactor's column statistic)."""
     from lowmem.strategies.state import STATE_SEPARATOR
@@ -88,31 +88,30 @@ def reshard(model: torch.nn.Module) -> None:
             module.reshard()
 
 
-def gather_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=(),
-                 keep: bool = True) -> dict[str, torch.Tensor]:
-    """A strategy's flat state (``name::key`` → local tensor) with each sharded entry gathered whole (on every rank:
-    a collective, entry by entry in sorted order); the ``replicated`` keys and scalars are the same on every rank.
-    ``keep``: false on the ranks that only take part (each gathered entry is dropped at once): {} comes back."""
+def whole(tensor: torch.Tensor, param):
+    """A rank's rows of a state entry (``tensor``) as the DTensor of the whole entry, split over the ranks as the
+    sharded ``param`` is (the entry has the parameter's shape, or its rows' for a row statistic)."""
     from torch.distributed.tensor import DTensor
 
+    shape = param.shape[: tensor.dim()]
+    return DTensor.from_local(tensor.to(local(param).device), param.device_mesh, param.placements, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
+
+
+def sharded_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=()) -> dict:
+    """A strategy's flat state (``name::key`` → local tensor) with each sharded entry as the DTensor of the whole
+    entry (:func:`whole`); the ``replicated`` keys and scalars, the same on every rank, as they are."""
     out = {}
-    for key in sorted(flat):
-        tensor = flat[key]
-        param = _sharded_entry(key, tensor.dim(), params, replicated)
-        if param is not None:
-            shape = param.shape[: tensor.dim()]  # the parameter's, or its rows' (a row statistic)
-            whole = DTensor.from_local(tensor.to(local(param).device), param.device_mesh, param.placements,
-                                       shape=shape, stride=torch.empty(shape, device="meta").stride())
-            tensor = whole.full_tensor()
-        if keep:
-            out[key] = tensor.detach().cpu()
+    for key, tensor in flat.items():
+        param = sharded_entry(key, tensor.dim(), params, replicated)
+        out[key] = tensor if param is None else whole(tensor, param)
     return out
 
 
 def load_state_shards(path, params: dict[str, torch.Tensor], replicated=()) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`gather_state`, from a saved file: each whole entry of a sharded parameter read only in this
-    rank's rows, as FSDP2 cuts the parameter (``torch.chunk`` along dim 0: chunks of ⌈rows / ranks⌉, a rank past the
-    last one holds none), so no rank holds the whole state in memory."""
+    """A one-process checkpoint's rule state (whole entries in one file) read by a rank: each entry of a sharded
+    parameter read only in this rank's rows, as FSDP2 cuts the parameter (``torch.chunk`` along dim 0: chunks of
+    ⌈rows / ranks⌉, a rank past the last one holds none), so no rank holds the whole state in memory."""
     from safetensors import safe_open
 
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -123,7 +122,7 @@ def load_state_shards(path, params: dict[str, torch.Tensor], replicated=()) -> d
         for key in f.keys():
             entry = f.get_slice(key)
             shape = entry.get_shape()
-            param = _sharded_entry(key, len(shape), params, replicated)
+            param = sharded_entry(key, len(shape), params, replicated)
             if param is None:
                 out[key] = f.get_tensor(key)
                 continue
