@@ -38,6 +38,7 @@ TINY_MODELS = {
     "tiny-llama": (4096, 192, 512, 4, 4, False),
     "micro-llama": (1024, 64, 128, 2, 4, False),
     "micro-llama-tied": (1024, 64, 128, 2, 4, True),
+    "micro-llama-wide": (1024, 256, 512, 2, 4, False),  # rows of whole 256-value blocks (lion8bit on shards)
 }
 
 STDLIB_DATA = {  # asset name: file in $LOWMEM_HOME/v1/data/stdlib (the row sets of lowmem.stdlib_corpus.build)

@@ -27,12 +27,12 @@ from lowmem.distributed.gather import export_final as distributed_export
 from lowmem.distributed.shard import load_state_shards, reshard, shard_model, state_layout
 from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, load_rule_state, load_weights
 from lowmem.distributed.sharded_checkpoint import save_checkpoint as distributed_save
-from lowmem.distributed.support import check_supported
+from lowmem.distributed.support import check_resume, check_rule_on_shards, check_supported
 from lowmem.distributed.world import World, teardown
 from lowmem.distributed.world import setup as distributed_setup
 from lowmem.errors import UserError
 from lowmem.placement.host_sync import read_all
-from lowmem.activations.loss import count_label_tokens, evaluate, loss_sum, resolve_chunk_tokens
+from lowmem.activations.loss import chunk_tokens_for, count_label_tokens, evaluate, loss_sum, resolve_chunk_tokens
 from lowmem.metrics import MetricsLog, Progress, SavedTensorBytes, format_bytes, peak_memory_bytes, peak_memory_record
 from lowmem.model import load_model, load_tokenizer, pick_device
 from lowmem.ops.native import ensure_loaded
@@ -162,6 +162,8 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
     if world.active:
         check_supported(config, weights)
+        if resume_from:
+            check_resume(config, sharded)
     if config.memory.budget_gb is not None:
         check_budget(config, weights, device)
     tokenizer = load_tokenizer(weights)
@@ -173,8 +175,9 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     # checkpoint: allocated whole, sharded, then each rank reads its rows)
     model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed or world.active else device,
                        config.model.gradient_checkpointing, int8, config.train.seed, shards_later=world.active)
-    if world.active:
-        shard_model(model, device)
+    if world.active:  # the chunked loss keeps the head in the root's unit
+        chunked = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size) > 0
+        shard_model(model, device, head_in_root=chunked)
         if sharded:
             load_weights(model, resume_from)
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
@@ -200,6 +203,8 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
                          lambda: calibration_batches(config, calibration_sequences(config, tokenizer, data.train),
                                                      tokenizer.pad_token_id))
     update = Update.from_config(model, config, device)
+    if world.active:
+        check_rule_on_shards(update.rule, update.strategy.params)
     if config.tokens.eliminate:  # weight streaming's pre-hooks are prepended, so they run before the scoring
         t = config.tokens
         eliminator = TokenEliminator(model, t.keep_ratio, t.dense_layers, t.block_size, t.predictor, t.refresh_every,
@@ -229,8 +234,7 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     log.info("embeddings: %s", getattr(update.strategy, "embedding_gradient",
                                        "dense gradient (row-sparse updates run under update.strategy=fused)"))
     # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
-    # distributed: the plain loss (the chunked head would run outside the root's FSDP2 forward)
-    chunk = 0 if world.active else resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
+    chunk = resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %s%d×%d sequences",
              update.strategy.name, update.rule.name, config.update.lr, config.train.lr_schedule,
              100 * config.train.warmup_ratio, steps, f"{world.size} processes × " if world.active else "",

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from float_error import RUN64_ADAM_EPS, RUN64_LOSS_RTOL, assert_same_run64
+from lowmem import assets
 from lowmem.config import load_config
 from lowmem.errors import UserError
 from lowmem.trainer import train
@@ -25,9 +26,10 @@ from lowmem.trainer import train
 TESTS = Path(__file__).resolve().parent
 COMMON = ["model.dtype=float64", *RUN64_ADAM_EPS, "train.device=cpu", "train.max_steps=4"]
 FUSED = "update.strategy=fused"
+WIDE = "model.path=lowmem:micro-llama-wide"
 # strategy × rule on shards: element-wise rules (standard, with accumulation), factored ones with their statistics
 # summed over the ranks (Adafactor with its first moment; fused AdaLomo with per-tensor clipping), two-pass clipping,
-# HiFT (standard and fused inside), and a streamed run
+# HiFT (standard and fused inside), a streamed run, and the chunked loss
 CASES = {
     "adamw": ["update.rule=adamw", "train.gradient_accumulation_steps=2"],
     "lion": ["update.rule=lion", "update.lr=3e-4"],
@@ -38,9 +40,18 @@ CASES = {
     "hift-fused-adalomo": ["update.strategy=hift", "hift.group_size=2", "hift.fused=true", "update.rule=adalomo",
                            "update.lr=1e-2"],
     "streaming": ["data.streaming=true", "data.val_fraction=null", "data.shuffle_buffer=8"],
+    # the chunked loss: body and head run inside the root's hooks, the head's gradient summed over 6 chunks, reduced once
+    "chunked-adamw": ["update.rule=adamw", "memory.loss_chunk_tokens=16"],
+    "chunked-fused-adalomo": [FUSED, "update.rule=adalomo", "update.lr=1e-2", "memory.loss_chunk_tokens=16"],
+    # 8-bit momentum in blocks of 256 along each shard's rows: one process's blocks, on a model whose rows are whole
+    # blocks (every weight matrix and the head quantized; norms and the embedding keep float32)
+    "fused-lion8bit": [WIDE, FUSED, "update.rule=lion8bit", "update.lr=3e-4"],
 }
 RESUMED = {"adamw": ["update.rule=adamw"],
            "adafactor": ["update.rule=adafactor", "update.adafactor.beta1=0.9", "update.lr=1e-2"]}
+# resumed from a 2-process checkpoint only (a one-process lion8bit checkpoint does not resume sharded)
+RESUMED_SHARDED = {"lion8bit": [WIDE, "update.rule=lion8bit", "update.lr=3e-4"]}
+STATE_KEY = {"adamw": "exp_avg", "adafactor": "exp_avg", "lion8bit": "exp_avg_codes"}
 SAVE_AT_2 = "checkpoint.save_every_n_steps=2"
 
 
@@ -86,18 +97,21 @@ def runs(tmp_path_factory, micro_model_path, text_data):
     left for the 1-process resume of its test, and its checkpoint-2 resumes in 2 processes into another folder."""
     folder = tmp_path_factory.mktemp("distributed")
     recipe = write_recipe(folder, micro_model_path, text_data)
+    assets.resolve("lowmem:micro-llama-wide")  # made here once, not by two ranks at a time
     batch = [(recipe, folder / f"two-{name}", extra) for name, extra in CASES.items()]
-    for name, extra in RESUMED.items():
-        out = folder / f"resume-1to2-{name}"
-        one_process(recipe, out, *extra, SAVE_AT_2)
-        shutil.copytree(out, folder / f"whole-1-{name}")
-        shutil.rmtree(out / "checkpoint-4")
-        shutil.rmtree(out / "final")
+    for name, extra in {**RESUMED, **RESUMED_SHARDED}.items():
+        if name in RESUMED:
+            out = folder / f"resume-1to2-{name}"
+            one_process(recipe, out, *extra, SAVE_AT_2)
+            shutil.copytree(out, folder / f"whole-1-{name}")
+            shutil.rmtree(out / "checkpoint-4")
+            shutil.rmtree(out / "final")
+            batch.append((recipe, out, [*extra, SAVE_AT_2]))
         two = folder / f"resume-2to1-{name}"
-        batch += [(recipe, out, [*extra, SAVE_AT_2]), (recipe, two, [*extra, SAVE_AT_2]),
+        batch += [(recipe, two, [*extra, SAVE_AT_2]),
                   (recipe, folder / f"resume-2to2-{name}", [*extra, f"checkpoint.resume={two / 'checkpoint-2'}"])]
     two_processes(batch, folder)
-    for name in RESUMED:
+    for name in {**RESUMED, **RESUMED_SHARDED}:
         shutil.copytree(folder / f"resume-2to1-{name}", folder / f"whole-2-{name}")
     return folder, recipe
 
@@ -120,7 +134,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs, case, micro
     one = one_process(recipe, folder / f"one-{case}", *CASES[case])
     two = folder / f"two-{case}"
     assert losses(two) == pytest.approx(one.losses, rel=RUN64_LOSS_RTOL)
-    start, end = load_file(Path(micro_model_path) / "model.safetensors"), load_file(one.final_dir / "model.safetensors")
+    model = Path(assets.resolve("lowmem:micro-llama-wide")) if WIDE in CASES[case] else Path(micro_model_path)
+    start, end = load_file(model / "model.safetensors"), load_file(one.final_dir / "model.safetensors")
     assert all(not start[k].double().equal(end[k]) for k in start)  # every tensor trained: the equality means something
     assert_same_weights(one.final_dir, two / "final")
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
@@ -140,19 +155,31 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, rule):
     assert_same_weights(whole / "final", resumed / "final")
     assert json.loads((resumed / "checkpoint-4" / "trainer_state.json").read_text())["world_size"] == 2
 
+    resume_in_one_process(folder, recipe, rule, RESUMED[rule])
+
+
+def resume_in_one_process(folder: Path, recipe: Path, rule: str, extra: list[str]) -> None:
+    """The 2-process run's checkpoint-2 resumed in this process ends where the 2-process run ended whole; a changed
+    global micro-batch is refused."""
     out = folder / f"resume-2to1-{rule}"
     assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["world_size"] == 2
     shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "final")
     with pytest.raises(UserError, match=r"global micro-batch \(processes × train.batch_size\) was 2 × 2 when .* is "
                                         r"1 × 2 now.* set train.batch_size=4"):
-        train(load_config(recipe, [*overrides(out, 1, *RESUMED[rule], SAVE_AT_2), "train.batch_size=2"]))
-    one_process(recipe, out, *RESUMED[rule], SAVE_AT_2)
+        train(load_config(recipe, [*overrides(out, 1, *extra, SAVE_AT_2), "train.batch_size=2"]))
+    one_process(recipe, out, *extra, SAVE_AT_2)
     assert losses(out) == pytest.approx(losses(folder / f"whole-2-{rule}"), rel=RUN64_LOSS_RTOL)
     assert_same_weights(folder / f"whole-2-{rule}" / "final", out / "final")
 
 
-@pytest.mark.parametrize("rule", list(RESUMED))
+def test_a_lion8bit_checkpoint_of_two_processes_resumes_in_one(runs):
+    """lion8bit's codes and absmax, saved by rows from 2 processes, read whole by one."""
+    folder, recipe = runs
+    resume_in_one_process(folder, recipe, "lion8bit", RESUMED_SHARDED["lion8bit"])
+
+
+@pytest.mark.parametrize("rule", [*RESUMED, *RESUMED_SHARDED])
 def test_a_sharded_checkpoint_holds_each_ranks_rows_and_resumes_in_as_many(runs, rule):
     """A 2-process checkpoint is sharded (torch.distributed.checkpoint, safetensors): each rank's file holds its rows of
     every weight and state entry, none holds a whole one, and a run resumed from it in 2 processes ends where the
@@ -162,13 +189,16 @@ def test_a_sharded_checkpoint_holds_each_ranks_rows_and_resumes_in_as_many(runs,
     assert not (saved / "model.safetensors").exists() and not (saved / "optimizer.safetensors").exists()
     assert (saved / "rng.safetensors").exists() and (saved / "rng-rank1.safetensors").exists()
     whole = load_file(folder / f"whole-2-{rule}" / "final" / "model.safetensors")
-    for part in ("model", "optimizer"):
+    weight = "model.layers.0.mlp.down_proj.weight"
+    keys = {"model": [weight], "optimizer": [f"{weight}::{STATE_KEY[rule]}"]}
+    if rule == "lion8bit":
+        keys["optimizer"].append(f"{weight}::exp_avg_absmax")
+    for part, names in keys.items():
         files = sorted((saved / part).glob("*.safetensors"))
         assert len(files) == 2
         ranks = [load_file(f) for f in files]
-        weight = "model.layers.0.mlp.down_proj.weight" + ("::exp_avg" if part == "optimizer" else "")
-        rows = [r[weight].shape[0] for r in ranks if weight in r]
-        assert rows == [whole["model.layers.0.mlp.down_proj.weight"].shape[0] // 2] * 2
+        for name in names:
+            assert [r[name].shape[0] for r in ranks if name in r] == [whole[weight].shape[0] // 2] * 2
     resumed = folder / f"resume-2to2-{rule}"
     assert losses(resumed) == pytest.approx(losses(folder / f"whole-2-{rule}")[2:], rel=RUN64_LOSS_RTOL)
     assert_same_weights(folder / f"whole-2-{rule}" / "final", resumed / "final")
@@ -192,22 +222,25 @@ def test_plan_of_a_rank_counts_its_shards_as_the_run_holds_them(runs, micro_mode
 
 
 def test_what_is_not_supported_is_refused_in_one_line(runs, tmp_path):
-    from lowmem.distributed.support import check_supported
+    from lowmem.distributed.support import check_resume, check_supported
 
     _folder, recipe = runs
-    refused = {("update.rule=lion8bit",): "update.rule=lion8bit is not supported",
+    refused = {("tokens.eliminate=true",): "tokens.eliminate is not supported",
                ("update.strategy=hift", "memory.offload_states=true"): "memory.offload_\\* is not supported",
                ("model.weight_format=int8",): "model.weight_format=int8 is not supported",
-               ("memory.loss_chunk_tokens=64",): "set memory.loss_chunk_tokens=0",
                ("update.trainable=norms",): "update.trainable \\(PERP\\)"}
     for override, message in refused.items():
         config = load_config(recipe, [*COMMON, *override])
         with pytest.raises(UserError, match=f"distributed: .*{message}"):
             check_supported(config, config.model.path)
+    with pytest.raises(UserError, match="distributed: a one-process lion8bit checkpoint does not resume"):
+        check_resume(load_config(recipe, [*COMMON, "update.rule=lion8bit"]), sharded_checkpoint=False)
+    # the micro model's rows are 64 values: lion8bit's blocks of 256 would straddle the shards (refused by each rank)
     done = subprocess.run([sys.executable, "-m", "lowmem", "train", str(recipe),
                            *overrides(tmp_path / "h", 2, "update.rule=lion8bit"), "--nproc", "2"],
                           capture_output=True, text=True, env=launch_env(), timeout=300)
-    assert done.returncode != 0 and "distributed: update.rule=lion8bit is not supported" in done.stderr
+    assert done.returncode != 0
+    assert "distributed: lion8bit's blocks of 256 would straddle the shards of model.layers.0" in done.stderr
     assert "error: train --nproc 2: rank" in done.stderr
 
 

@@ -24,6 +24,10 @@ from lowmem.errors import UserError
 from lowmem.ops.update import math_dtype
 
 log = logging.getLogger("lowmem")
+# A sharded model's method that calls fn(model, ...) inside its root's FSDP2 forward hooks (lowmem.distributed.shard):
+# the chunked loss runs the body and the head itself, not through the model's forward, and must still have the root's
+# own parameters (final norm, head) gathered before and their gradients reduced after
+ROOT_CALL = "lowmem_root_call"
 AUTO_CHUNK_TOKENS = 512  # positions per chunk when memory.loss_chunk_tokens is null (auto)
 AUTO_MIN_VOCAB = 32_000  # auto turns chunking on from this vocabulary size
 
@@ -64,12 +68,21 @@ def loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_token
     computes head and loss that many positions at a time (see the module docstring)."""
     targets = batch["labels"][:, 1:]
     if chunk_tokens > 0:
-        return _chunked_loss_sum(model, batch, targets, chunk_tokens)
+        return _as_model_call(model, _chunked_loss_sum)(batch, targets, chunk_tokens)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
     shifted_logits = logits[:, :-1].to(math_dtype(logits.dtype))
     return F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
+
+
+def _as_model_call(model: torch.nn.Module, fn):
+    """``fn(model, ...)`` called as the model's own forward would be: inside a sharded model's root hooks
+    (:data:`ROOT_CALL`), or directly."""
+    inside_root = getattr(model, ROOT_CALL, None)
+    if inside_root is not None:
+        return lambda *args: inside_root(fn, *args)
+    return lambda *args: fn(model, *args)
 
 
 def _body(model: torch.nn.Module) -> torch.nn.Module:
@@ -262,12 +275,17 @@ def check_chunked_head(model: torch.nn.Module) -> None:
         ids = torch.arange(4, device=device).unsqueeze(0) % model.config.vocab_size
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         expected = model(**batch).logits.float()
-        ours = _after_head(model.config)(model.get_output_embeddings()(_body(model)(**batch)[0])).float()
+        ours = _as_model_call(model, _head_on_body)(batch).float()
     finally:
         model.train(was_training)
     if not torch.allclose(ours, expected, rtol=1e-3, atol=1e-3):
         raise UserError(f"memory.loss_chunk_tokens: {type(model).__name__} computes its logits otherwise than its "
                         "head on its last hidden states, so a chunked loss would differ (set memory.loss_chunk_tokens=0)")
+
+
+def _head_on_body(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits as the chunked loss makes them (all positions at once)."""
+    return _after_head(model.config)(model.get_output_embeddings()(_body(model)(**batch)[0]))
 
 
 @torch.no_grad()

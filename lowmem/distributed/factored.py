@@ -10,7 +10,8 @@ A rank holds rows [a, b) of θ and of the reduced gradient g. Of the statistics 
     RMS(θ) (α's scale)       a sum of squares over every element: all-reduced
     RMS(update) (clipping)   the same, once the update is made: all-reduced
 
-so a step costs two all-reduces of C + 2 and 1 numbers. The column statistic is the same on every rank (replicated
+so a step costs two all-reduces of C + 2 and 1 numbers. A matrix is worked in row slices of about ``SLICE`` values,
+so its float32 temporaries are a slice's, not the shard's. The column statistic is the same on every rank (replicated
 state); the row statistic, and β₁'s first moment, are sharded as the parameter is. A vector (a norm's weight) keeps
 its full second moment, sharded; its update's RMS and RMS(θ) are summed the same way.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lowmem.ops.update import factored_step_scalars, math_dtype, scaled_grad
+from lowmem.ops.update import SLICE, factored_step_scalars, math_dtype, scaled_grad
 
 
 @torch.no_grad()
@@ -33,42 +34,89 @@ def sharded_factored_update_(rule, param, grad: torch.Tensor, state: dict[str, t
 
         raise UserError(f"distributed: {rule.name} on a {param.dim()}-D parameter sharded by rows is not supported "
                         "(its column statistic would span more than one dimension); use update.rule=adamw")
+    state["step"] += 1
+    if state["exp_avg_sq_col"].numel() > 0:
+        _matrix_update_(rule, param, grad, state, lr, grad_scale)
+    else:
+        _vector_update_(rule, param, grad, state, lr, grad_scale)
+
+
+def _row_slices(rows: int, cols: int) -> list[tuple[int, int]]:
+    """Row ranges of about :data:`SLICE` values: a matrix's float32 temporaries exist one slice at a time (a shard of a
+    128k-vocabulary head is 1 GiB in float32; a slice 64 MiB)."""
+    step = max(1, SLICE // max(cols, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _matrix_update_(rule, param, grad, state, lr, grad_scale) -> None:
+    """A matrix, in three passes over row slices of the shard: the statistics (then one all-reduce of C + 2 sums), the
+    update's square sum (then one all-reduce), the update applied. The update of a slice is made twice, from the
+    gradient, rather than kept whole."""
     shard = param.to_local()
     rows_total, numel = param.shape[0], param.numel()
-    state["step"] += 1
     dtype = math_dtype(shard.dtype)
-    work = shard.to(dtype, copy=True)
-    g = scaled_grad(grad, grad_scale, dtype)
     beta2t, keep_new, rho = factored_step_scalars(state["step"], lr, rule.relative_step, rule.decay_rate, dtype)
     row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
-    matrix = col.numel() > 0
-    sq = g * g
-    if matrix:
-        row.mul_(beta2t).add_((sq.mean(dim=-1) + rule.eps1) * keep_new)
-        sums = torch.cat([work.pow(2).sum().reshape(1), row.sum().reshape(1), sq.sum(dim=-2)])
-    else:
-        row.mul_(beta2t).add_((sq + rule.eps1) * keep_new)
-        sums = work.pow(2).sum().reshape(1)
+    slices = _row_slices(*shard.shape)
+    sums = torch.zeros(2 + col.numel(), dtype=dtype, device=shard.device)  # Σθ², Σ row statistic, column sums of g²
+    for a, b in slices:
+        g = scaled_grad(grad[a:b], grad_scale, dtype)
+        sq = g * g
+        row[a:b].mul_(beta2t).add_((sq.mean(dim=-1) + rule.eps1) * keep_new)
+        sums[0] += shard[a:b].to(dtype).pow(2).sum()
+        sums[2:] += sq.sum(dim=-2)
+    sums[1] = row.sum()
     dist.all_reduce(sums)
-    param_sq = sums[0]
-    if matrix:
-        col.mul_(beta2t).add_((sums[2:] / rows_total + rule.eps1) * keep_new)
-        r_factor = (row / (sums[1] / rows_total)).rsqrt().unsqueeze(-1)
-        update = g * (r_factor * col.unsqueeze(-2).rsqrt())
-    else:
-        update = row.rsqrt() * g
+    col.mul_(beta2t).add_((sums[2:] / rows_total + rule.eps1) * keep_new)
+    row_mean, col_factor = sums[1] / rows_total, col.unsqueeze(-2).rsqrt()
+
+    def update(a: int, b: int) -> torch.Tensor:
+        r_factor = (row[a:b] / row_mean).rsqrt().unsqueeze(-1)
+        return scaled_grad(grad[a:b], grad_scale, dtype) * (r_factor * col_factor)
+
+    update_sq = sum(update(a, b).pow(2).sum() for a, b in slices) if slices else sums.new_zeros(())
+    dist.all_reduce(update_sq)
+    clip = ((update_sq / numel).sqrt() / rule.clip_threshold).clamp(min=1.0)
+    alpha = rho * (sums[0] / numel).sqrt().clamp(min=rule.eps2) if rule.scale_parameter else rho
+    exp_avg = state.get("exp_avg")
+    for a, b in slices:
+        u = update(a, b).div_(clip).mul_(alpha)
+        if exp_avg is not None:
+            exp_avg[a:b].mul_(rule.beta1).add_(u, alpha=1.0 - rule.beta1)
+            u = exp_avg[a:b]
+        _apply_(shard[a:b], u, alpha, rule.weight_decay, dtype)
+
+
+def _vector_update_(rule, param, grad, state, lr, grad_scale) -> None:
+    """A vector (a norm's weight: small), whole: its full second moment, sharded as it is."""
+    shard = param.to_local()
+    numel = param.numel()
+    dtype = math_dtype(shard.dtype)
+    beta2t, keep_new, rho = factored_step_scalars(state["step"], lr, rule.relative_step, rule.decay_rate, dtype)
+    row = state["exp_avg_sq_row"]
+    g = scaled_grad(grad, grad_scale, dtype)
+    row.mul_(beta2t).add_((g * g + rule.eps1) * keep_new)
+    param_sq = shard.to(dtype).pow(2).sum().reshape(1)
+    dist.all_reduce(param_sq)
+    update = row.rsqrt() * g
     update_sq = update.pow(2).sum()
     dist.all_reduce(update_sq)
     update.div_(((update_sq / numel).sqrt() / rule.clip_threshold).clamp(min=1.0))
-    alpha = rho * (param_sq / numel).sqrt().clamp(min=rule.eps2) if rule.scale_parameter else rho
+    alpha = rho * (param_sq[0] / numel).sqrt().clamp(min=rule.eps2) if rule.scale_parameter else rho
     update.mul_(alpha)
     exp_avg = state.get("exp_avg")
     if exp_avg is not None:
         exp_avg.mul_(rule.beta1).add_(update, alpha=1.0 - rule.beta1)
         update = exp_avg
-    if rule.weight_decay and isinstance(alpha, torch.Tensor):
-        work.addcmul_(work, alpha * -rule.weight_decay)
-    elif rule.weight_decay:
-        work.add_(work, alpha=-rule.weight_decay * alpha)
+    _apply_(shard, update, alpha, rule.weight_decay, dtype)
+
+
+def _apply_(shard: torch.Tensor, update: torch.Tensor, alpha, weight_decay: float, dtype: torch.dtype) -> None:
+    """θ ← θ(1 − α·wd) − update, in the math dtype, written back into the shard."""
+    work = shard.to(dtype, copy=True)
+    if weight_decay and isinstance(alpha, torch.Tensor):
+        work.addcmul_(work, alpha * -weight_decay)
+    elif weight_decay:
+        work.add_(work, alpha=-weight_decay * alpha)
     work.add_(-update)
     shard.copy_(work)

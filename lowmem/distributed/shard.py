@@ -5,8 +5,11 @@ reduced gradient; what they keep per element is sharded the same way."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from lowmem.activations.loss import ROOT_CALL
 from lowmem.errors import UserError
 from lowmem.placement.units import decoder_layers, trace_forward_stages
 
@@ -29,11 +32,16 @@ def device_mesh(device: torch.device):
     return init_device_mesh(device.type, (torch.distributed.get_world_size(),))
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, device: torch.device, mesh=None, head_in_root: bool = False) -> torch.nn.Module:
     """``fully_shard`` each decoder layer, the input embedding and the head (untied), then the root (the rest: the
     final norm; a tied embedding), onto ``device`` (``mesh``: made here unless given); gradients are reduced by a
-    plain sum."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    plain sum.
+
+    ``head_in_root``: the head is left in the root's unit, for the chunked loss (``memory.loss_chunk_tokens``). It
+    uses the head once per chunk, and the head's own unit would reduce-scatter (and run a fused update on) each
+    chunk's part of its gradient; in the root, the chunks' gradients are summed in one buffer and reduced once, after
+    backward. The cost: the head stays gathered through the whole step, as the root's parameters do."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     layers = decoder_layers(model)
     if layers is None:
@@ -48,8 +56,12 @@ def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torc
         # untied: each its own unit, so neither vocabulary-sized matrix stays gathered through the whole step (the
         # root's would); the head is used last in forward and first in backward, so it stays gathered in between
         fully_shard(embedding, mesh=mesh)
-        fully_shard(head, mesh=mesh, reshard_after_forward=False)
+        if not head_in_root:
+            fully_shard(head, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh)
+    # the chunked loss runs the body and the head itself: inside the root's forward hooks, as a forward of the model
+    setattr(model, ROOT_CALL, functools.partial(_call_with, model))
+    register_fsdp_forward_method(model, ROOT_CALL)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # a sum: lowmem divides the loss by the global batch's label tokens itself. Sum-only collectives (gloo has
@@ -57,6 +69,10 @@ def shard_model(model: torch.nn.Module, device: torch.device, mesh=None) -> torc
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
     return model
+
+
+def _call_with(model: torch.nn.Module, fn, *args):
+    return fn(model, *args)
 
 
 def state_layout(update) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
@@ -90,10 +106,11 @@ def reshard(model: torch.nn.Module) -> None:
 
 def whole(tensor: torch.Tensor, param):
     """A rank's rows of a state entry (``tensor``) as the DTensor of the whole entry, split over the ranks as the
-    sharded ``param`` is (the entry has the parameter's shape, or its rows' for a row statistic)."""
+    sharded ``param`` is: the entry has the parameter's rows, then its own columns (the parameter's shape, its rows'
+    for a row statistic, lion8bit's absmax per block of a row)."""
     from torch.distributed.tensor import DTensor
 
-    shape = param.shape[: tensor.dim()]
+    shape = torch.Size((param.shape[0], *tensor.shape[1:]))
     return DTensor.from_local(tensor.to(local(param).device), param.device_mesh, param.placements, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())
 

@@ -116,9 +116,9 @@ def load_rule_state(checkpoint: Path, update=None) -> dict[str, torch.Tensor]:
         if param is None:
             templates[key] = torch.empty(size, dtype=dtype)
             continue
-        if tuple(param.shape[: len(size)]) != size:
-            raise UserError(f"checkpoint {checkpoint}: the state {key} has shape {size}, its weight "
-                            f"{tuple(param.shape)} (was it written for this model?)")
+        if size[0] != param.shape[0]:
+            raise UserError(f"checkpoint {checkpoint}: the state {key} has {size[0]} rows, its weight "
+                            f"{param.shape[0]} (was it written for this model?)")
         rows = local(param).shape[0]
         templates[key] = whole(torch.empty((rows, *size[1:]), dtype=dtype), param)
     _read(templates, Path(checkpoint) / STATE_DIR)

@@ -8,7 +8,7 @@ from lowmem import assets
 from lowmem.errors import UserError
 
 # on shards: the element-wise rules alone, the factored ones with their whole-tensor statistics summed over the ranks
-SHARDED_RULES = ("sgd", "adamw", "lion", "adafactor", "adalomo")
+SHARDED_RULES = ("sgd", "adamw", "lion", "lion8bit", "adafactor", "adalomo")
 SHARDED_STRATEGIES = ("standard", "fused", "hift")
 
 
@@ -24,15 +24,11 @@ def check_supported(config, weights: str, planning: bool = False) -> None:
          f"update.strategy={u.strategy} is not supported on several processes yet (use "
          f"{' or '.join(SHARDED_STRATEGIES)})"),
         (u.rule not in SHARDED_RULES,
-         f"update.rule={u.rule} is not supported on several processes yet (its int8 blocks would be cut per shard); "
-         f"use one of {', '.join(SHARDED_RULES)}"),
+         f"update.rule={u.rule} is not supported on several processes yet; use one of {', '.join(SHARDED_RULES)}"),
         (config.model.weight_format != "float", "model.weight_format=int8 is not supported on several processes"),
         (config.prune.criterion != "none" or u.trainable != "all" or masks,
          "pruning, sparsity masks and update.trainable (PERP) are not supported on several processes yet"),
         (config.tokens.eliminate, "tokens.eliminate is not supported on several processes yet"),
-        (bool(config.memory.loss_chunk_tokens),
-         "memory.loss_chunk_tokens is not supported on several processes yet (the chunked head runs outside the "
-         "root's FSDP2 forward); set memory.loss_chunk_tokens=0"),
         (config.memory.offload_states or config.memory.offload_frozen_weights or config.memory.offload_embeddings,
          "memory.offload_* is not supported on several processes (FSDP2 shards the weights and states instead)"),
         (config.memory.budget_gb is not None and not planning,
@@ -42,3 +38,22 @@ def check_supported(config, weights: str, planning: bool = False) -> None:
     for refused, why in refusals:
         if refused:
             raise UserError(f"distributed: {why}")
+
+
+def check_rule_on_shards(rule, params: dict) -> None:
+    """Refuse, before the first step, what the rule cannot do on these parameters' shards (lion8bit: a quantized
+    matrix whose rows are not whole blocks)."""
+    from lowmem.rules.lion import check_whole_blocks
+
+    if getattr(rule, "quantize", False):
+        for name, param in params.items():
+            if rule.quantized(param, name):
+                check_whole_blocks(rule, name, param)
+
+
+def check_resume(config, sharded_checkpoint: bool) -> None:
+    """Refuse a resume the sharded run cannot make: lion8bit's state saved by one process (its blocks in one flat
+    row) is not cut into shards."""
+    if config.update.rule == "lion8bit" and not sharded_checkpoint:
+        raise UserError("distributed: a one-process lion8bit checkpoint does not resume on several processes (its "
+                        "blocks are saved flat); resume it in one process, or start a new run")

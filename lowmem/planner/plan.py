@@ -454,7 +454,8 @@ def _simulate(config, steps, fake, model, target, count_flops, peer, nproc) -> P
                 from lowmem.distributed.support import check_supported
 
                 check_supported(config, config.model.path, planning=True)
-                shard_model(model, torch.device("cpu"), mesh)
+                chunked = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size) > 0
+                shard_model(model, torch.device("cpu"), mesh, head_in_root=chunked)
     elif model is None:
         from lowmem.model import load_model
 
@@ -462,8 +463,7 @@ def _simulate(config, steps, fake, model, target, count_flops, peer, nproc) -> P
         model = load_model(config.model.path, config.model.dtype, "cpu", config.model.gradient_checkpointing, int8,
                            config.train.seed)
     notes = []
-    # several processes: the plain loss, as the trainer runs it there
-    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size) if nproc == 1 else 0
+    chunk = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size)
     if chunk and not fake:  # the trainer's probe compares values, which fake tensors do not have
         try:
             check_chunked_head(model)

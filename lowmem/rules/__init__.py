@@ -7,6 +7,11 @@ A rule is an object with
     ``torch.no_grad``, to the gradient ``grad_scale · grad`` (the scale folds loss-scale unscaling and a
     clipping coefficient into the rule's own pass, so no scaled copy of the gradient is made). ``grad_scale``
     is a number or a 0-d float32 tensor on the parameter's device (a clipping coefficient computed there).
+On a parameter sharded by FSDP2 (``lowmem.distributed``) an element-wise rule runs ``init_state`` and ``update`` on
+the local shard; a rule may instead give ``init_state_sharded(param, name)`` (lion8bit: its blocks laid out by rows)
+and ``update_sharded(param, grad, state, lr, grad_scale)`` (Adafactor, AdaLomo: statistics summed over the ranks).
+A state entry with the parameter's rows first is sharded as the parameter; the rule's ``replicated_state`` keys are
+the same on every rank.
 State tensors live in the strategy's state dict, which checkpoints as safetensors; the per-tensor step
 count is ``state["step"]`` (a float32 scalar tensor on the parameter's device) so it checkpoints with the rest.
 A rule never reads a tensor's value on the host: on a GPU every such read waits for the device, once per

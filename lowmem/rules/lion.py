@@ -51,6 +51,21 @@ class Lion:
                     "exp_avg_absmax": torch.zeros(n_blocks, dtype=torch.float32, device=param.device)}
         return {"exp_avg": torch.zeros(param.shape, dtype=math_dtype(param.dtype), device=param.device)}
 
+    def init_state_sharded(self, param, name: str = "") -> dict[str, torch.Tensor]:
+        """The state of this rank's row shard of the DTensor ``param`` (FSDP2, ``lowmem.distributed``): quantized or
+        not as the whole tensor is. A matrix's blocks are cut along its rows, so they are one process's blocks when a
+        row is a whole number of blocks (every Llama, Qwen or Mistral matrix: 4096, 14336 columns): its codes are kept
+        as [rows, columns] and its absmax as [rows, columns / blocksize], both sharded by rows as the weight is. A
+        vector (a norm's weight) keeps a float32 momentum, which its shards cut nowhere."""
+        shard = param.to_local()
+        if self.quantized(param, name) and param.dim() == 2:
+            check_whole_blocks(self, name, param)
+            rows, cols = shard.shape
+            return {"exp_avg_codes": torch.full((rows, cols), 127, dtype=torch.uint8, device=shard.device),
+                    "exp_avg_absmax": torch.zeros((rows, cols // self.blocksize), dtype=torch.float32,
+                                                  device=shard.device)}
+        return {"exp_avg": torch.zeros(shard.shape, dtype=math_dtype(shard.dtype), device=shard.device)}
+
     def _code_on(self, device: torch.device) -> torch.Tensor:
         """The custom code map on ``device``, uploaded once (a copy per update would synchronize each time)."""
         if self.code.device != device:
@@ -64,8 +79,20 @@ class Lion:
                grad_scale: float | torch.Tensor = 1.0) -> None:
         if "exp_avg_codes" in state:
             code = self._code_on(param.device) if self.code is not None else None
-            lion8bit_update_(param, grad, state["exp_avg_codes"], state["exp_avg_absmax"], lr=lr, beta1=self.beta1,
-                             beta2=self.beta2, weight_decay=self.weight_decay, grad_scale=grad_scale,
-                             blocksize=self.blocksize, code=code)
+            # a shard's state is [rows, ...] (init_state_sharded); the blocks run along the flat tensor either way
+            lion8bit_update_(param, grad, state["exp_avg_codes"].view(-1), state["exp_avg_absmax"].view(-1), lr=lr,
+                             beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay,
+                             grad_scale=grad_scale, blocksize=self.blocksize, code=code)
             return
         lion_update_(param, grad, state["exp_avg"], lr, self.beta1, self.beta2, self.weight_decay, grad_scale)
+
+
+def check_whole_blocks(rule: Lion, name: str, param) -> None:
+    """Refuse, in one line, a quantized matrix whose rows are not whole blocks: on shards its blocks would straddle
+    two ranks."""
+    if param.dim() == 2 and param.shape[1] % rule.blocksize:
+        from lowmem.errors import UserError
+
+        raise UserError(f"distributed: lion8bit's blocks of {rule.blocksize} would straddle the shards of {name} "
+                        f"({tuple(param.shape)}: rows of {param.shape[1]} values); use update.rule=lion, or one "
+                        "process")

@@ -154,7 +154,7 @@ class FusedStrategy:
         mask = self.masks.mask_grad_(name, grad) if self.masks else None
         grad = local(grad)
         self._measure_and_apply(grad, grad.numel() * grad.element_size(), lambda scale: apply_rule(
-            self.rule, param, grad, self.state.get(name, local(param)), self.lr, scale, mask))
+            self.rule, param, grad, self.state.get(name, param), self.lr, scale, mask))
         param.grad = None
 
     def _measure_and_apply(self, grad: torch.Tensor, nbytes: int, apply) -> None:

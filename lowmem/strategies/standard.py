@@ -63,7 +63,7 @@ class StandardStrategy:
         with torch.no_grad():
             for name, param in with_grad.items():
                 if not skipped:
-                    apply_rule(self.rule, param, grads[name], self.state.get(name, local(param)), self.lr, grad_scale,
+                    apply_rule(self.rule, param, grads[name], self.state.get(name, param), self.lr, grad_scale,
                                self.masks.get(name, param.grad) if self.masks else None)
                 param.grad = None
         self.scaler.update(found_inf=skipped)

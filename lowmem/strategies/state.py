@@ -45,8 +45,13 @@ class RuleState:
     def get(self, name: str, param: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.by_param.get(name)
         if state is None:
-            like = param.template() if isinstance(param, Int8Weight) else param
-            state = {k: v.to(param.device) for k, v in self.rule.init_state(like, name).items()}
+            if is_sharded(param):  # this rank's share: the rule's own layout, or the local shard's state
+                init = getattr(self.rule, "init_state_sharded", None)
+                made = init(param, name) if init is not None else self.rule.init_state(param.to_local(), name)
+                state = {k: v.to(param.to_local().device) for k, v in made.items()}
+            else:
+                like = param.template() if isinstance(param, Int8Weight) else param
+                state = {k: v.to(param.device) for k, v in self.rule.init_state(like, name).items()}
             self.by_param[name] = state
         return state
 

@@ -1,0 +1,63 @@
+"""Adafactor and AdaLomo on a row-sharded parameter (lowmem.distributed.factored), worked in row slices, against the
+one-process rule on the whole tensor: a process group of one rank in this process, slices of a few rows (the module's
+slice size made tiny), odd shapes, float64, three steps."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lowmem.distributed.factored as sharded
+from float_error import UNIT_ROUNDOFF, assert_within
+from lowmem.rules.factored import Adafactor, AdaLomo
+
+U64 = UNIT_ROUNDOFF[torch.float64]
+STEPS = 3
+
+
+@pytest.fixture
+def one_rank():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+RULES = {
+    "adafactor-beta1-wd": lambda: Adafactor(beta1=0.9, weight_decay=0.1, name="adafactor"),
+    "adafactor-relative-step": lambda: Adafactor(relative_step=True, name="adafactor"),
+    "adalomo-wd": lambda: AdaLomo(weight_decay=0.05, name="adalomo"),
+}
+
+
+@pytest.mark.parametrize("shape", [(37, 19), (5, 3), (1, 7), (19,)])
+@pytest.mark.parametrize("rule", list(RULES))
+def test_row_slices_on_a_shard_equal_the_whole_tensor_rule(one_rank, monkeypatch, rule, shape):
+    """Bound: the slices only reorder float64 sums of at most n = numel terms of one sign (Σθ², Σg² by column, the row
+    statistic's sum, Σupdate²): each off by ≤ (n − 1)·u relative. Each step's update is a product and quotient of
+    these (square roots halve) — at most 8·n·u relative to the update's size — and θ rounds once more (u·|θ|); over
+    three steps the errors add."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    monkeypatch.setattr(sharded, "SLICE", 64)  # 3 rows of 19 per slice: the last one partial
+    torch.manual_seed(0)
+    start = torch.randn(shape, dtype=torch.float64)
+    grads = [torch.randn(shape, dtype=torch.float64) for _ in range(STEPS)]
+    whole, rule_whole = start.clone(), RULES[rule]()
+    state_whole = rule_whole.init_state(whole)
+    param = distribute_tensor(start.clone(), one_rank, [Shard(0)])
+    rule_sharded = RULES[rule]()
+    state_sharded = rule_sharded.init_state(param.to_local())
+    for g in grads:
+        rule_whole.update(whole, g, state_whole, lr=1e-2)
+        rule_sharded.update_sharded(param, g.clone(), state_sharded, lr=1e-2)
+    n = start.numel()
+    moved = (whole - start).abs().max()
+    assert moved > 0
+    bound = STEPS * (8 * n * U64 * moved + U64 * whole.abs())
+    assert_within(param.to_local(), whole, bound, f"{rule} {shape}")
+    for key, value in state_whole.items():
+        if value.numel():  # a vector's column statistic is empty
+            assert_within(state_sharded[key], value, STEPS * 8 * n * U64 * value.abs().max(), key)
