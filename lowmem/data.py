@@ -429,11 +429,22 @@ class BatchStream:
         self._order = self._permutation(self.epoch)
 
 
-def eval_batches(examples: list[Example], batch_size: int, pad_id: int, max_batches: int | None = None):
-    """The validation set in order, in batches."""
-    count = 0
-    for i in range(0, len(examples), batch_size):
+def eval_batches(examples: list[Example], batch_size: int, pad_id: int, max_batches: int | None = None,
+                 part: tuple[int, int] = (0, 1)):
+    """The validation set in order, in batches. ``part=(rank, nproc)``: batches of ``nproc × batch_size`` examples
+    (``max_batches`` of them at most), of which this rank takes its ``batch_size``, so N processes evaluate what one
+    process with their global batch does, each an N-th of it. Every rank yields as many batches (a forward of a
+    sharded model is a collective): a rank whose share of the last batch is empty gets one example with no label
+    counted."""
+    rank, nproc = part
+    step = batch_size * nproc
+    for count, i in enumerate(range(0, len(examples), step)):
         if max_batches is not None and count >= max_batches:
             return
-        count += 1
-        yield collate(examples[i : i + batch_size], pad_id)
+        mine = examples[i + rank * batch_size : i + (rank + 1) * batch_size]
+        if mine:
+            yield collate(mine, pad_id)
+        else:
+            batch = collate(examples[i : i + 1], pad_id)
+            batch["labels"].fill_(IGNORE)
+            yield batch

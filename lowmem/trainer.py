@@ -251,8 +251,9 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
         if not data.val:
             return None
         update.flush()  # updates still running on the host (host embeddings)
-        scores = evaluate(model, eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id,
-                                              config.train.eval_max_batches), device, chunk)
+        batches = eval_batches(data.val, config.train.batch_size, tokenizer.pad_token_id,
+                               config.train.eval_max_batches, part=(world.rank, world.size))
+        scores = evaluate(model, batches, device, chunk, world)  # each rank an N-th of the global batches
         if world.active:
             reshard(model)
         if result.first_eval is None:

@@ -141,6 +141,13 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs, case, micro
     records = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]  # rank 0 alone writes
     assert ("val_loss" in records[2]) == (case != "streaming")  # a stream validates on data.val_path only
+    # each rank evaluates its share of the 53 validation sequences (the last global batch of 4 has one: rank 1 runs a
+    # forward with no label counted), and the sums over the ranks give the one-process validation loss
+    one_records = [json.loads(line) for line in (folder / f"one-{case}" / "metrics.jsonl").read_text().splitlines()]
+    validated = [[r["val_loss"] for r in rs if "val_loss" in r] for rs in (records, one_records)]
+    assert validated[0] == pytest.approx(validated[1], rel=RUN64_LOSS_RTOL)
+    assert [r["val_tokens"] for r in records if "val_tokens" in r] == [
+        r["val_tokens"] for r in one_records if "val_tokens" in r]
 
 
 @pytest.mark.parametrize("rule", list(RESUMED))

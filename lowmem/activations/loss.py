@@ -289,9 +289,11 @@ def _head_on_body(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, chunk_tokens: int = 0) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, batches, device: torch.device, chunk_tokens: int = 0,
+             world=None) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over ``batches`` (head and loss ``chunk_tokens`` positions at a
-    time when > 0)."""
+    time when > 0). ``world`` (``lowmem.distributed.world.World``): each rank's ``batches`` are its share, and the
+    loss and the label tokens are summed over the ranks."""
     was_training = model.training
     model.eval()
     total, tokens = None, 0
@@ -301,6 +303,9 @@ def evaluate(model: torch.nn.Module, batches, device: torch.device, chunk_tokens
         summed = loss_sum(model, batch, chunk_tokens)
         total = summed if total is None else total + summed  # summed on the device, read once at the end
     model.train(was_training)
+    if world is not None and world.active:  # every rank ran as many batches (eval_batches' part)
+        total = world.sum_(total if total is not None else torch.zeros((), device=device))
+        (tokens,) = world.sum_counts(tokens)
     if tokens == 0 or total is None:
         return {}
     loss = float(total) / tokens
