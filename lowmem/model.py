@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -50,22 +51,26 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
         int8: a ``model.int8`` config section to store linear weights as int8 (quantized on the host, layer
             by layer, before the model moves to ``device``); None keeps float weights.
         seed: seeds the int8 weights' stochastic rounding.
-        shards_later: ``path`` being a distributed run's checkpoint, its weights are left unread (uninitialized), for
-            a sharded model's ranks to read their rows once sharded
-            (:func:`lowmem.distributed.sharded_checkpoint.load_weights`).
+        shards_later: for a model about to be sharded: when ``path`` is a distributed run's checkpoint, or a local
+            folder of safetensors named as the model's weights, the weights are left on the meta device (no memory;
+            buffers such as rotary frequencies are computed), for each rank to allocate and read only its rows once
+            sharded (:func:`lowmem.distributed.shard.materialize`,
+            :func:`lowmem.distributed.sharded_checkpoint.read_weights`). Otherwise they are loaded whole.
     """
     from transformers import AutoModelForCausalLM
 
-    from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, load_weights
+    from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, read_weights, readable_by_rows
 
     local = assets.resolve(path)
     if not Path(local).exists() and _looks_like_path(path):
         raise UserError(f"model.path '{path}' does not exist (a local HF folder or a hub id like org/name)")
+    meta = False
     try:
-        if is_sharded_checkpoint(local):
+        if shards_later and Path(local).is_dir() and readable_by_rows(local, _on_meta(local, dtype)):
+            model, meta = _on_meta(local, dtype, buffers=True), True
+        elif is_sharded_checkpoint(local):
             model = _uninitialized(local, dtype)
-            if not shards_later:
-                load_weights(model, Path(local))
+            read_weights(model, Path(local))
         else:
             model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
@@ -78,7 +83,8 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
         log.info("model: %d matrix weights stored as int8 blocks of %d with %.2f%% float32 outliers (%s)",
                  n, int8.blocksize, 100 * int8.outlier_fraction,
                  "the output head included" if int8.include_head else "the output head kept in model.dtype")
-    model.to(device)
+    if not meta:
+        model.to(device)
     model.config.use_cache = False  # the KV cache is for generation only
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -98,6 +104,35 @@ def _uninitialized(folder: str, dtype: str):
 
     with no_init_weights():
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=DTYPES[dtype])
+
+
+def _on_meta(folder: str, dtype: str, buffers: bool = False):
+    """The model of ``folder``'s config.json in ``dtype`` on the meta device (no memory); with ``buffers``, its
+    parameters only, the buffers computed on the host (rotary frequencies, which no checkpoint holds)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    with no_init_weights(), (_parameters_on_meta() if buffers else torch.device("meta")):
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside is moved to the meta device as it is registered (its initialization then
+    runs on meta: no memory, no time); buffers are made as usual."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def enable_gradient_checkpointing(model) -> None:

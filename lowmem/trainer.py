@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 
+from lowmem import assets
 from lowmem import checkpoint as ckpt
 from lowmem.api import Update
 from lowmem.config import Config
 from lowmem.data import BatchStream, build_datasets, eval_batches, fingerprint
 from lowmem.data_stream import StreamingBatches, stream_fingerprint
 from lowmem.distributed.gather import export_final as distributed_export
-from lowmem.distributed.shard import load_state_shards, reshard, shard_model, state_layout
-from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, load_rule_state, load_weights
+from lowmem.distributed.shard import load_state_shards, materialize, reshard, shard_model, state_layout
+from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, load_rule_state, read_weights
 from lowmem.distributed.sharded_checkpoint import save_checkpoint as distributed_save
 from lowmem.distributed.support import check_resume, check_rule_on_shards, check_supported
 from lowmem.distributed.world import World, teardown
@@ -171,15 +172,16 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     # Streaming frozen weights: the model is loaded in host memory and HiFT's plan places it, so the units it
     # keeps off the device never visit it (the load does not peak at the whole model there).
     streamed = config.update.strategy == "hift" and config.memory.offload_frozen_weights
-    # Distributed: loaded whole in host memory, then each rank keeps its shards on its device (from a sharded
-    # checkpoint: allocated whole, sharded, then each rank reads its rows)
+    # Distributed: made on the meta device, sharded, then each rank allocates its shards on its device and reads its
+    # rows (a folder whose safetensors are not named as the model's: loaded whole in host memory, then sharded)
     model = load_model(weights, config.model.dtype, torch.device("cpu") if streamed or world.active else device,
                        config.model.gradient_checkpointing, int8, config.train.seed, shards_later=world.active)
     if world.active:  # the chunked loss keeps the head in the root's unit
         chunked = chunk_tokens_for(config.memory.loss_chunk_tokens, model.config.vocab_size) > 0
         shard_model(model, device, head_in_root=chunked)
-        if sharded:
-            load_weights(model, resume_from)
+        if any(p.is_meta for p in model.parameters()):
+            materialize(model, device)
+            read_weights(model, assets.resolve(weights))
     if resume_from and int8 is not None and not ckpt.load_int8_weights(resume_from, model):
         log.warning("checkpoint %s has no int8 weights: requantized from its float weights", resume_from)
     data = build_datasets(config.data, tokenizer, config.train.seed)

@@ -71,6 +71,17 @@ def shard_model(model: torch.nn.Module, device: torch.device, mesh=None, head_in
     return model
 
 
+def materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """A sharded model whose parameters are on the meta device (``lowmem.model.load_model(shards_later=True)``): each
+    rank's shards allocated on ``device`` (uninitialized: they are read next), and the buffers kept as they were
+    computed (``to_empty`` would leave them uninitialized too)."""
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+
+
 def _call_with(model: torch.nn.Module, fn, *args):
     return fn(model, *args)
 

@@ -90,19 +90,52 @@ def save_checkpoint(world: World, output_dir: Path, step: int, model, tokenizer,
     return dest
 
 
-def load_weights(model, checkpoint: Path) -> None:
-    """The weights of a sharded checkpoint, into ``model`` in place: a sharded model's ranks each read their rows, an
-    unsharded one reads them whole."""
+def weights_folder(path) -> Path:
+    """Where the safetensors of ``path``'s weights are: a sharded checkpoint's ``model/``, or the folder itself."""
+    return Path(path) / MODEL_DIR if is_sharded_checkpoint(path) else Path(path)
+
+
+def _by_tensor(tensors: dict, saved) -> tuple[dict, list[str]]:
+    """``tensors`` (name → tensor) with one name per tensor, a saved one (a tied weight has two names, the file one),
+    and the names of the tensors none of whose names is saved."""
+    names: dict[int, list[str]] = {}
+    for key, tensor in tensors.items():
+        names.setdefault(id(tensor), []).append(key)
+    chosen, missing = {}, []
+    for keys in names.values():
+        found = [k for k in keys if k in saved]
+        if found:
+            chosen[found[0]] = tensors[found[0]]
+        else:
+            missing.append(keys[0])
+    return chosen, missing
+
+
+def readable_by_rows(path, model) -> bool:
+    """Whether each rank can read its rows of ``model``'s weights from ``path``: a sharded checkpoint, or a local
+    folder whose safetensors hold every weight under the model's own name and shape (``model`` may be on meta)."""
+    folder = weights_folder(path)
+    if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+        return False
+    saved = _saved_entries(folder)
     tensors = model.state_dict()
-    saved = _saved_entries(Path(checkpoint) / MODEL_DIR)
-    missing = sorted(set(tensors) - set(saved))
+    chosen, missing = _by_tensor(tensors, saved)
+    return not missing and all(tuple(saved[k].size) == tuple(t.shape) for k, t in chosen.items())
+
+
+def read_weights(model, path) -> None:
+    """The weights saved in ``path`` (a sharded checkpoint, or a folder of HF safetensors), into ``model`` in place:
+    a sharded model's ranks each read their rows, an unsharded one reads them whole."""
+    folder = weights_folder(path)
+    saved = _saved_entries(folder)
+    tensors, missing = _by_tensor(model.state_dict(), saved)
     if missing:
-        raise UserError(f"checkpoint {checkpoint} has no weight {missing[0]} (was it written for this model?)")
+        raise UserError(f"{path} has no weight {missing[0]} (was it written for this model?)")
     for key, tensor in tensors.items():
         if tuple(saved[key].size) != tuple(tensor.shape):
-            raise UserError(f"checkpoint {checkpoint}: the weight {key} has shape {tuple(saved[key].size)}, the model's "
-                            f"is {tuple(tensor.shape)} (was it written for this model?)")
-    _read(tensors, Path(checkpoint) / MODEL_DIR)
+            raise UserError(f"{path}: the weight {key} has shape {tuple(saved[key].size)}, the model's is "
+                            f"{tuple(tensor.shape)} (was it written for this model?)")
+    _read(tensors, folder)
 
 
 def load_rule_state(checkpoint: Path, update=None) -> dict[str, torch.Tensor]:

@@ -1,6 +1,12 @@
-"""Adafactor and AdaLomo on a row-sharded parameter (lowmem.distributed.factored), worked in row slices, against the
-one-process rule on the whole tensor: a process group of one rank in this process, slices of a few rows (the module's
-slice size made tiny), odd shapes, float64, three steps."""
+"""Parts of the FSDP2 path checked in a process group of one rank in this process (tests/test_distributed.py runs
+whole trainings in two processes):
+- Adafactor and AdaLomo on a row-sharded parameter (lowmem.distributed.factored), worked in row slices, against the
+  one-process rule on the whole tensor: slices of a few rows (the module's slice size made tiny), odd shapes, float64,
+  three steps;
+- a model made with its weights on the meta device, sharded, materialized and read by rows equals the model loaded
+  whole."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +14,9 @@ import torch.distributed as dist
 
 import lowmem.distributed.factored as sharded
 from float_error import UNIT_ROUNDOFF, assert_within
+from lowmem.distributed.shard import materialize, shard_model
+from lowmem.distributed.sharded_checkpoint import read_weights, readable_by_rows
+from lowmem.model import load_model
 from lowmem.rules.factored import Adafactor, AdaLomo
 
 U64 = UNIT_ROUNDOFF[torch.float64]
@@ -61,3 +70,31 @@ def test_row_slices_on_a_shard_equal_the_whole_tensor_rule(one_rank, monkeypatch
     for key, value in state_whole.items():
         if value.numel():  # a vector's column statistic is empty
             assert_within(state_sharded[key], value, STEPS * 8 * n * U64 * value.abs().max(), key)
+
+
+def test_a_model_read_by_rows_equals_the_model_loaded_whole(one_rank, micro_model_path, tmp_path):
+    """The weights come from the HF folder's safetensors, the rotary frequencies (buffers no file holds) from the
+    config, so the sharded model computes the whole one's logits."""
+    from safetensors.torch import load_file, save_file
+
+    model = load_model(micro_model_path, "float64", shards_later=True)
+    assert all(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
+    shard_model(model, torch.device("cpu"), one_rank)
+    materialize(model, torch.device("cpu"))
+    read_weights(model, micro_model_path)
+    whole = load_model(micro_model_path, "float64")
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(model.state_dict()[name].full_tensor(), tensor), name
+    ids = torch.arange(12).reshape(2, 6) % whole.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits)
+
+    # a folder whose names are not the model's is loaded whole instead
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (Path(micro_model_path) / f).exists():
+            (renamed / f).write_bytes((Path(micro_model_path) / f).read_bytes())
+    save_file({f"x.{k}": v for k, v in load_file(Path(micro_model_path) / "model.safetensors").items()},
+              renamed / "model.safetensors")
+    assert not readable_by_rows(renamed, whole) and readable_by_rows(micro_model_path, whole)
