@@ -237,6 +237,8 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
                                        "dense gradient (row-sparse updates run under update.strategy=fused)"))
     # after placement: with weight streaming the probe's forward would otherwise run the whole model on the host
     chunk = resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
+    if world.active:  # the probe's forward left the root gathered
+        reshard(model)
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %s%d×%d sequences",
              update.strategy.name, update.rule.name, config.update.lr, config.train.lr_schedule,
              100 * config.train.warmup_ratio, steps, f"{world.size} processes × " if world.active else "",

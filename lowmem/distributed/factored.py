@@ -51,7 +51,7 @@ def _row_slices(rows: int, cols: int) -> list[tuple[int, int]]:
 def _matrix_update_(rule, param, grad, state, lr, grad_scale) -> None:
     """A matrix, in three passes over row slices of the shard: the statistics (then one all-reduce of C + 2 sums), the
     update's square sum (then one all-reduce), the update applied. The update of a slice is made twice, from the
-    gradient, rather than kept whole."""
+    gradient, rather than kept whole (a matrix of one slice keeps it)."""
     shard = param.to_local()
     rows_total, numel = param.shape[0], param.numel()
     dtype = math_dtype(shard.dtype)
@@ -74,13 +74,15 @@ def _matrix_update_(rule, param, grad, state, lr, grad_scale) -> None:
         r_factor = (row[a:b] / row_mean).rsqrt().unsqueeze(-1)
         return scaled_grad(grad[a:b], grad_scale, dtype) * (r_factor * col_factor)
 
-    update_sq = sum(update(a, b).pow(2).sum() for a, b in slices) if slices else sums.new_zeros(())
+    kept = update(*slices[0]) if len(slices) == 1 else None  # one slice: made once, kept for the last pass
+    update_sq = sum((kept if kept is not None else update(a, b)).pow(2).sum() for a, b in slices) if slices \
+        else sums.new_zeros(())
     dist.all_reduce(update_sq)
     clip = ((update_sq / numel).sqrt() / rule.clip_threshold).clamp(min=1.0)
     alpha = rho * (sums[0] / numel).sqrt().clamp(min=rule.eps2) if rule.scale_parameter else rho
     exp_avg = state.get("exp_avg")
     for a, b in slices:
-        u = update(a, b).div_(clip).mul_(alpha)
+        u = (kept if kept is not None else update(a, b)).div_(clip).mul_(alpha)
         if exp_avg is not None:
             exp_avg[a:b].mul_(rule.beta1).add_(u, alpha=1.0 - rule.beta1)
             u = exp_avg[a:b]
