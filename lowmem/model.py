@@ -103,7 +103,9 @@ def _uninitialized(folder: str, dtype: str):
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=DTYPES[dtype])
+    model.tie_weights()  # skipped with the initialization
+    return model
 
 
 def _on_meta(folder: str, dtype: str, buffers: bool = False):
@@ -114,7 +116,9 @@ def _on_meta(folder: str, dtype: str, buffers: bool = False):
 
     config = AutoConfig.from_pretrained(folder)
     with no_init_weights(), (_parameters_on_meta() if buffers else torch.device("meta")):
-        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    model.tie_weights()  # skipped with the initialization
+    return model
 
 
 @contextlib.contextmanager

@@ -239,6 +239,9 @@ def _train(config: Config, step_guard, world: World, device: torch.device) -> Tr
     chunk = resolve_chunk_tokens(config.memory.loss_chunk_tokens, model)
     if world.active:  # the probe's forward left the root gathered
         reshard(model)
+        if chunked and not chunk:
+            log.warning("distributed: the head stays in the root's FSDP2 unit (gathered through each step), sharded "
+                        "for a chunked loss the model turned out not to allow; set memory.loss_chunk_tokens=0")
     log.info("update: strategy %s, rule %s, lr %g (%s schedule, warmup %.0f%%), %d steps of %s%d×%d sequences",
              update.strategy.name, update.rule.name, config.update.lr, config.train.lr_schedule,
              100 * config.train.warmup_ratio, steps, f"{world.size} processes × " if world.active else "",

@@ -27,6 +27,8 @@ TESTS = Path(__file__).resolve().parent
 COMMON = ["model.dtype=float64", *RUN64_ADAM_EPS, "train.device=cpu", "train.max_steps=4"]
 FUSED = "update.strategy=fused"
 WIDE = "model.path=lowmem:micro-llama-wide"
+TIED = "model.path=lowmem:micro-llama-tied"
+SAVE_AT_2 = "checkpoint.save_every_n_steps=2"
 # strategy × rule on shards: element-wise rules (standard, with accumulation), factored ones with their statistics
 # summed over the ranks (Adafactor with its first moment; fused AdaLomo with per-tensor clipping), two-pass clipping,
 # HiFT (standard and fused inside), a streamed run, and the chunked loss
@@ -46,13 +48,14 @@ CASES = {
     # 8-bit momentum in blocks of 256 along each shard's rows: one process's blocks, on a model whose rows are whole
     # blocks (every weight matrix and the head quantized; norms and the embedding keep float32)
     "fused-lion8bit": [WIDE, FUSED, "update.rule=lion8bit", "update.lr=3e-4"],
+    # a tied head (one weight, in the root's unit), checkpointed: read back whole by one process below
+    "tied": [TIED, "update.rule=adamw", SAVE_AT_2],
 }
 RESUMED = {"adamw": ["update.rule=adamw"],
            "adafactor": ["update.rule=adafactor", "update.adafactor.beta1=0.9", "update.lr=1e-2"]}
 # resumed from a 2-process checkpoint only (a one-process lion8bit checkpoint does not resume sharded)
 RESUMED_SHARDED = {"lion8bit": [WIDE, "update.rule=lion8bit", "update.lr=3e-4"]}
 STATE_KEY = {"adamw": "exp_avg", "adafactor": "exp_avg", "lion8bit": "exp_avg_codes"}
-SAVE_AT_2 = "checkpoint.save_every_n_steps=2"
 
 
 def write_recipe(folder: Path, model_path: str, data_path: str) -> Path:
@@ -97,7 +100,8 @@ def runs(tmp_path_factory, micro_model_path, text_data):
     left for the 1-process resume of its test, and its checkpoint-2 resumes in 2 processes into another folder."""
     folder = tmp_path_factory.mktemp("distributed")
     recipe = write_recipe(folder, micro_model_path, text_data)
-    assets.resolve("lowmem:micro-llama-wide")  # made here once, not by two ranks at a time
+    for name in ("micro-llama-wide", "micro-llama-tied"):  # made here once, not by two ranks at a time
+        assets.resolve(f"lowmem:{name}")
     batch = [(recipe, folder / f"two-{name}", extra) for name, extra in CASES.items()]
     for name, extra in {**RESUMED, **RESUMED_SHARDED}.items():
         if name in RESUMED:
@@ -134,7 +138,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(runs, case, micro
     one = one_process(recipe, folder / f"one-{case}", *CASES[case])
     two = folder / f"two-{case}"
     assert losses(two) == pytest.approx(one.losses, rel=RUN64_LOSS_RTOL)
-    model = Path(assets.resolve("lowmem:micro-llama-wide")) if WIDE in CASES[case] else Path(micro_model_path)
+    paths = [o.split("=", 1)[1] for o in CASES[case] if o.startswith("model.path=")]
+    model = Path(assets.resolve(paths[0])) if paths else Path(micro_model_path)
     start, end = load_file(model / "model.safetensors"), load_file(one.final_dir / "model.safetensors")
     assert all(not start[k].double().equal(end[k]) for k in start)  # every tensor trained: the equality means something
     assert_same_weights(one.final_dir, two / "final")
@@ -184,6 +189,22 @@ def test_a_lion8bit_checkpoint_of_two_processes_resumes_in_one(runs):
     """lion8bit's codes and absmax, saved by rows from 2 processes, read whole by one."""
     folder, recipe = runs
     resume_in_one_process(folder, recipe, "lion8bit", RESUMED_SHARDED["lion8bit"])
+
+
+def test_a_tied_models_sharded_checkpoint_loads_whole_in_one_process(runs):
+    """The tied weight is saved once; lowmem.load_model in one process reads the shards whole, tied as the model is,
+    and equal to the export of the same step (the last)."""
+    from lowmem.model import load_model
+
+    folder, _ = runs
+    model = load_model(str(folder / "two-tied" / "checkpoint-4"), "float64")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    saved = {k for f in (folder / "two-tied" / "checkpoint-4" / "model").glob("*.safetensors") for k in load_file(f)}
+    assert "lm_head.weight" not in saved and "model.embed_tokens.weight" in saved
+    exported = load_file(folder / "two-tied" / "final" / "model.safetensors")
+    state = model.state_dict()
+    for key, tensor in exported.items():
+        assert torch.equal(state[key], tensor), key
 
 
 @pytest.mark.parametrize("rule", [*RESUMED, *RESUMED_SHARDED])

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import lowmem.distributed.factored as sharded
 from float_error import UNIT_ROUNDOFF, assert_within
 from lowmem.distributed.shard import materialize, shard_model
+from lowmem.distributed import sharded_checkpoint
 from lowmem.distributed.sharded_checkpoint import read_weights, readable_by_rows
 from lowmem.model import load_model
 from lowmem.rules.factored import Adafactor, AdaLomo
@@ -72,11 +73,16 @@ def test_row_slices_on_a_shard_equal_the_whole_tensor_rule(one_rank, monkeypatch
             assert_within(state_sharded[key], value, STEPS * 8 * n * U64 * value.abs().max(), key)
 
 
-def test_a_model_read_by_rows_equals_the_model_loaded_whole(one_rank, micro_model_path, tmp_path):
-    """The weights come from the HF folder's safetensors, the rotary frequencies (buffers no file holds) from the
-    config, so the sharded model computes the whole one's logits."""
+@pytest.mark.parametrize("name", ["micro-llama", "micro-llama-tied"])
+def test_a_model_read_by_rows_equals_the_model_loaded_whole(one_rank, monkeypatch, name, tmp_path):
+    """The weights come from the HF folder's safetensors (a tied head: from the embedding, which the folder holds
+    once), the rotary frequencies (buffers no file holds) from the config, so the sharded model computes the whole
+    one's logits. Written by rows into files of a few weights each and read back, it is the same again."""
     from safetensors.torch import load_file, save_file
 
+    from lowmem import assets
+
+    micro_model_path = assets.resolve(f"lowmem:{name}")
     model = load_model(micro_model_path, "float64", shards_later=True)
     assert all(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
     shard_model(model, torch.device("cpu"), one_rank)
@@ -88,6 +94,20 @@ def test_a_model_read_by_rows_equals_the_model_loaded_whole(one_rank, micro_mode
     ids = torch.arange(12).reshape(2, 6) % whole.config.vocab_size
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, whole(input_ids=ids).logits)
+    if name == "micro-llama-tied":
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    monkeypatch.setattr(sharded_checkpoint, "FILE_BYTES", 200_000)  # ~4 matrices of 64 × 128 float64 per file
+    sharded_checkpoint._write({names[0]: t for names, t in sharded_checkpoint._weights(model)}, tmp_path / "saved", 1)
+    files = list((tmp_path / "saved").glob("*.safetensors"))
+    assert len(files) > 3
+    assert sum(len(load_file(f)) for f in files) == len(load_file(Path(micro_model_path) / "model.safetensors"))
+    again = load_model(micro_model_path, "float64", shards_later=True)
+    shard_model(again, torch.device("cpu"), one_rank)
+    materialize(again, torch.device("cpu"))
+    read_weights(again, tmp_path / "saved")
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key].full_tensor(), tensor.full_tensor()), key
 
     # a folder whose names are not the model's is loaded whole instead
     renamed = tmp_path / "renamed"

@@ -11,6 +11,7 @@ DCP reads any layout back: each rank of another number of processes reads the ro
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -32,13 +33,36 @@ def is_sharded_checkpoint(folder) -> bool:
     return (Path(folder) / MODEL_DIR).is_dir()
 
 
-def _write(tensors: dict, folder: Path) -> None:
+FILE_BYTES = 2 * 2**30  # about this much of one rank's shards per file: DCP holds a file's tensors and bytes at once
+
+
+def _write(tensors: dict, folder: Path, nproc: int) -> None:
     """Each rank's part of ``tensors`` (its local shard of a DTensor; a plain tensor, the same on every rank, once)
-    into ``folder``."""
+    into ``folder``, in files of about :data:`FILE_BYTES` of each rank's part (the same split on every rank)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    from lowmem.distributed.shard import is_sharded
+
+    files, index, size = {}, 1, 0.0
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        share = tensor.numel() * tensor.element_size() / (nproc if is_sharded(tensor) else 1)
+        if size and size + share > FILE_BYTES:
+            index, size = index + 1, 0.0
+        files[key] = index
+        size += share
+    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files, save_distributed=True)
+    dcp.save(tensors, storage_writer=writer)
+
+
+def _weights(model) -> list[tuple[list[str], torch.Tensor]]:
+    """The model's weights and buffers that checkpoints hold, each with all its names (a tied weight has two, in the
+    state dict's order)."""
+    names: dict[int, tuple[list[str], torch.Tensor]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), ([], tensor))[0].append(key)
+    return list(names.values())
 
 
 def _read(tensors: dict, folder: Path) -> None:
@@ -70,24 +94,45 @@ def save_checkpoint(world: World, output_dir: Path, step: int, model, tokenizer,
     if world.is_main:
         ckpt.new_temporary(dest, "sharded")
     world.barrier()
-    try:
+
+    def shards() -> None:
         ckpt.settle()
-        _write(model.state_dict(), tmp / MODEL_DIR)
-        _write(sharded_state(update.state_dict(), *state_layout(update)), tmp / STATE_DIR)
+        _write({names[0]: tensor for names, tensor in _weights(model)}, tmp / MODEL_DIR, world.size)
+        _write(sharded_state(update.state_dict(), *state_layout(update)), tmp / STATE_DIR, world.size)
         save_file(ckpt.rng_tensors(), tmp / ckpt.rng_file(world.rank))
-        world.barrier()
+
+    def publish() -> None:
         if world.is_main:
             model.config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             ckpt.write_trainer_state(tmp, {**trainer_state, "world_size": world.size}, step)
             ckpt.put_in_place(tmp, dest)
             ckpt.keep_newest(output_dir, keep_last)
+
+    try:
+        _on_every_rank(world, shards, dest)
+        _on_every_rank(world, publish, dest)
     except BaseException:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    world.barrier()
     return dest
+
+
+def _on_every_rank(world: World, part, dest: Path) -> None:
+    """Run ``part`` here, then agree with the other ranks (a sum of failures over the ranks): when any rank failed,
+    every rank raises, so none waits in a later collective for one that gave up."""
+    failure = None
+    try:
+        part()
+    except Exception as err:  # noqa: BLE001 — raised below, after the others have heard of it
+        failure = err
+    (failed,) = world.sum_counts(int(failure is not None))
+    if failure is not None:
+        raise failure
+    if failed:
+        raise UserError(f"checkpoint {dest}: {failed} other rank(s) failed to write their part (their error is "
+                        "printed above)")
 
 
 def weights_folder(path) -> Path:
@@ -95,31 +140,40 @@ def weights_folder(path) -> Path:
     return Path(path) / MODEL_DIR if is_sharded_checkpoint(path) else Path(path)
 
 
-def _by_tensor(tensors: dict, saved) -> tuple[dict, list[str]]:
-    """``tensors`` (name → tensor) with one name per tensor, a saved one (a tied weight has two names, the file one),
-    and the names of the tensors none of whose names is saved."""
-    names: dict[int, list[str]] = {}
-    for key, tensor in tensors.items():
-        names.setdefault(id(tensor), []).append(key)
+def _named_as_saved(model, saved) -> tuple[dict, list[str]]:
+    """The model's weights and buffers, each under the one of its names that ``saved`` holds (a tied weight has two:
+    an HF folder holds one), and the first name of each that none of its names is saved under."""
     chosen, missing = {}, []
-    for keys in names.values():
-        found = [k for k in keys if k in saved]
+    for names, tensor in _weights(model):
+        found = [name for name in names if name in saved]
         if found:
-            chosen[found[0]] = tensors[found[0]]
+            chosen[found[0]] = tensor
         else:
-            missing.append(keys[0])
+            missing.append(names[0])
     return chosen, missing
 
 
 def readable_by_rows(path, model) -> bool:
     """Whether each rank can read its rows of ``model``'s weights from ``path``: a sharded checkpoint, or a local
-    folder whose safetensors hold every weight under the model's own name and shape (``model`` may be on meta)."""
+    folder of plain safetensors holding every weight once, under the model's own name and shape (``model`` may be on
+    meta). Not: a quantized checkpoint, a model that keeps modules in float32 (both are loading work
+    ``from_pretrained`` does), or a folder with safetensors its index does not list."""
     folder = weights_folder(path)
     if not folder.is_dir() or not any(folder.glob("*.safetensors")):
         return False
+    if getattr(model.config, "quantization_config", None) or getattr(model, "_keep_in_fp32_modules", None):
+        return False
+    if not is_sharded_checkpoint(path):
+        index = folder / "model.safetensors.index.json"
+        files = {f.name for f in folder.glob("*.safetensors")}
+        if index.is_file() and set(json.loads(index.read_text())["weight_map"].values()) != files:
+            return False
     saved = _saved_entries(folder)
-    tensors = model.state_dict()
-    chosen, missing = _by_tensor(tensors, saved)
+    if not is_sharded_checkpoint(path) and any(len(entry.chunks) > 1 for entry in saved.values()):
+        return False  # a name in two files
+    if any(not entry.properties.dtype.is_floating_point for entry in saved.values()):
+        return False
+    chosen, missing = _named_as_saved(model, saved)
     return not missing and all(tuple(saved[k].size) == tuple(t.shape) for k, t in chosen.items())
 
 
@@ -128,7 +182,7 @@ def read_weights(model, path) -> None:
     a sharded model's ranks each read their rows, an unsharded one reads them whole."""
     folder = weights_folder(path)
     saved = _saved_entries(folder)
-    tensors, missing = _by_tensor(model.state_dict(), saved)
+    tensors, missing = _named_as_saved(model, saved)
     if missing:
         raise UserError(f"{path} has no weight {missing[0]} (was it written for this model?)")
     for key, tensor in tensors.items():
