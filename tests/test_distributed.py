@@ -282,3 +282,31 @@ def test_a_failing_rank_stops_the_others(runs, tmp_path):
     assert done.returncode != 0
     assert "rank 1 fails on purpose" in done.stderr
     assert "rank 1 failed" in done.stderr
+
+
+def one_gpu_smoke(folder: Path, micro_model_path: str, text_data: str, device: str) -> None:
+    """One process launched by ``--nproc 1`` (FSDP2, world size 1: NCCL on ``cuda:0``, gloo on the CPU) equals the
+    plain run on the same device, float64 (the bounds of float_error.py hold on any device); standard AdamW with the
+    chunked loss, a sharded checkpoint at step 2 resumed to the same end."""
+    recipe = write_recipe(folder, micro_model_path, text_data)
+    extra = ["update.rule=adamw", "memory.loss_chunk_tokens=16", SAVE_AT_2, f"train.device={device}"]
+    plain = train(load_config(recipe, overrides(folder / "plain", 1, *extra)))
+    out = folder / "fsdp2"
+    command = [sys.executable, "-m", "lowmem", "train", str(recipe), *overrides(out, 1, *extra), "--nproc", "1"]
+    for resumed in (False, True):
+        done = subprocess.run(command, capture_output=True, text=True, env=launch_env(), timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert f"distributed: 1 processes ({'nccl' if device == 'cuda' else 'gloo'}), FSDP2" in done.stderr
+        assert losses(out) == pytest.approx(plain.losses, rel=RUN64_LOSS_RTOL)
+        assert_same_weights(plain.final_dir, out / "final")
+        assert (out / "checkpoint-2" / "model").is_dir()  # sharded
+        if not resumed:
+            shutil.rmtree(out / "checkpoint-4")
+            shutil.rmtree(out / "final")
+
+
+@pytest.mark.cuda
+def test_one_gpu_runs_the_fsdp2_path_as_the_plain_run(tmp_path, micro_model_path, text_data):
+    """The GPU smoke test of the FSDP2 path (``make gpu-check`` runs it): NCCL at world size 1 on one GPU. No figure
+    of several GPUs comes from it."""
+    one_gpu_smoke(tmp_path, micro_model_path, text_data, "cuda")
