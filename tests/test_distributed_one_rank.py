@@ -98,7 +98,7 @@ def test_a_model_read_by_rows_equals_the_model_loaded_whole(one_rank, monkeypatc
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
     monkeypatch.setattr(sharded_checkpoint, "FILE_BYTES", 200_000)  # ~4 matrices of 64 × 128 float64 per file
-    sharded_checkpoint._write({names[0]: t for names, t in sharded_checkpoint._weights(model)}, tmp_path / "saved", 1)
+    sharded_checkpoint._write(*sharded_checkpoint._weight_entries(model, 1), tmp_path / "saved")
     files = list((tmp_path / "saved").glob("*.safetensors"))
     assert len(files) > 3
     assert sum(len(load_file(f)) for f in files) == len(load_file(Path(micro_model_path) / "model.safetensors"))
@@ -118,3 +118,29 @@ def test_a_model_read_by_rows_equals_the_model_loaded_whole(one_rank, monkeypatc
     save_file({f"x.{k}": v for k, v in load_file(Path(micro_model_path) / "model.safetensors").items()},
               renamed / "model.safetensors")
     assert not readable_by_rows(renamed, whole) and readable_by_rows(micro_model_path, whole)
+
+
+def test_a_rule_state_written_in_several_files_reads_back_by_rows(one_rank, monkeypatch, micro_model_path, tmp_path):
+    """AdamW's moments (sharded as their weights), a row statistic and a replicated step, written in files of a few
+    entries (each file a collective of its own) and read back in parts, equal what was written."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(sharded_checkpoint, "FILE_BYTES", 100_000)
+    model = load_model(micro_model_path, "float64")
+    shard_model(model, torch.device("cpu"), one_rank)
+    params = dict(model.named_parameters())
+    torch.manual_seed(0)
+    flat = {}
+    for name, param in params.items():
+        flat[f"{name}::exp_avg"] = torch.randn(param.to_local().shape, dtype=torch.float64)
+        flat[f"{name}::exp_avg_sq_row"] = torch.rand(param.to_local().shape[:1], dtype=torch.float64)
+        flat[f"{name}::step"] = torch.tensor(3.0)
+    update = SimpleNamespace(strategy=SimpleNamespace(params=params), rule=SimpleNamespace(replicated_state=("step",)),
+                             state_dict=lambda: flat)
+    sharded_checkpoint._write(*sharded_checkpoint._rule_state_entries(update, 1),
+                              tmp_path / sharded_checkpoint.STATE_DIR)
+    assert len(list((tmp_path / sharded_checkpoint.STATE_DIR).glob("*.safetensors"))) > 3
+    read = sharded_checkpoint.load_rule_state(tmp_path, update)
+    assert read.keys() == flat.keys()
+    for key, tensor in flat.items():
+        assert torch.equal(read[key], tensor), key

@@ -126,16 +126,6 @@ def whole(tensor: torch.Tensor, param):
                               stride=torch.empty(shape, device="meta").stride())
 
 
-def sharded_state(flat: dict[str, torch.Tensor], params: dict[str, torch.Tensor], replicated=()) -> dict:
-    """A strategy's flat state (``name::key`` → local tensor) with each sharded entry as the DTensor of the whole
-    entry (:func:`whole`); the ``replicated`` keys and scalars, the same on every rank, as they are."""
-    out = {}
-    for key, tensor in flat.items():
-        param = sharded_entry(key, tensor.dim(), params, replicated)
-        out[key] = tensor if param is None else whole(tensor, param)
-    return out
-
-
 def load_state_shards(path, params: dict[str, torch.Tensor], replicated=()) -> dict[str, torch.Tensor]:
     """A one-process checkpoint's rule state (whole entries in one file) read by a rank: each entry of a sharded
     parameter read only in this rank's rows, as FSDP2 cuts the parameter (``torch.chunk`` along dim 0: chunks of

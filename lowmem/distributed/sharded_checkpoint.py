@@ -11,7 +11,9 @@ DCP reads any layout back: each rank of another number of processes reads the ro
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowmem import checkpoint as ckpt
-from lowmem.distributed.shard import local, sharded_entry, sharded_state, state_layout, whole
+from lowmem.distributed.shard import local, sharded_entry, state_layout, whole
 from lowmem.distributed.world import World
 from lowmem.errors import UserError
 
@@ -36,24 +38,58 @@ def is_sharded_checkpoint(folder) -> bool:
 FILE_BYTES = 2 * 2**30  # about this much of one rank's shards per file: DCP holds a file's tensors and bytes at once
 
 
-def _write(tensors: dict, folder: Path, nproc: int) -> None:
-    """Each rank's part of ``tensors`` (its local shard of a DTensor; a plain tensor, the same on every rank, once)
-    into ``folder``, in files of about :data:`FILE_BYTES` of each rank's part (the same split on every rank)."""
+def _files(shares: dict[str, float]) -> list[list[str]]:
+    """Names (sorted) cut into files of about :data:`FILE_BYTES` of each rank's part (``shares``: name → bytes of it a
+    rank holds, from global sizes, so the cut is the same on every rank)."""
+    files, size = [[]] if shares else [], 0.0
+    for key in sorted(shares):
+        if size and size + shares[key] > FILE_BYTES:
+            files.append([])
+            size = 0.0
+        files[-1].append(key)
+        size += shares[key]
+    return files
+
+
+def _write(entries: dict, shares: dict[str, float], folder: Path) -> None:
+    """Each rank's part of ``entries`` (name → a tensor, or a function making it) into ``folder``: a DTensor's local
+    shard, a plain tensor (the same on every rank) once. File by file (:func:`_files` of ``shares``; a collective
+    each): a function is called for the names of one file only, so what it makes (the DTensor of a rule state kept in
+    host memory lands on the device) exists for one file at a time, and DCP's writer holds one file's tensors and
+    bytes."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
+    for index, keys in enumerate(_files(shares), start=1):
+        tensors = {key: entries[key] if isinstance(entries[key], torch.Tensor) else entries[key]() for key in keys}
+        writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=dict.fromkeys(keys, index),
+                                          save_distributed=True)
+        dcp.save(tensors, storage_writer=writer)
+        del tensors
+
+
+def _weight_entries(model, nproc: int) -> tuple[dict, dict[str, float]]:
+    """The model's weights for :func:`_write` (a tied weight once), and each one's bytes a rank holds."""
     from lowmem.distributed.shard import is_sharded
 
-    files, index, size = {}, 1, 0.0
-    for key in sorted(tensors):
-        tensor = tensors[key]
-        share = tensor.numel() * tensor.element_size() / (nproc if is_sharded(tensor) else 1)
-        if size and size + share > FILE_BYTES:
-            index, size = index + 1, 0.0
-        files[key] = index
-        size += share
-    writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files, save_distributed=True)
-    dcp.save(tensors, storage_writer=writer)
+    entries = {names[0]: tensor for names, tensor in _weights(model)}
+    shares = {key: t.numel() * t.element_size() / (nproc if is_sharded(t) else 1) for key, t in entries.items()}
+    return entries, shares
+
+
+def _rule_state_entries(update, nproc: int) -> tuple[dict, dict[str, float]]:
+    """The rule state's entries for :func:`_write` (a sharded entry as a function making the DTensor of the whole
+    entry), and each one's bytes a rank holds (from the whole entry's size: the same on every rank)."""
+    params, replicated = state_layout(update)
+    entries, shares = {}, {}
+    for key, tensor in update.state_dict().items():
+        param = sharded_entry(key, tensor.dim(), params, replicated)
+        if param is None:
+            entries[key], shares[key] = tensor, tensor.numel() * tensor.element_size()
+        else:  # a rank past the last rows holds none: the share comes from the whole entry's rows
+            entries[key] = functools.partial(whole, tensor, param)
+            shares[key] = param.shape[0] * math.prod(tensor.shape[1:]) * tensor.element_size() / nproc
+    return entries, shares
 
 
 def _weights(model) -> list[tuple[list[str], torch.Tensor]]:
@@ -97,8 +133,8 @@ def save_checkpoint(world: World, output_dir: Path, step: int, model, tokenizer,
 
     def shards() -> None:
         ckpt.settle()
-        _write({names[0]: tensor for names, tensor in _weights(model)}, tmp / MODEL_DIR, world.size)
-        _write(sharded_state(update.state_dict(), *state_layout(update)), tmp / STATE_DIR, world.size)
+        _write(*_weight_entries(model, world.size), tmp / MODEL_DIR)
+        _write(*_rule_state_entries(update, world.size), tmp / STATE_DIR)
         save_file(ckpt.rng_tensors(), tmp / ckpt.rng_file(world.rank))
 
     def publish() -> None:
@@ -196,17 +232,28 @@ def load_rule_state(checkpoint: Path, update=None) -> dict[str, torch.Tensor]:
     """The rule state of a sharded checkpoint (flat ``name::key`` → tensor): with ``update`` (a sharded run's), each
     entry of a sharded parameter in this rank's rows; without, every entry whole (one process)."""
     params, replicated = state_layout(update) if update is not None else ({}, ())
-    templates = {}
-    for key, entry in _saved_entries(Path(checkpoint) / STATE_DIR).items():
+    nproc = torch.distributed.get_world_size() if update is not None else 1
+    saved = _saved_entries(Path(checkpoint) / STATE_DIR)
+    layout, shares = {}, {}
+    for key, entry in saved.items():
         size, dtype = tuple(entry.size), entry.properties.dtype
         param = sharded_entry(key, len(size), params, replicated)
-        if param is None:
-            templates[key] = torch.empty(size, dtype=dtype)
-            continue
-        if size[0] != param.shape[0]:
+        if param is not None and size[0] != param.shape[0]:
             raise UserError(f"checkpoint {checkpoint}: the state {key} has {size[0]} rows, its weight "
                             f"{param.shape[0]} (was it written for this model?)")
-        rows = local(param).shape[0]
-        templates[key] = whole(torch.empty((rows, *size[1:]), dtype=dtype), param)
-    _read(templates, Path(checkpoint) / STATE_DIR)
-    return {key: local(tensor) for key, tensor in templates.items()}
+        layout[key] = (size, dtype, param)
+        shares[key] = math.prod(size) * dtype.itemsize / (nproc if param is not None else 1)
+    out = {}
+    # read in parts of about FILE_BYTES each, into host memory: a state the run keeps there (HiFT's offloaded groups)
+    # never visits the device whole; the strategy moves the rest where it lives
+    for keys in _files(shares):
+        templates = {}
+        for key in keys:
+            size, dtype, param = layout[key]
+            if param is None:
+                templates[key] = torch.empty(size, dtype=dtype)
+            else:
+                templates[key] = whole(torch.empty((local(param).shape[0], *size[1:]), dtype=dtype), param)
+        _read(templates, Path(checkpoint) / STATE_DIR)
+        out.update({key: local(tensor).cpu() for key, tensor in templates.items()})
+    return out

@@ -29,8 +29,9 @@ def check_supported(config, weights: str, planning: bool = False) -> None:
         (config.prune.criterion != "none" or u.trainable != "all" or masks,
          "pruning, sparsity masks and update.trainable (PERP) are not supported on several processes yet"),
         (config.tokens.eliminate, "tokens.eliminate is not supported on several processes yet"),
-        (config.memory.offload_states or config.memory.offload_frozen_weights or config.memory.offload_embeddings,
-         "memory.offload_* is not supported on several processes (FSDP2 shards the weights and states instead)"),
+        (config.memory.offload_frozen_weights or config.memory.offload_embeddings,
+         "memory.offload_frozen_weights and memory.offload_embeddings are not supported on several processes (FSDP2 "
+         "shards the weights instead; memory.offload_states works)"),
         (config.memory.budget_gb is not None and not planning,
          "memory.budget_gb is not checked before a run on several processes yet (plan it with lowmem plan --nproc "
          "N); set memory.budget_gb=null"),
