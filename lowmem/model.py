@@ -59,19 +59,18 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     """
     from transformers import AutoModelForCausalLM
 
-    from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, read_weights, readable_by_rows
+    from lowmem.distributed.sharded_checkpoint import is_sharded_checkpoint, read_weights
 
     local = assets.resolve(path)
     if not Path(local).exists() and _looks_like_path(path):
         raise UserError(f"model.path '{path}' does not exist (a local HF folder or a hub id like org/name)")
-    meta = False
     try:
-        if shards_later and Path(local).is_dir() and readable_by_rows(local, _on_meta(local, dtype)):
-            model, meta = _on_meta(local, dtype, buffers=True), True
-        elif is_sharded_checkpoint(local):
-            model = _uninitialized(local, dtype)
+        model = _on_meta_if_readable_by_rows(local, dtype) if shards_later else None
+        meta = model is not None  # each rank reads its rows once sharded
+        if not meta and is_sharded_checkpoint(local):
+            model = _from_config(local, dtype)
             read_weights(model, Path(local))
-        else:
+        elif not meta:
             model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
         raise UserError(f"model.path '{path}' could not be loaded as a causal LM ({_first_line(err)})") from None
@@ -96,29 +95,29 @@ def load_model(path: str, dtype: str = "float32", device: torch.device | str = "
     return model
 
 
-def _uninitialized(folder: str, dtype: str):
-    """The model of ``folder``'s config.json in ``dtype``, its weights allocated but not initialized (they are read
-    next); buffers computed from the config (rotary frequencies) are."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=DTYPES[dtype])
-    model.tie_weights()  # skipped with the initialization
-    return model
-
-
-def _on_meta(folder: str, dtype: str, buffers: bool = False):
-    """The model of ``folder``'s config.json in ``dtype`` on the meta device (no memory); with ``buffers``, its
-    parameters only, the buffers computed on the host (rotary frequencies, which no checkpoint holds)."""
+def _from_config(folder: str, dtype: str, parameters_on_meta: bool = False):
+    """The model of ``folder``'s config.json in ``dtype``, its weights not initialized (they are read next): allocated
+    in host memory, or with ``parameters_on_meta`` left on the meta device (no memory). Buffers computed from the
+    config (rotary frequencies, which no checkpoint holds) are made either way."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(folder)
-    with no_init_weights(), (_parameters_on_meta() if buffers else torch.device("meta")):
+    with no_init_weights(), (_parameters_on_meta() if parameters_on_meta else contextlib.nullcontext()):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     model.tie_weights()  # skipped with the initialization
     return model
+
+
+def _on_meta_if_readable_by_rows(folder: str, dtype: str):
+    """The model of ``folder`` with its parameters on the meta device when each rank can read its rows of them from
+    ``folder`` (:func:`lowmem.distributed.sharded_checkpoint.readable_by_rows`), else None."""
+    from lowmem.distributed.sharded_checkpoint import readable_by_rows
+
+    if not Path(folder).is_dir():
+        return None
+    model = _from_config(folder, dtype, parameters_on_meta=True)
+    return model if readable_by_rows(folder, model) else None
 
 
 @contextlib.contextmanager

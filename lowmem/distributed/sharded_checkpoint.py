@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from lowmem import checkpoint as ckpt
-from lowmem.distributed.shard import local, sharded_entry, state_layout, whole
+from lowmem.distributed.shard import is_sharded, local, sharded_entry, state_layout, whole
 from lowmem.distributed.world import World
 from lowmem.errors import UserError
 
@@ -70,8 +70,6 @@ def _write(entries: dict, shares: dict[str, float], folder: Path) -> None:
 
 def _weight_entries(model, nproc: int) -> tuple[dict, dict[str, float]]:
     """The model's weights for :func:`_write` (a tied weight once), and each one's bytes a rank holds."""
-    from lowmem.distributed.shard import is_sharded
-
     entries = {names[0]: tensor for names, tensor in _weights(model)}
     shares = {key: t.numel() * t.element_size() / (nproc if is_sharded(t) else 1) for key, t in entries.items()}
     return entries, shares
